@@ -1,0 +1,46 @@
+"""TokenBatch: the token shard that the driver puts once and teachers and students both read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TokenBatch:
+    input_ids: np.ndarray  # [B, T] int32, right-padded
+    attention_mask: np.ndarray  # [B, T] int8
+    loss_mask: np.ndarray  # [B, T] bool: position t predicts token t+1 and counts in the loss
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.input_ids.nbytes + self.attention_mask.nbytes + self.loss_mask.nbytes)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def rows(self, start: int, stop: int) -> TokenBatch:
+        return TokenBatch(
+            self.input_ids[start:stop], self.attention_mask[start:stop], self.loss_mask[start:stop]
+        )
+
+    def shard(self, n: int) -> list[TokenBatch]:
+        """n equal row slices, one per student rank."""
+        if len(self) % n:
+            raise ValueError(f"batch of {len(self)} rows does not split into {n} equal shards")
+        size = len(self) // n
+        return [self.rows(i * size, (i + 1) * size) for i in range(n)]
+
+    def to_torch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids int64, attention_mask int64, loss_mask bool) on device."""
+        return (
+            torch.from_numpy(self.input_ids.astype(np.int64)).to(device),
+            torch.from_numpy(self.attention_mask.astype(np.int64)).to(device),
+            torch.from_numpy(self.loss_mask.astype(bool)).to(device),
+        )

@@ -1,0 +1,61 @@
+"""The TeacherSignal wire format: what a teacher sends to the students for one shard.
+
+Signals are numpy arrays so Ray ships them out-of-band and workers read them zero-copy from
+the object store. Full-vocab logits never leave the teacher: only the temperature-scaled
+top-k ids (uint16 when the vocab fits, else int32) and their log-probs (float16) travel.
+Position t of a signal is the teacher's distribution over the token at t+1, the same
+alignment as a causal LM's logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """uint16 halves the id bytes whenever every id fits in it."""
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
+
+
+@dataclass
+class TeacherSignal:
+    teacher: str
+    ids: np.ndarray  # [B, T, k] uint16 | int32
+    logprobs: np.ndarray  # [B, T, k] float16, log_softmax(logits / temperature) over the vocab
+    temperature: float
+    busy_s: float = 0.0  # time the teacher spent on this shard, measured inside the actor
+    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [B, T, H] float16
+
+    @property
+    def nbytes(self) -> int:
+        return int(
+            self.ids.nbytes + self.logprobs.nbytes + sum(h.nbytes for h in self.hidden.values())
+        )
+
+    def torch_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids int64, logprobs float32) as torch tensors for the loss functions."""
+        ids = torch.from_numpy(self.ids.astype(np.int64))
+        return ids, torch.from_numpy(self.logprobs.astype(np.float32))
+
+
+@torch.no_grad()
+def topk_signal(
+    logits: torch.Tensor,
+    *,
+    k: int,
+    temperature: float,
+    teacher: str,
+    vocab_size: int,
+) -> TeacherSignal:
+    """Exact top-k of log_softmax(logits / T), computed from the full logits in float32."""
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    top_lp, top_ids = torch.topk(logprobs, k, dim=-1)
+    return TeacherSignal(
+        teacher=teacher,
+        ids=top_ids.numpy().astype(id_dtype(vocab_size)),
+        logprobs=top_lp.numpy().astype(np.float16),
+        temperature=temperature,
+    )

@@ -1,0 +1,121 @@
+"""`raydistill` command line: run, resume, models fetch.
+
+Problems with the user's input print one line naming what is wrong and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from orchestrator.recipe import RecipeError
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raydistill", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a recipe")
+    run.add_argument("recipe")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
+    run.add_argument("--stop-after", type=int, help="checkpoint and stop after N steps")
+    resume = sub.add_parser("resume", help="continue a stopped run from its last checkpoint")
+    resume.add_argument("run_dir")
+    resume.add_argument("--stop-after", type=int, help="checkpoint and stop after N steps")
+    models = sub.add_parser("models", help="local model cache")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    fetch = models_sub.add_parser("fetch", help="download and convert a known small model")
+    fetch.add_argument("name")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args.recipe, args.overrides, args.stop_after)
+        if args.command == "resume":
+            return _resume(args.run_dir, args.stop_after)
+        return _fetch(args.name)
+    except RecipeError as exc:
+        print(f"raydistill: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run(recipe_path: str, overrides: list[str], stop_after: int | None) -> int:
+    from orchestrator.driver import new_run_dir
+    from orchestrator.preflight import preflight
+    from orchestrator.recipe import load_recipe
+
+    recipe = preflight(load_recipe(recipe_path, overrides))
+    run_dir = new_run_dir(recipe)
+    print(f"run directory: {run_dir}", flush=True)
+    return _execute(recipe, run_dir, stop_after)
+
+
+def _resume(run_dir_arg: str, stop_after: int | None) -> int:
+    from orchestrator.checkpoint import read_ledger
+    from orchestrator.preflight import preflight
+    from orchestrator.recipe import load_recipe
+
+    run_dir = Path(run_dir_arg).resolve()
+    if not (run_dir / "recipe.yaml").is_file():
+        raise RecipeError(run_dir_arg, "not a run directory (no recipe.yaml)")
+    if read_ledger(run_dir) is None:
+        raise RecipeError(run_dir_arg, "has no checkpoint to resume from")
+    if (run_dir / "summary.json").exists():
+        raise RecipeError(run_dir_arg, "this run already finished")
+    return _execute(preflight(load_recipe(run_dir / "recipe.yaml")), run_dir, stop_after)
+
+
+def _execute(recipe: Any, run_dir: Path, stop_after: int | None) -> int:
+    from orchestrator.checkpoint import read_ledger
+    from orchestrator.driver import execute
+
+    try:
+        result = execute(recipe, run_dir, stop_after=stop_after)
+    except RecipeError:
+        if read_ledger(run_dir) is None:  # nothing worth keeping was written yet
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    if result.finished:
+        print(summary_table(result.summary, run_dir))
+    else:
+        print(f"stopped at step {result.steps_done}; continue with: raydistill resume {run_dir}")
+    return 0
+
+
+def _fetch(name: str) -> int:
+    from orchestrator.model_store import KNOWN_MODELS, fetch_model
+
+    if name not in KNOWN_MODELS:
+        raise RecipeError(name, f"unknown model; known: {', '.join(sorted(KNOWN_MODELS))}")
+    print(fetch_model(name))
+    return 0
+
+
+def summary_table(s: dict[str, Any], run_dir: Path) -> str:
+    before, after = s["eval_before"], s["eval_after"]
+    teachers = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in s["teacher_params"].items())
+    rows = [
+        ("teacher params", teachers),
+        ("student params", f"{s['student_params'] / 1e6:.1f}M"),
+        ("held-out KL(teacher||student)", f"{before['kl']:.4f} -> {after['kl']:.4f}"),
+        ("held-out perplexity", f"{before['ppl']:.2f} -> {after['ppl']:.2f}"),
+        ("train tokens/s", f"{s['tokens_per_s']:.0f}"),
+        ("MLflow", f"{s['tracking_uri']} (run {s['mlflow_run_id']})"),
+        ("student", s["student_dir"]),
+        ("run directory", str(run_dir)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = ["", "summary", "-" * (width + 40)]
+    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The control loop: one driver that holds ObjectRefs, never teacher tensors.
+
+Each step's token batch is split into one shard per student rank and put once; every
+teacher scores every shard; the workers train on the shard plus one signal per teacher.
+A bounded window of batches stays in flight, so teachers score steps t+1..t+d while the
+students train on step t, and memory stays bounded however long the run.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from transformers import AutoTokenizer
+
+from actors.batch import TokenBatch
+from orchestrator.checkpoint import commit_checkpoint, read_ledger, tag_for, write_json
+from orchestrator.data import Dataset, file_dataset, synthetic_dataset
+from orchestrator.progress import Progress
+from orchestrator.ray_env import ensure_ray
+from orchestrator.recipe import Recipe, RecipeError, to_yaml
+from orchestrator.students import StudentGroup
+from orchestrator.teachers import TeacherPool
+from orchestrator.tracking import Tracker, default_tracking_uri, flatten
+
+
+@dataclass
+class InFlight:
+    step: int
+    shards: list[ray.ObjectRef]
+    signals: list[list[ray.ObjectRef]]  # [rank][teacher]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps_done: int
+    finished: bool
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def new_run_dir(recipe: Recipe) -> Path:
+    """Created only after the recipe passed every check, so bad input leaves nothing."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    run_dir = Path(recipe.run.output_dir).resolve() / f"{recipe.run.name}-{stamp}"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
+    return run_dir
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask for a checkpoint and a clean stop at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        print("stop requested: finishing this step and checkpointing", flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> RunResult:
+    """Run (or continue, if the run dir has a checkpoint) the job described by `recipe`."""
+    started_ray = ensure_ray(recipe.cluster)
+    ledger = read_ledger(run_dir)
+    state_path = run_dir / "state.json"
+    state = _read_json(state_path)
+    uri = recipe.tracking.uri or default_tracking_uri(recipe.run.output_dir)
+    artifacts = Path(recipe.run.output_dir).resolve() / "mlartifacts"
+    tracker = Tracker(uri, recipe.tracking.experiment, artifacts, run_dir.name, state.get("run_id"))
+    write_json(state_path, {**state, "run_id": tracker.run_id, "tracking_uri": uri})
+    pools: list[TeacherPool] = []
+    students: StudentGroup | None = None
+    ok = False
+    try:
+        if ledger is None:
+            tracker.log_params(flatten(recipe.model_dump(mode="json")))
+            tracker.log_artifact(run_dir / "recipe.yaml")
+        pools = [TeacherPool(t, recipe.distill) for t in recipe.teachers]
+        infos = [p.info() for p in pools]
+        _check_teachers(recipe, infos)
+        tracker.log_params(
+            {f"teacher.{i['name']}.{k}": str(v) for i in infos for k, v in i.items()}
+        )
+        dataset = build_dataset(recipe, pools, run_dir)
+        students = StudentGroup(recipe)
+        tracker.log_params({"student.num_params": str(students.num_params)})
+        loop = TrainLoop(recipe, run_dir, pools, students, dataset, tracker)
+        result = loop.run(ledger, stop_after)
+        ok = result.finished
+        return result
+    finally:
+        tracker.finish(ok)
+        if students is not None:
+            students.shutdown()
+        for pool in pools:
+            pool.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _check_teachers(recipe: Recipe, infos: list[dict[str, Any]]) -> None:
+    hashes = {i["tokenizer_hash"] for i in infos if i["tokenizer_hash"] != "none"}
+    if len(hashes) > 1:
+        raise RecipeError("teachers", "teachers use different tokenizers (same vocab size)")
+
+
+def build_dataset(recipe: Recipe, pools: list[TeacherPool], run_dir: Path) -> Dataset:
+    data = recipe.data
+    if data.source == "synthetic":
+        return synthetic_dataset(data, pools[0].info()["vocab_size"], recipe.run.seed)
+    tokenizer = AutoTokenizer.from_pretrained(recipe.student.model)
+    writer = pools[0]
+    gen = data.generation
+    written = [0]
+
+    def generate(prompts: list[str]) -> list[str]:
+        start = time.monotonic()
+
+        def on_chunk(n: int) -> None:
+            written[0] += n
+            rate = written[0] / max(time.monotonic() - start, 1e-9)
+            eta = (len(prompts) - written[0]) / max(rate, 1e-9)
+            print(
+                f"teacher {writer.name} writing responses: {written[0]}/{len(prompts)} "
+                f"({rate:.1f}/s, eta {eta:.0f}s)",
+                flush=True,
+            )
+
+        sampling = gen.model_dump(exclude={"batch_size"})
+        return writer.generate(prompts, sampling, gen.batch_size, on_chunk)
+
+    cache_dir = Path(recipe.run.output_dir).resolve() / "cache"
+    key = {"teacher_model_hash": writer.info()["model_hash"]}
+    return file_dataset(data, tokenizer, recipe.run.seed, generate, cache_dir, key)
+
+
+class TrainLoop:
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: Path,
+        pools: list[TeacherPool],
+        students: StudentGroup,
+        dataset: Dataset,
+        tracker: Tracker,
+    ) -> None:
+        self.recipe, self.run_dir, self.pools = recipe, run_dir, pools
+        self.students, self.dataset, self.tracker = students, dataset, tracker
+        self.world = len(students)
+        self._heldout = self._put_heldout(dataset.heldout)
+
+    # -- submitting work ------------------------------------------------------------------
+
+    def _signals_for(self, shards: list[ray.ObjectRef]) -> list[list[ray.ObjectRef]]:
+        return [[pool.score(shard) for pool in self.pools] for shard in shards]
+
+    def _issue(self, step: int) -> InFlight:
+        batch = self.dataset.batch_for_step(step, self.recipe.train.batch_size)
+        shards = [ray.put(s) for s in batch.shard(self.world)]
+        return InFlight(step, shards, self._signals_for(shards))
+
+    def _put_heldout(self, heldout: TokenBatch) -> InFlight:
+        if len(heldout) < self.world:
+            raise RecipeError("data.heldout", f"needs at least one example per student rank")
+        parts = np.array_split(np.arange(len(heldout)), self.world)
+        shards = [ray.put(heldout.rows(int(p[0]), int(p[-1]) + 1)) for p in parts]
+        return InFlight(-1, shards, self._signals_for(shards))
+
+    # -- evaluation -----------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out KL(teacher||student) per teacher and perplexity on the gold tokens."""
+        parts = ray.get(self.students.evaluate(self._heldout.shards, self._heldout.signals))
+        tokens = sum(p["tokens"] for p in parts)
+        out: dict[str, float] = {}
+        for key in parts[0]:
+            if key != "tokens":
+                out[key] = sum(p[key] for p in parts) / max(tokens, 1)
+        out["ppl"] = math.exp(min(out["ce"], 50.0))
+        out["kl"] = float(np.mean([v for k, v in out.items() if k.startswith("kl/")]))
+        return out
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self, ledger: dict[str, Any] | None, stop_after: int | None) -> RunResult:
+        recipe, train = self.recipe, self.recipe.train
+        start = 0
+        summary: dict[str, Any] = {}
+        if ledger is not None:
+            self.students.load(str(self.run_dir / "checkpoints"), ledger["tag"])
+            start = int(ledger["step"])
+            summary = dict(ledger.get("summary", {}))
+            print(f"resumed from checkpoint at step {start}", flush=True)
+        if "eval_before" not in summary:
+            summary["eval_before"] = self.evaluate()
+            self.tracker.log_metrics(0, {f"eval/{k}": v for k, v in summary["eval_before"].items()})
+        end = train.steps if stop_after is None else min(train.steps, start + stop_after)
+        depth = recipe.distill.prefetch_depth
+        window: deque[InFlight] = deque()
+        next_issue = start
+        progress = Progress(train.steps, start, train.log_every)
+        tokens_total, t_begin, last = 0.0, time.perf_counter(), time.perf_counter()
+        step = start
+        with _StopFlag() as stop:
+            while step < end:
+                while next_issue < end and len(window) < depth:
+                    window.append(self._issue(next_issue))
+                    next_issue += 1
+                item = window.popleft()
+                metric_refs = self.students.train_step(item.shards, item.signals)
+                if next_issue < end:  # keep teachers `depth` batches ahead
+                    window.append(self._issue(next_issue))
+                    next_issue += 1
+                per_rank = ray.get(metric_refs)
+                now = time.perf_counter()
+                metrics = self._aggregate(per_rank, now - last, len(window))
+                last = now
+                step += 1
+                tokens_total += metrics["tokens"]
+                self.tracker.log_metrics(step, metrics)
+                progress.update(metrics["loss"], metrics["kl"], metrics["tokens_per_s"])
+                if train.eval_every and step % train.eval_every == 0 and step < train.steps:
+                    ev = self.evaluate()
+                    self.tracker.log_metrics(step, {f"eval/{k}": v for k, v in ev.items()})
+                every = recipe.checkpoint.every
+                if stop.set or step == end or (every and step % every == 0):
+                    self._checkpoint(step, summary)
+                if stop.set:
+                    break
+        progress.close()
+        elapsed = time.perf_counter() - t_begin
+        finished = step >= train.steps
+        if finished:
+            summary.update(self._finish(tokens_total, elapsed))
+            write_json(self.run_dir / "summary.json", summary)
+            self.tracker.log_artifact(self.run_dir / "summary.json")
+        return RunResult(self.run_dir, step, finished, summary)
+
+    def _aggregate(self, per_rank: list[dict[str, float]], wall: float, depth: int) -> dict:
+        tokens = sum(m["tokens"] for m in per_rank)
+        out: dict[str, float] = {}
+        for key in per_rank[0]:
+            if key in {"loss", "ce", "kd"} or key.startswith("kl/"):
+                out[key] = sum(m[key] * m["tokens"] for m in per_rank) / max(tokens, 1)
+        out["kl"] = float(np.mean([v for k, v in out.items() if k.startswith("kl/")]))
+        replicas = max(len(p.replicas) for p in self.pools)
+        out.update(
+            tokens=tokens,
+            tokens_per_s=tokens / max(wall, 1e-9),
+            step_time_s=wall,
+            student_busy_s=max(m["student_busy_s"] for m in per_rank),
+            teacher_busy_s=sum(m["teacher_busy_s"] for m in per_rank) / replicas,
+            signal_wait_s=max(m["signal_wait_s"] for m in per_rank),
+            bytes_moved=sum(m["signal_bytes"] + m["batch_bytes"] for m in per_rank),
+            signal_bytes_per_token=sum(m["signal_bytes"] for m in per_rank) / max(tokens, 1),
+            inflight_depth=float(depth),
+            lr=per_rank[0]["lr"],
+            grad_norm=per_rank[0]["grad_norm"],
+        )
+        return out
+
+    def _checkpoint(self, step: int, summary: dict[str, Any]) -> None:
+        ckpt = self.run_dir / "checkpoints"
+        self.students.save(str(ckpt), tag_for(step), {"step": step})
+        commit_checkpoint(self.run_dir, step, {"summary": summary}, self.recipe.checkpoint.keep)
+
+    def _finish(self, tokens_total: float, elapsed: float) -> dict[str, Any]:
+        after = self.evaluate()
+        self.tracker.log_metrics(self.recipe.train.steps, {f"eval/{k}": v for k, v in after.items()})
+        export_dir = self.run_dir / "student"
+        self.students.export(str(export_dir), self.recipe.student.model)
+        self.tracker.log_artifact(export_dir, "student")
+        infos = [p.info() for p in self.pools]
+        return {
+            "eval_after": after,
+            "teacher_params": {i["name"]: i["num_params"] for i in infos},
+            "student_params": self.students.num_params,
+            "tokens_per_s": tokens_total / max(elapsed, 1e-9),
+            "student_dir": str(export_dir),
+            "mlflow_run_id": self.tracker.run_id,
+            "tracking_uri": self.tracker.uri,
+        }

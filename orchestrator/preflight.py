@@ -1,0 +1,68 @@
+"""Checks that need the file system or model configs, run before any actor starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from orchestrator.model_store import ModelNotFetchedError, resolve_model
+from orchestrator.recipe import Recipe, RecipeError
+
+
+@dataclass
+class ModelFacts:
+    path: str
+    vocab_size: int
+    num_layers: int
+
+
+def _facts(field: str, spec: str) -> ModelFacts:
+    try:
+        path = resolve_model(spec)
+    except ModelNotFetchedError as exc:
+        raise RecipeError(field, str(exc)) from exc
+    looks_local = spec.startswith(("/", "./", "../", "~")) or Path(spec).exists()
+    if looks_local and not Path(path).exists():
+        raise RecipeError(field, f"model folder {spec!r} not found")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(field, f"cannot load a model config from {spec!r}") from exc
+    layers = int(getattr(config, "num_hidden_layers", 0))
+    return ModelFacts(path=path, vocab_size=int(config.vocab_size), num_layers=layers)
+
+
+def preflight(recipe: Recipe) -> Recipe:
+    """Resolve model names to folders and check everything a run needs; returns the recipe
+    with resolved model paths."""
+    data = recipe.data
+    if data.source == "file" and not Path(data.path or "").is_file():
+        raise RecipeError("data.path", f"file {data.path!r} not found")
+    if data.source == "file" and Path(data.path or "").suffix not in {".jsonl", ".parquet"}:
+        raise RecipeError("data.path", f"{data.path!r}: expected a .jsonl or .parquet file")
+    student = _facts("student.model", recipe.student.model)
+    if recipe.student.layers is not None:
+        bad = [i for i in recipe.student.layers if not 0 <= i < student.num_layers]
+        if bad or not recipe.student.layers:
+            raise RecipeError(
+                "student.layers",
+                f"{recipe.student.layers} must be non-empty indices below {student.num_layers}",
+            )
+    if recipe.distill.top_k > student.vocab_size:
+        raise RecipeError(
+            "distill.top_k",
+            f"{recipe.distill.top_k} is larger than the vocab ({student.vocab_size})",
+        )
+    for i, teacher in enumerate(recipe.teachers):
+        facts = _facts(f"teachers[{i}].model", teacher.model)
+        if facts.vocab_size != student.vocab_size:
+            raise RecipeError(
+                f"teachers[{i}].model",
+                f"teacher {teacher.name!r} has vocab {facts.vocab_size} but the student has "
+                f"{student.vocab_size}; cross-tokenizer distillation is not supported yet",
+            )
+        teacher.model = facts.path
+    recipe.student.model = student.path
+    return recipe

@@ -1,0 +1,232 @@
+"""The recipe: one YAML file validated into typed models, plus dotted command-line overrides.
+
+Everything that can be checked before an actor starts is checked here: unknown keys, wrong
+types, impossible values, missing files, and teacher/student vocab agreement. Each problem
+becomes a RecipeError naming the field, which the CLI prints as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from actors.losses import LOSS_KINDS
+
+
+class RecipeError(Exception):
+    """A problem with the user's input: one line, naming the field or file."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"{where}: {problem}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+
+
+class TeacherConfig(_Strict):
+    name: str
+    model: str = Field(description="local HF folder, known model name, or hub name")
+    backend: Literal["hf"] = "hf"
+    replicas: int = Field(1, ge=1)
+    weight: float = Field(1.0, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    num_cpus: float = Field(0.5, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    threads: int = Field(1, ge=1)
+
+
+class StudentConfig(_Strict):
+    model: str = Field(description="local HF folder, known model name, or hub name")
+    layers: list[int] | None = Field(None, description="keep only these decoder layers")
+    world_size: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    num_cpus: float = Field(0.5, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    threads: int = Field(1, ge=1)
+
+
+class GenerationConfig(_Strict):
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class SyntheticConfig(_Strict):
+    num_sequences: int = Field(256, ge=1)
+    branching: int = Field(4, ge=1, description="likely successors per token")
+
+
+class DataConfig(_Strict):
+    source: Literal["synthetic", "file"] = "synthetic"
+    path: str | None = Field(None, description="jsonl/parquet with `text` or `prompt`")
+    responses: Literal["given", "teacher"] = "given"
+    generation: GenerationConfig = GenerationConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    seq_len: int = Field(64, ge=2)
+    heldout: int = Field(16, ge=1, description="examples kept out of training, for eval")
+
+    @model_validator(mode="after")
+    def _path_for_file(self) -> DataConfig:
+        if self.source == "file" and not self.path:
+            raise ValueError("data.path is required when data.source is 'file'")
+        return self
+
+
+class DistillConfig(_Strict):
+    loss: Literal[LOSS_KINDS] = "forward_kl"  # type: ignore[valid-type]
+    alpha: float = Field(0.0, ge=0, le=1, description="weight of hard-label CE")
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(64, ge=1)
+    beta: float = Field(0.5, ge=0, le=1, description="generalized JSD mixing weight")
+    skew: float = Field(0.1, ge=0, le=1, description="skew KL alpha (DistiLLM)")
+    prefetch_depth: int = Field(2, ge=1, description="batches teachers work ahead")
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1, description="sequences per optimizer step, all ranks")
+    micro_batch_size: int = Field(4, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    eval_every: int = Field(0, ge=0, description="0: only before and after training")
+    log_every: int = Field(10, ge=1)
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(50, ge=0, description="steps between checkpoints; 0: only at the end")
+    keep: int = Field(2, ge=1)
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = Field(None, description="default: sqlite store under run.output_dir")
+    experiment: str = "raydistill"
+
+
+class ClusterConfig(_Strict):
+    address: str | None = Field(None, description="Ray address; default: start a local one")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance")
+
+
+class Recipe(_Strict):
+    run: RunConfig = RunConfig()
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    student: StudentConfig
+    data: DataConfig = DataConfig()
+    distill: DistillConfig = DistillConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teachers: names must be unique, got {names}")
+        per_rank, rem = divmod(self.train.batch_size, self.student.world_size)
+        if rem:
+            raise ValueError(
+                f"train.batch_size: {self.train.batch_size} does not split evenly over "
+                f"student.world_size={self.student.world_size}"
+            )
+        if per_rank % self.train.micro_batch_size:
+            raise ValueError(
+                f"train.micro_batch_size: {self.train.micro_batch_size} does not divide the "
+                f"per-rank batch {per_rank}"
+            )
+        return self
+
+    @property
+    def grad_accum(self) -> int:
+        return self.train.batch_size // self.student.world_size // self.train.micro_batch_size
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`a.b.c=value` (value parsed as YAML); list items by index: `teachers.0.model=...`."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"override {item!r}", "expected key=value")
+        node: Any = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[_index(part, key, len(node))]
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, dict | list):
+                raise RecipeError(key, f"cannot set a field inside {part!r}")
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_index(last, key, len(node))] = yaml.safe_load(value)
+        else:
+            node[last] = yaml.safe_load(value)
+    return raw
+
+
+def _index(part: str, key: str, length: int) -> int:
+    if not part.isdigit() or int(part) >= length:
+        raise RecipeError(key, f"{part!r} is not an index of a list of {length}")
+    return int(part)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Parse, override and type-check a recipe file (no file-system or model checks yet)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(str(path), "recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(str(path), f"not valid YAML ({exc.__class__.__name__})") from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(str(path), "a recipe is a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(str(path), _first_error(exc)) from exc
+    return _resolve_paths(recipe, path.parent)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+    return f"{where}: {msg}{shown}" if where else f"{msg}{shown}"
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Relative data and model paths are relative to the recipe file."""
+    if recipe.data.path and not Path(recipe.data.path).is_absolute():
+        candidate = base / recipe.data.path
+        if candidate.exists() or not Path(recipe.data.path).exists():
+            recipe.data.path = str(candidate.resolve())
+    for model_holder in [*recipe.teachers, recipe.student]:
+        spec = model_holder.model
+        if spec.startswith(("./", "../")) and (base / spec).exists():
+            model_holder.model = str((base / spec).resolve())
+    return recipe
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,85 @@
+"""StudentGroup: N StudentWorker actors forming one DeepSpeed data-parallel group."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from actors.student import StudentWorker
+from orchestrator.ray_env import actor_options
+from orchestrator.recipe import Recipe
+
+
+def worker_spec(recipe: Recipe) -> dict[str, Any]:
+    """The plain dict a worker needs: actors know nothing of recipes."""
+    s, t, d = recipe.student, recipe.train, recipe.distill
+    total = sum(x.weight for x in recipe.teachers)
+    return {
+        "model": s.model,
+        "layers": s.layers,
+        "zero_stage": s.zero_stage,
+        "dtype": s.dtype,
+        "threads": s.threads,
+        "seed": recipe.run.seed,
+        "lr": t.lr,
+        "weight_decay": t.weight_decay,
+        "warmup_steps": t.warmup_steps,
+        "total_steps": t.steps,
+        "min_lr_ratio": t.min_lr_ratio,
+        "grad_clip": t.grad_clip,
+        "micro_batch_size": t.micro_batch_size,
+        "grad_accum": recipe.grad_accum,
+        "loss": d.loss,
+        "alpha": d.alpha,
+        "temperature": d.temperature,
+        "beta": d.beta,
+        "skew": d.skew,
+        "teacher_weights": [x.weight / total for x in recipe.teachers],
+    }
+
+
+class StudentGroup:
+    def __init__(self, recipe: Recipe) -> None:
+        s = recipe.student
+        remote = ray.remote(StudentWorker).options(
+            **actor_options(s.num_cpus, s.num_gpus, s.threads)
+        )
+        spec = worker_spec(recipe)
+        self.workers = [remote.remote(r, s.world_size, spec) for r in range(s.world_size)]
+        addr, port = ray.get(self.workers[0].rendezvous.remote())
+        infos = ray.get([w.setup.remote(addr, port) for w in self.workers])
+        self.num_params = int(infos[0]["num_params"])
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def train_step(self, shards: list[ray.ObjectRef], signals: list[list[ray.ObjectRef]]):  # noqa: ANN201
+        """Refs of per-rank metrics; signals[rank] holds one signal ref per teacher."""
+        return [
+            w.train_step.remote(shard, sigs)
+            for w, shard, sigs in zip(self.workers, shards, signals, strict=True)
+        ]
+
+    def evaluate(self, shards: list[ray.ObjectRef], signals: list[list[ray.ObjectRef]]) -> list:
+        return [
+            w.evaluate.remote(shard, sigs)
+            for w, shard, sigs in zip(self.workers, shards, signals, strict=True)
+        ]
+
+    def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        ray.get([w.save_checkpoint.remote(directory, tag, client_state) for w in self.workers])
+
+    def load(self, directory: str, tag: str) -> dict[str, Any]:
+        return ray.get([w.load_checkpoint.remote(directory, tag) for w in self.workers])[0]
+
+    def export(self, path: str, tokenizer_from: str) -> None:
+        ray.get([w.export.remote(path, tokenizer_from) for w in self.workers])
+
+    def shutdown(self) -> None:
+        try:
+            ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
+        except Exception:  # noqa: BLE001 - best effort before the kill
+            pass
+        for w in self.workers:
+            ray.kill(w)

@@ -1,0 +1,86 @@
+"""MLflow tracking: one run per job, the recipe as params and artifact, buffered metrics.
+
+We talk to MLflow only through an explicit MlflowClient, never `set_tracking_uri`, so no
+tracking URI leaks into the environment of actor processes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+
+def default_tracking_uri(output_dir: str) -> str:
+    return f"sqlite:///{(Path(output_dir).resolve() / 'mlflow.db').as_posix()}"
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}; lists by index."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        return {prefix: str(tree)[:500]}
+    out: dict[str, str] = {}
+    for key, value in items:
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+class Tracker:
+    def __init__(
+        self, uri: str, experiment: str, artifact_root: Path, run_name: str, run_id: str | None
+    ) -> None:
+        self.client = MlflowClient(tracking_uri=uri)
+        self.uri = uri
+        if run_id is None:
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                location = (artifact_root / experiment).resolve().as_uri()
+                exp_id = self.client.create_experiment(experiment, artifact_location=location)
+            else:
+                exp_id = exp.experiment_id
+            run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        self._buffer: list[Metric] = []
+        self._last_flush = time.monotonic()
+
+    def log_params(self, params: dict[str, str]) -> None:
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[i : i + 100])
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if len(self._buffer) >= 500 or time.monotonic() - self._last_flush > 5:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self._buffer), 1000):
+            self.client.log_batch(self.run_id, metrics=self._buffer[i : i + 1000])
+        self._buffer.clear()
+        self._last_flush = time.monotonic()
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def finish(self, ok: bool) -> None:
+        self.flush()
+        status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.KILLED)
+        self.client.set_terminated(self.run_id, status=status)
