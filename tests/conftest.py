@@ -1,0 +1,86 @@
+"""Shared fixtures: one Ray instance per test session, tiny models built from code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (2 cores: actors take fractional CPUs)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A tiny teacher (2 layers) and a tiny student (1 layer) with the same vocab."""
+    from actors.models import save_tiny_llama
+
+    root = tmp_path_factory.mktemp("models")
+    teacher = save_tiny_llama(str(root / "teacher"), seed=1, hidden=48, layers=2)
+    _teach_markov_chain(teacher)
+    return {
+        "teacher": teacher,
+        "student": save_tiny_llama(str(root / "student"), seed=2, hidden=32, layers=1),
+        "other_vocab": save_tiny_llama(str(root / "other"), seed=3, vocab_size=80),
+    }
+
+
+def base_recipe(tmp_path: Path, models: dict[str, str], **sections: Any) -> dict[str, Any]:
+    recipe: dict[str, Any] = {
+        "run": {"name": "t", "output_dir": str(tmp_path / "runs"), "seed": 0},
+        "teachers": [{"name": "tiny", "model": models["teacher"], "num_cpus": 0.25}],
+        "student": {"model": models["student"], "world_size": 2, "num_cpus": 0.25},
+        "data": {"source": "synthetic", "seq_len": 32, "heldout": 8,
+                 "synthetic": {"num_sequences": 128}},
+        "distill": {"top_k": 16, "loss": "forward_kl"},
+        "train": {"steps": 30, "batch_size": 8, "micro_batch_size": 2, "lr": 0.01,
+                  "warmup_steps": 3, "log_every": 10},
+        "checkpoint": {"every": 0},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+    return recipe
+
+
+def write_recipe(tmp_path: Path, recipe: dict[str, Any], name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _teach_markov_chain(path: str, steps: int = 150) -> None:
+    """Fit the tiny teacher to the synthetic toy language, so it has a sharp, learnable
+    distribution for students to match (a random teacher is nearly uniform)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.data import synthetic_dataset
+    from orchestrator.recipe import DataConfig
+
+    data = synthetic_dataset(
+        DataConfig(seq_len=32, heldout=8, synthetic={"num_sequences": 128}), 96, seed=0
+    )
+    model = AutoModelForCausalLM.from_pretrained(path)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.from_numpy(data.train.input_ids.astype("int64"))
+    torch.manual_seed(0)
+    for _ in range(steps):
+        rows = torch.randint(0, len(ids), (32,))
+        loss = model(input_ids=ids[rows], labels=ids[rows]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(path)

@@ -1,0 +1,21 @@
+"""End to end through real Ray actors and real DeepSpeed engines (gloo, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import base_recipe, write_recipe
+
+from orchestrator.driver import execute, new_run_dir
+from orchestrator.preflight import preflight
+from orchestrator.recipe import load_recipe
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_kl_falls_for_each_zero_stage(ray_session, tiny_models, tmp_path, zero_stage):
+    raw = base_recipe(tmp_path, tiny_models, student={"zero_stage": zero_stage})
+    recipe = preflight(load_recipe(write_recipe(tmp_path, raw)))
+    result = execute(recipe, new_run_dir(recipe))
+    assert result.finished and result.steps_done == 30
+    before, after = result.summary["eval_before"], result.summary["eval_after"]
+    assert after["kl"] < 0.7 * before["kl"], (before, after)
+    assert after["kl/tiny"] == after["kl"]

@@ -1,0 +1,72 @@
+"""Bad recipes stop before any actor starts: one line naming the field, exit 2, no run dir."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import base_recipe, write_recipe
+
+from orchestrator.cli import main
+from orchestrator.recipe import RecipeError, load_recipe
+
+
+def _bad(tmp_path, tiny_models, mutate):
+    raw = base_recipe(tmp_path, tiny_models)
+    mutate(raw)
+    return write_recipe(tmp_path, raw)
+
+
+CASES = {
+    "unknown key": (lambda r: r["train"].update(stepz=3), "train.stepz: unknown key"),
+    "wrong type": (lambda r: r["train"].update(steps="many"), "train.steps:"),
+    "zero steps": (lambda r: r["train"].update(steps=0), "train.steps:"),
+    "k above vocab": (
+        lambda r: r["distill"].update(top_k=1000),
+        "distill.top_k: 1000 is larger than the vocab (96)",
+    ),
+    "missing teacher folder": (
+        lambda r: r["teachers"][0].update(model="/nonexistent/teacher"),
+        "teachers[0].model: model folder '/nonexistent/teacher' not found",
+    ),
+    "missing data file": (
+        lambda r: r["data"].update(source="file", path="nope.jsonl"),
+        "data.path: file",
+    ),
+    "unknown loss": (lambda r: r["distill"].update(loss="kl_fancy"), "distill.loss:"),
+    "bad batch split": (lambda r: r["train"].update(batch_size=7), "train.batch_size: 7"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_recipe_exits_2_and_leaves_nothing(tmp_path, tiny_models, capsys, case):
+    mutate, expected = CASES[case]
+    path = _bad(tmp_path, tiny_models, mutate)
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert expected in err[0], err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_vocab_mismatch_names_the_teacher(tmp_path, tiny_models, capsys):
+    path = _bad(tmp_path, tiny_models, lambda r: r["teachers"][0].update(model=tiny_models["other_vocab"]))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "teachers[0].model: teacher 'tiny' has vocab 80 but the student has 96" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dotted_overrides_reach_nested_fields_and_lists(tmp_path, tiny_models):
+    path = write_recipe(tmp_path, base_recipe(tmp_path, tiny_models))
+    recipe = load_recipe(path, ["train.steps=7", "teachers.0.weight=2.5", "distill.loss=jsd"])
+    assert recipe.train.steps == 7
+    assert recipe.teachers[0].weight == 2.5
+    assert recipe.distill.loss == "jsd"
+    with pytest.raises(RecipeError, match="teachers.3"):
+        load_recipe(path, ["teachers.3.weight=1"])
+    with pytest.raises(RecipeError, match="expected key=value"):
+        load_recipe(path, ["train.steps"])
+
+
+def test_missing_recipe_file(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "absent.yaml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
