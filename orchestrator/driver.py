@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import ray
 from transformers import AutoTokenizer
 
@@ -284,6 +285,7 @@ class TrainLoop:
             bytes_moved=sum(m["signal_bytes"] + m["batch_bytes"] for m in per_rank),
             signal_bytes_per_token=sum(m["signal_bytes"] for m in per_rank) / max(tokens, 1),
             inflight_depth=float(depth),
+            driver_rss_mb=psutil.Process().memory_info().rss / 2**20,
             lr=per_rank[0]["lr"],
             grad_norm=per_rank[0]["grad_norm"],
         )

@@ -1,0 +1,157 @@
+"""Distillation losses on sparse top-k teacher targets (pure torch).
+
+Mass outside the top-k: both distributions are collapsed onto k+1 outcomes, the teacher's
+k ids plus one tail bucket for every other id. The teacher's tail is 1 - sum(top-k probs);
+the student's tail is its exact mass on the ids outside the teacher's top-k (logsumexp over
+those ids, not 1 - sum, for stability). Every divergence is computed on these k+1 outcomes,
+so it is a lower bound of the dense divergence (data-processing inequality) and equals the
+dense textbook formula exactly when k equals the vocab (both tails are then zero).
+
+Both sides use temperature T (the teacher's log-probs arrive already at T); the divergence
+is multiplied by T**2 so gradient scale does not shrink with T (Hinton et al.).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOSS_KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+_NEG = -1e30  # log 0 stand-in that keeps gradients finite
+
+
+def _collapsed(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, log q) over k+1 outcomes, the last one the tail; at least float32."""
+    if student_logits.dim() != 2 or teacher_ids.shape != teacher_logprobs.shape:
+        raise ValueError(
+            f"shapes: student_logits {tuple(student_logits.shape)} must be [N, V], teacher ids "
+            f"{tuple(teacher_ids.shape)} and log-probs {tuple(teacher_logprobs.shape)} [N, k]"
+        )
+    if teacher_ids.shape[0] != student_logits.shape[0]:
+        raise ValueError("student_logits and teacher targets differ in the number of positions")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # never below fp32
+    logits = student_logits.to(dtype) / temperature
+    log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
+    q_top = logits.gather(-1, teacher_ids) - log_z
+    rest = logits.scatter(-1, teacher_ids, _NEG)  # finite fill: no NaN gradient when k == V
+    q_tail = (torch.logsumexp(rest, dim=-1, keepdim=True) - log_z).clamp(min=_NEG)
+    p_top = teacher_logprobs.to(dtype)
+    if teacher_ids.shape[-1] < student_logits.shape[-1]:
+        # float16 log-probs cannot resolve a tail below ~1e-3; a floor keeps reverse KL finite
+        p_tail_mass = (1.0 - p_top.exp().sum(-1, keepdim=True)).clamp(min=1e-6)
+        p_tail = p_tail_mass.log()
+    else:  # k == V: there is no tail, whatever rounding says
+        p_tail = torch.full_like(q_tail, _NEG)
+    log_q = torch.cat([q_top, q_tail], dim=-1)
+    log_p = torch.cat([p_top, p_tail], dim=-1)
+    return log_p, log_q
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """sum a (log a - log b), with 0 log 0 = 0 (where a is 0 the term is masked out)."""
+    a = log_a.exp()
+    term = torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a))
+    return term.sum(-1)
+
+
+def _mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w a + (1 - w) b), stable in log space."""
+    if w <= 0:
+        return log_b
+    if w >= 1:
+        return log_a
+    return torch.logaddexp(log_a + math.log(w), log_b + math.log(1 - w))
+
+
+def per_position_divergence(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    kind: str,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> torch.Tensor:
+    """[N] divergence per position, no T**2 and no mask (also used for metrics)."""
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"unknown loss kind {kind!r}; expected one of {LOSS_KINDS}")
+    for name, value in (("beta", beta), ("skew", skew)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    log_p, log_q = _collapsed(student_logits, teacher_ids, teacher_logprobs, temperature)
+    if kind == "forward_kl":
+        return _kl(log_p, log_q)
+    if kind == "reverse_kl":
+        return _kl(log_q, log_p)
+    if kind == "jsd":
+        log_m = _mix(log_p, log_q, beta)
+        return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+    if kind == "skew_kl":
+        return _kl(log_p, _mix(log_p, log_q, skew))
+    if kind == "skew_reverse_kl":
+        return _kl(log_q, _mix(log_q, log_p, skew))
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)  # tvd
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp(min=1.0)
+
+
+def sparse_divergence(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> torch.Tensor:
+    """Masked mean over positions of the divergence, times T**2."""
+    d = per_position_divergence(
+        student_logits, teacher_ids, teacher_logprobs,
+        kind=kind, temperature=temperature, beta=beta, skew=skew,
+    )
+    return _masked_mean(d, mask) * temperature**2
+
+
+def hard_ce(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean cross-entropy on the gold next tokens."""
+    logits = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    return _masked_mean(ce, mask)
+
+
+def distill_objective(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kind: str,
+    temperature: float,
+    alpha: float,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """alpha * CE + (1 - alpha) * KD; the KD term is still reported when alpha == 1."""
+    ce = hard_ce(student_logits, labels, mask)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1.0):
+        kd = sparse_divergence(
+            student_logits, teacher_ids, teacher_logprobs, mask,
+            kind=kind, temperature=temperature, beta=beta, skew=skew,
+        )
+    total = alpha * ce if alpha >= 1.0 else alpha * ce + (1 - alpha) * kd
+    return total, {"kd": kd.detach(), "ce": ce.detach()}
