@@ -177,6 +177,7 @@ class StudentWorker:
             teacher_busy_s=sum(s.busy_s for s in signals),
             signal_bytes=float(sum(s.nbytes for s in signals)),
             batch_bytes=float(batch.nbytes),
+            positions=float(batch.attention_mask.sum()),
             lr=float(self.engine.get_lr()[0]),
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         )

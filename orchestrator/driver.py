@@ -283,7 +283,8 @@ class TrainLoop:
             teacher_busy_s=sum(m["teacher_busy_s"] for m in per_rank) / replicas,
             signal_wait_s=max(m["signal_wait_s"] for m in per_rank),
             bytes_moved=sum(m["signal_bytes"] + m["batch_bytes"] for m in per_rank),
-            signal_bytes_per_token=sum(m["signal_bytes"] for m in per_rank) / max(tokens, 1),
+            signal_bytes_per_token=sum(m["signal_bytes"] for m in per_rank)
+            / max(sum(m["positions"] for m in per_rank), 1),
             inflight_depth=float(depth),
             driver_rss_mb=psutil.Process().memory_info().rss / 2**20,
             lr=per_rank[0]["lr"],
