@@ -37,6 +37,24 @@ class TokenBatch:
         size = len(self) // n
         return [self.rows(i * size, (i + 1) * size) for i in range(n)]
 
+    def trimmed(self) -> TokenBatch:
+        """Drop the padding columns no row needs (dynamic padding)."""
+        width = max(int(self.attention_mask.sum(1).max()), 1)
+        return TokenBatch(
+            self.input_ids[:, :width], self.attention_mask[:, :width], self.loss_mask[:, :width]
+        )
+
+    def loss_columns(self) -> np.ndarray:
+        """The column range holding every loss position: logits are computed only there."""
+        cols = np.flatnonzero(self.loss_mask.any(axis=0))
+        if cols.size == 0:
+            return np.zeros(1, dtype=np.int64)
+        return np.arange(cols[0], cols[-1] + 1, dtype=np.int64)
+
+    def row_offsets(self) -> np.ndarray:
+        """Signals hold loss positions only, row-major: rows [a, b) are offsets[a]:offsets[b]."""
+        return np.concatenate([[0], np.cumsum(self.loss_mask.sum(axis=1))]).astype(np.int64)
+
     def to_torch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids int64, attention_mask int64, loss_mask bool) on device."""
         return (

@@ -3,8 +3,9 @@
 Signals are numpy arrays so Ray ships them out-of-band and workers read them zero-copy from
 the object store. Full-vocab logits never leave the teacher: only the temperature-scaled
 top-k ids (uint16 when the vocab fits, else int32) and their log-probs (float16) travel.
-Position t of a signal is the teacher's distribution over the token at t+1, the same
-alignment as a causal LM's logits.
+A signal holds only the shard's loss positions, in row-major order ([P, k] with
+P = loss_mask.sum()); position t is the teacher's distribution over the token at t+1, the
+same alignment as a causal LM's logits. Prompt and padding positions cost nothing.
 """
 
 from __future__ import annotations
@@ -23,16 +24,27 @@ def id_dtype(vocab_size: int) -> np.dtype:
 @dataclass
 class TeacherSignal:
     teacher: str
-    ids: np.ndarray  # [B, T, k] uint16 | int32
-    logprobs: np.ndarray  # [B, T, k] float16, log_softmax(logits / temperature) over the vocab
+    ids: np.ndarray  # [P, k] uint16 | int32
+    logprobs: np.ndarray  # [P, k] float16, log_softmax(logits / temperature) over the vocab
     temperature: float
     busy_s: float = 0.0  # time the teacher spent on this shard, measured inside the actor
-    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [B, T, H] float16
+    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [P, H] float16
 
     @property
     def nbytes(self) -> int:
         return int(
             self.ids.nbytes + self.logprobs.nbytes + sum(h.nbytes for h in self.hidden.values())
+        )
+
+    def rows(self, start: int, stop: int) -> TeacherSignal:
+        """The loss positions [start, stop) (see TokenBatch.row_offsets)."""
+        return TeacherSignal(
+            teacher=self.teacher,
+            ids=self.ids[start:stop],
+            logprobs=self.logprobs[start:stop],
+            temperature=self.temperature,
+            busy_s=self.busy_s,
+            hidden={k: v[start:stop] for k, v in self.hidden.items()},
         )
 
     def torch_targets(self) -> tuple[torch.Tensor, torch.Tensor]:

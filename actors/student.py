@@ -111,12 +111,12 @@ class StudentWorker:
         """alpha * CE(gold) + (1 - alpha) * sum_t w_t * D(teacher_t || student)."""
         spec = self.spec
         ids, attn, mask = batch.to_torch(self.device)
-        logits = self.engine(input_ids=ids, attention_mask=attn).logits[..., : self.vocab_size]
-        logits = logits.float()
-        n = logits.shape[0] * logits.shape[1]
-        flat = logits.reshape(n, -1)
-        labels = torch.roll(ids, shifts=-1, dims=1).reshape(n)
-        fmask = mask.reshape(n)
+        cols = torch.from_numpy(batch.loss_columns()).to(self.device)
+        logits = self.engine(input_ids=ids, attention_mask=attn, logits_to_keep=cols).logits
+        flat = logits[mask[:, cols]][:, : self.vocab_size].float()  # [P, V], loss positions
+        n = flat.shape[0]
+        labels = torch.roll(ids, shifts=-1, dims=1)[mask]
+        fmask = torch.ones(n, dtype=torch.bool, device=self.device)
         alpha, temp = float(spec["alpha"]), float(spec["temperature"])
         terms: dict[str, torch.Tensor] = {"ce": hard_ce(flat, labels, fmask)}
         total = alpha * terms["ce"]
@@ -124,8 +124,7 @@ class StudentWorker:
         kd = torch.zeros((), device=flat.device)
         for weight, sig in zip(spec["teacher_weights"], signals, strict=True):
             t_ids, t_lp = sig.torch_targets()
-            t_ids = t_ids.to(self.device).reshape(n, -1)
-            t_lp = t_lp.to(self.device).reshape(n, -1)
+            t_ids, t_lp = t_ids.to(self.device), t_lp.to(self.device)
             grad_needed = alpha < 1.0 and torch.is_grad_enabled()
             with torch.set_grad_enabled(grad_needed):
                 d = per_position_divergence(
@@ -156,11 +155,13 @@ class StudentWorker:
         start = time.perf_counter()
         self.engine.train()
         micro = np.array_split(np.arange(len(batch)), self.grad_accum)
+        offsets = batch.row_offsets()
         sums: dict[str, float] = {}
         tokens = 0
         for rows in micro:
-            part = batch.rows(int(rows[0]), int(rows[-1]) + 1)
-            part_signals = [_rows(s, int(rows[0]), int(rows[-1]) + 1) for s in signals]
+            a, b = int(rows[0]), int(rows[-1]) + 1
+            part = batch.rows(a, b).trimmed()
+            part_signals = [s.rows(int(offsets[a]), int(offsets[b])) for s in signals]
             loss, terms, n = self._objective(part, part_signals)
             self.engine.backward(loss)
             self.engine.step()
@@ -177,7 +178,6 @@ class StudentWorker:
             teacher_busy_s=sum(s.busy_s for s in signals),
             signal_bytes=float(sum(s.nbytes for s in signals)),
             batch_bytes=float(batch.nbytes),
-            positions=float(batch.attention_mask.sum()),
             lr=float(self.engine.get_lr()[0]),
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         )
@@ -239,13 +239,3 @@ class StudentWorker:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
-
-def _rows(signal: TeacherSignal, start: int, stop: int) -> TeacherSignal:
-    return TeacherSignal(
-        teacher=signal.teacher,
-        ids=signal.ids[start:stop],
-        logprobs=signal.logprobs[start:stop],
-        temperature=signal.temperature,
-        busy_s=signal.busy_s,
-        hidden={k: v[start:stop] for k, v in signal.hidden.items()},
-    )

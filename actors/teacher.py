@@ -56,21 +56,27 @@ class TeacherActor:
 
     @torch.inference_mode()
     def score(self, batch: TokenBatch) -> TeacherSignal:
-        """Top-k log-probs (and chosen hidden states) for every position of the shard."""
+        """Top-k log-probs (and chosen hidden states) at the shard's loss positions."""
         start = time.perf_counter()
-        ids, attn, _ = batch.to_torch(self.device)
+        ids, attn, mask = batch.to_torch(self.device)
+        cols = torch.from_numpy(batch.loss_columns()).to(self.device)
         out = self.model(
-            input_ids=ids, attention_mask=attn, output_hidden_states=bool(self.hidden_layers)
+            input_ids=ids,
+            attention_mask=attn,
+            logits_to_keep=cols,
+            output_hidden_states=bool(self.hidden_layers),
         )
+        logits = out.logits[mask[:, cols]][:, : self.vocab_size]  # [P, V], loss positions only
         signal = topk_signal(
-            out.logits[..., : self.vocab_size].cpu(),
+            logits.cpu(),
             k=self.top_k,
             temperature=self.temperature,
             teacher=self.name,
             vocab_size=self.vocab_size,
         )
         for layer in self.hidden_layers:
-            signal.hidden[layer] = out.hidden_states[layer].float().cpu().numpy().astype(np.float16)
+            hidden = out.hidden_states[layer][mask]
+            signal.hidden[layer] = hidden.float().cpu().numpy().astype(np.float16)
         signal.busy_s = time.perf_counter() - start
         return signal
 

@@ -186,7 +186,7 @@ class TrainLoop:
         return [[pool.score(shard) for pool in self.pools] for shard in shards]
 
     def _issue(self, step: int) -> InFlight:
-        batch = self.dataset.batch_for_step(step, self.recipe.train.batch_size)
+        batch = self.dataset.batch_for_step(step, self.recipe.train.batch_size).trimmed()
         shards = [ray.put(s) for s in batch.shard(self.world)]
         return InFlight(step, shards, self._signals_for(shards))
 
@@ -194,7 +194,7 @@ class TrainLoop:
         if len(heldout) < self.world:
             raise RecipeError("data.heldout", f"needs at least one example per student rank")
         parts = np.array_split(np.arange(len(heldout)), self.world)
-        shards = [ray.put(heldout.rows(int(p[0]), int(p[-1]) + 1)) for p in parts]
+        shards = [ray.put(heldout.rows(int(p[0]), int(p[-1]) + 1).trimmed()) for p in parts]
         return InFlight(-1, shards, self._signals_for(shards))
 
     # -- evaluation -----------------------------------------------------------------------
@@ -283,8 +283,7 @@ class TrainLoop:
             teacher_busy_s=sum(m["teacher_busy_s"] for m in per_rank) / replicas,
             signal_wait_s=max(m["signal_wait_s"] for m in per_rank),
             bytes_moved=sum(m["signal_bytes"] + m["batch_bytes"] for m in per_rank),
-            signal_bytes_per_token=sum(m["signal_bytes"] for m in per_rank)
-            / max(sum(m["positions"] for m in per_rank), 1),
+            signal_bytes_per_token=sum(m["signal_bytes"] for m in per_rank) / max(tokens, 1),
             inflight_depth=float(depth),
             driver_rss_mb=psutil.Process().memory_info().rss / 2**20,
             lr=per_rank[0]["lr"],
