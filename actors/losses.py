@@ -17,7 +17,14 @@ import math
 
 import torch
 
-LOSS_KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+LOSS_KINDS: tuple[str, ...] = (
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "skew_kl",
+    "skew_reverse_kl",
+    "tvd",
+)
 _NEG = -1e30  # log 0 stand-in that keeps gradients finite
 
 
@@ -120,8 +127,13 @@ def sparse_divergence(
 ) -> torch.Tensor:
     """Masked mean over positions of the divergence, times T**2."""
     d = per_position_divergence(
-        student_logits, teacher_ids, teacher_logprobs,
-        kind=kind, temperature=temperature, beta=beta, skew=skew,
+        student_logits,
+        teacher_ids,
+        teacher_logprobs,
+        kind=kind,
+        temperature=temperature,
+        beta=beta,
+        skew=skew,
     )
     return _masked_mean(d, mask) * temperature**2
 
@@ -150,8 +162,14 @@ def distill_objective(
     ce = hard_ce(student_logits, labels, mask)
     with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1.0):
         kd = sparse_divergence(
-            student_logits, teacher_ids, teacher_logprobs, mask,
-            kind=kind, temperature=temperature, beta=beta, skew=skew,
+            student_logits,
+            teacher_ids,
+            teacher_logprobs,
+            mask,
+            kind=kind,
+            temperature=temperature,
+            beta=beta,
+            skew=skew,
         )
     total = alpha * ce if alpha >= 1.0 else alpha * ce + (1 - alpha) * kd
     return total, {"kd": kd.detach(), "ce": ce.detach()}

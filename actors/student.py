@@ -238,4 +238,3 @@ class StudentWorker:
     def shutdown(self) -> None:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-

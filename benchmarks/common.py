@@ -18,10 +18,12 @@ def models(root: Path, vocab: int, teacher_hidden: int, student_hidden: int) -> 
 
     root.mkdir(parents=True, exist_ok=True)
     return {
-        "teacher": save_tiny_llama(str(root / "teacher"), 1, vocab_size=vocab,
-                                   hidden=teacher_hidden, layers=4),
-        "student": save_tiny_llama(str(root / "student"), 2, vocab_size=vocab,
-                                   hidden=student_hidden, layers=2),
+        "teacher": save_tiny_llama(
+            str(root / "teacher"), 1, vocab_size=vocab, hidden=teacher_hidden, layers=4
+        ),
+        "student": save_tiny_llama(
+            str(root / "student"), 2, vocab_size=vocab, hidden=student_hidden, layers=2
+        ),
     }
 
 

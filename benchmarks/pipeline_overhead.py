@@ -27,11 +27,14 @@ def main() -> None:
         "run": {"name": "overhead", "output_dir": str(root / "runs")},
         "teachers": [{"name": "t", "model": m["teacher"], "num_cpus": 0.5, "threads": 1}],
         "student": {"model": m["student"], "world_size": 1, "num_cpus": 0.5, "threads": 1},
-        "data": {"source": "synthetic", "seq_len": 128, "heldout": 4,
-                 "synthetic": {"num_sequences": 256}},
+        "data": {
+            "source": "synthetic",
+            "seq_len": 128,
+            "heldout": 4,
+            "synthetic": {"num_sequences": 256},
+        },
         "distill": {"top_k": args.top_k, "prefetch_depth": 2},
-        "train": {"steps": args.steps, "batch_size": 4, "micro_batch_size": 4,
-                  "log_every": 20},
+        "train": {"steps": args.steps, "batch_size": 4, "micro_batch_size": 4, "log_every": 20},
         "checkpoint": {"every": 0},
     }
     result = run_recipe(root / "recipe.yaml", raw)

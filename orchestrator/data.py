@@ -127,7 +127,9 @@ def tokenize_records(records: list[dict[str, str]], tokenizer, seq_len: int) -> 
         if "prompt" in rec:
             chat = [{"role": "user", "content": rec["prompt"]}]
             if tokenizer.chat_template:
-                prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+                prompt = tokenizer.apply_chat_template(
+                    chat, tokenize=False, add_generation_prompt=True
+                )
                 full = tokenizer.apply_chat_template(
                     [*chat, {"role": "assistant", "content": rec.get("response", "")}],
                     tokenize=False,
@@ -153,7 +155,11 @@ def tokenize_records(records: list[dict[str, str]], tokenizer, seq_len: int) -> 
 
 
 def file_dataset(
-    cfg: DataConfig, tokenizer, seed: int, generate: GenerateFn | None, cache_dir: Path,  # noqa: ANN001
+    cfg: DataConfig,
+    tokenizer,
+    seed: int,
+    generate: GenerateFn | None,
+    cache_dir: Path,  # noqa: ANN001
     teacher_key: dict | None = None,
 ) -> Dataset:
     records = read_records(cfg.path or "")

@@ -192,7 +192,7 @@ class TrainLoop:
 
     def _put_heldout(self, heldout: TokenBatch) -> InFlight:
         if len(heldout) < self.world:
-            raise RecipeError("data.heldout", f"needs at least one example per student rank")
+            raise RecipeError("data.heldout", "needs at least one example per student rank")
         parts = np.array_split(np.arange(len(heldout)), self.world)
         shards = [ray.put(heldout.rows(int(p[0]), int(p[-1]) + 1).trimmed()) for p in parts]
         return InFlight(-1, shards, self._signals_for(shards))
@@ -298,7 +298,9 @@ class TrainLoop:
 
     def _finish(self, tokens_total: float, elapsed: float) -> dict[str, Any]:
         after = self.evaluate()
-        self.tracker.log_metrics(self.recipe.train.steps, {f"eval/{k}": v for k, v in after.items()})
+        self.tracker.log_metrics(
+            self.recipe.train.steps, {f"eval/{k}": v for k, v in after.items()}
+        )
         export_dir = self.run_dir / "student"
         self.students.export(str(export_dir), self.recipe.student.model)
         self.tracker.log_artifact(export_dir, "student")

@@ -47,7 +47,9 @@ class TeacherPool:
         """A TeacherSignal ref for the shard, from the next replica in turn."""
         return self.replicas[next(self._next)].score.remote(shard_ref)
 
-    def generate(self, prompts: list[str], sampling: dict[str, Any], chunk: int, on_chunk) -> list[str]:  # noqa: ANN001,E501
+    def generate(
+        self, prompts: list[str], sampling: dict[str, Any], chunk: int, on_chunk
+    ) -> list[str]:  # noqa: ANN001,E501
         """Responses for all prompts, chunks spread over the replicas, order kept."""
         chunks = [prompts[i : i + chunk] for i in range(0, len(prompts), chunk)]
         refs = [

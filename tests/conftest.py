@@ -43,11 +43,21 @@ def base_recipe(tmp_path: Path, models: dict[str, str], **sections: Any) -> dict
         "run": {"name": "t", "output_dir": str(tmp_path / "runs"), "seed": 0},
         "teachers": [{"name": "tiny", "model": models["teacher"], "num_cpus": 0.25}],
         "student": {"model": models["student"], "world_size": 2, "num_cpus": 0.25},
-        "data": {"source": "synthetic", "seq_len": 32, "heldout": 8,
-                 "synthetic": {"num_sequences": 128}},
+        "data": {
+            "source": "synthetic",
+            "seq_len": 32,
+            "heldout": 8,
+            "synthetic": {"num_sequences": 128},
+        },
         "distill": {"top_k": 16, "loss": "forward_kl"},
-        "train": {"steps": 30, "batch_size": 8, "micro_batch_size": 2, "lr": 0.01,
-                  "warmup_steps": 3, "log_every": 10},
+        "train": {
+            "steps": 30,
+            "batch_size": 8,
+            "micro_batch_size": 2,
+            "lr": 0.01,
+            "warmup_steps": 3,
+            "log_every": 10,
+        },
         "checkpoint": {"every": 0},
     }
     for key, value in sections.items():

@@ -11,7 +11,9 @@ from orchestrator.recipe import DataConfig, RecipeError
 
 
 def test_batches_are_a_function_of_step_and_cover_each_epoch():
-    data = synthetic_dataset(DataConfig(seq_len=8, heldout=4, synthetic={"num_sequences": 20}), 50, 3)
+    data = synthetic_dataset(
+        DataConfig(seq_len=8, heldout=4, synthetic={"num_sequences": 20}), 50, 3
+    )
     assert len(data.train) == 20 and len(data.heldout) == 4
     again = Dataset(data.train, data.heldout, data.seed)
     for step in (0, 3, 7):

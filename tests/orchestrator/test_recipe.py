@@ -48,7 +48,9 @@ def test_bad_recipe_exits_2_and_leaves_nothing(tmp_path, tiny_models, capsys, ca
 
 
 def test_vocab_mismatch_names_the_teacher(tmp_path, tiny_models, capsys):
-    path = _bad(tmp_path, tiny_models, lambda r: r["teachers"][0].update(model=tiny_models["other_vocab"]))
+    path = _bad(
+        tmp_path, tiny_models, lambda r: r["teachers"][0].update(model=tiny_models["other_vocab"])
+    )
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "teachers[0].model: teacher 'tiny' has vocab 80 but the student has 96" in err

@@ -19,8 +19,11 @@ def _run_dirs(root: Path) -> list[Path]:
 
 def test_resume_matches_uninterrupted_run(ray_session, tiny_models, tmp_path, capsys):
     raw = base_recipe(
-        tmp_path, tiny_models, student={"zero_stage": 2},
-        train={"steps": 12}, checkpoint={"every": 4},
+        tmp_path,
+        tiny_models,
+        student={"zero_stage": 2},
+        train={"steps": 12},
+        checkpoint={"every": 4},
     )
     path = write_recipe(tmp_path, raw)
     runs = tmp_path / "runs"
@@ -43,8 +46,9 @@ def test_resume_matches_uninterrupted_run(ray_session, tiny_models, tmp_path, ca
 
     # both runs logged every step exactly once
     client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
-    run_ids = [__import__("json").loads((d / "state.json").read_text())["run_id"]
-               for d in (full, stopped)]
+    run_ids = [
+        __import__("json").loads((d / "state.json").read_text())["run_id"] for d in (full, stopped)
+    ]
     for run_id in run_ids:
         steps = [m.step for m in client.get_metric_history(run_id, "loss")]
         assert sorted(steps) == list(range(1, 13))
@@ -63,8 +67,19 @@ def test_mlflow_run_params_metrics_and_student(ray_session, tiny_models, tmp_pat
     assert params["teacher.tiny.vocab_size"] == "96"
     assert int(params["student.num_params"]) > 0
     m = run.data.metrics
-    for key in ("loss", "kd", "ce", "kl/tiny", "tokens_per_s", "teacher_busy_s",
-                "student_busy_s", "inflight_depth", "bytes_moved", "eval/kl", "eval/ppl"):
+    for key in (
+        "loss",
+        "kd",
+        "ce",
+        "kl/tiny",
+        "tokens_per_s",
+        "teacher_busy_s",
+        "student_busy_s",
+        "inflight_depth",
+        "bytes_moved",
+        "eval/kl",
+        "eval/ppl",
+    ):
         assert key in m, key
     assert m["signal_bytes_per_token"] == 16 * 4  # uint16 id + float16 log-prob, k=16
     assert m["tokens_per_s"] > 0 and m["bytes_moved"] > 0

@@ -1,0 +1,49 @@
+"""The teacher scores exactly the loss positions, from its full logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from actors.batch import TokenBatch
+from actors.teacher import TeacherActor
+
+
+def _batch() -> TokenBatch:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 96, size=(3, 12)).astype(np.int32)
+    attn = np.ones_like(ids, dtype=np.int8)
+    attn[1, 9:] = 0  # a shorter, right-padded row
+    loss = np.zeros_like(ids, dtype=bool)
+    loss[0, 4:11] = True
+    loss[1, 6:8] = True
+    loss[2, 3:11] = True
+    return TokenBatch(ids, attn, loss)
+
+
+def test_score_matches_full_forward_at_loss_positions(tiny_models):
+    teacher = TeacherActor(
+        "t", tiny_models["teacher"], top_k=5, temperature=2.0, hidden_layers=(1,)
+    )
+    batch = _batch()
+    sig = teacher.score(batch)
+    assert sig.ids.shape == (batch.num_tokens, 5) == sig.logprobs.shape
+    assert sig.hidden[1].shape[0] == batch.num_tokens
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval()
+    ids, attn, mask = batch.to_torch(torch.device("cpu"))
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits / 2.0, -1)
+    top_lp, top_ids = full[mask].topk(5, dim=-1)
+    assert np.array_equal(sig.ids.astype(np.int64), top_ids.numpy())
+    np.testing.assert_allclose(sig.logprobs.astype(np.float32), top_lp.numpy(), atol=5e-3)
+    info = teacher.info()
+    assert info["vocab_size"] == 96 and len(info["model_hash"]) == 16
+
+
+def test_row_offsets_split_signals_by_rows():
+    batch = _batch()
+    assert batch.row_offsets().tolist() == [0, 7, 9, 17]
+    assert batch.loss_columns().tolist() == list(range(3, 11))
+    assert batch.trimmed().input_ids.shape == (3, 12)
+    assert batch.rows(1, 2).trimmed().input_ids.shape == (1, 9)
