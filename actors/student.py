@@ -116,37 +116,29 @@ class StudentWorker:
         flat = logits[mask[:, cols]][:, : self.vocab_size].float()  # [P, V], loss positions
         n = flat.shape[0]
         labels = torch.roll(ids, shifts=-1, dims=1)[mask]
-        fmask = torch.ones(n, dtype=torch.bool, device=self.device)
         alpha, temp = float(spec["alpha"]), float(spec["temperature"])
-        terms: dict[str, torch.Tensor] = {"ce": hard_ce(flat, labels, fmask)}
-        total = alpha * terms["ce"]
-        denom = fmask.float().sum().clamp(min=1)
-        kd = torch.zeros((), device=flat.device)
+        terms = {"ce": hard_ce(flat, labels, torch.ones_like(labels, dtype=torch.bool))}
+        kd = flat.new_zeros(())
+        train_kd = alpha < 1.0 and torch.is_grad_enabled()
         for weight, sig in zip(spec["teacher_weights"], signals, strict=True):
-            t_ids, t_lp = sig.torch_targets()
-            t_ids, t_lp = t_ids.to(self.device), t_lp.to(self.device)
-            grad_needed = alpha < 1.0 and torch.is_grad_enabled()
-            with torch.set_grad_enabled(grad_needed):
+            t_ids, t_lp = (x.to(self.device) for x in sig.torch_targets())
+            with torch.set_grad_enabled(train_kd):
                 d = per_position_divergence(
-                    flat,
-                    t_ids,
-                    t_lp,
-                    kind=spec["loss"],
-                    temperature=temp,
-                    beta=float(spec["beta"]),
-                    skew=float(spec["skew"]),
-                )
-                kd = kd + weight * (d * fmask).sum() / denom * temp**2
-            with torch.no_grad():
-                kl = per_position_divergence(
-                    flat.detach(), t_ids, t_lp, kind="forward_kl", temperature=temp
-                )
-                terms[f"kl/{sig.teacher}"] = (kl * fmask).sum() / denom
+                    flat, t_ids, t_lp, kind=spec["loss"], temperature=temp,
+                    beta=float(spec["beta"]), skew=float(spec["skew"]),
+                )  # fmt: skip
+                kd = kd + weight * d.sum() / max(n, 1) * temp**2
+            kl = d.detach()
+            if spec["loss"] != "forward_kl":
+                with torch.no_grad():
+                    kl = per_position_divergence(
+                        flat.detach(), t_ids, t_lp, kind="forward_kl", temperature=temp
+                    )
+            terms[f"kl/{sig.teacher}"] = kl.sum() / max(n, 1)
+        total = alpha * terms["ce"] + (1 - alpha) * kd if train_kd else alpha * terms["ce"]
         terms["kd"] = kd.detach()
-        if alpha < 1.0:
-            total = total + (1 - alpha) * kd
         terms["loss"] = total.detach()
-        return total, terms, int(fmask.sum())
+        return total, terms, n
 
     def train_step(self, batch: TokenBatch, signal_refs: list[ray.ObjectRef]) -> dict[str, float]:
         """One optimizer step over this rank's shard; returns metrics (small floats only)."""

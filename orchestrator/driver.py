@@ -95,7 +95,7 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
     write_json(state_path, {**state, "run_id": tracker.run_id, "tracking_uri": uri})
     pools: list[TeacherPool] = []
     students: StudentGroup | None = None
-    ok = False
+    status = "FAILED"
     try:
         if ledger is None:
             tracker.log_params(flatten(recipe.model_dump(mode="json")))
@@ -111,10 +111,10 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
         tracker.log_params({"student.num_params": str(students.num_params)})
         loop = TrainLoop(recipe, run_dir, pools, students, dataset, tracker)
         result = loop.run(ledger, stop_after)
-        ok = result.finished
+        status = "FINISHED" if result.finished else "KILLED"  # KILLED: stopped, resumable
         return result
     finally:
-        tracker.finish(ok)
+        tracker.finish(status)
         if students is not None:
             students.shutdown()
         for pool in pools:

@@ -21,6 +21,8 @@ def actor_env(threads: int) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "MLFLOW_TRACKING_URI": "",
         "PYTHONWARNINGS": "ignore",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
     if not _has_cuda():
         env["DS_ACCELERATOR"] = "cpu"

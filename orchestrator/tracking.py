@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 
@@ -80,7 +80,7 @@ class Tracker:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
 
-    def finish(self, ok: bool) -> None:
+    def finish(self, status: str) -> None:
+        """FINISHED, KILLED (stopped, resumable) or FAILED."""
         self.flush()
-        status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.KILLED)
         self.client.set_terminated(self.run_id, status=status)

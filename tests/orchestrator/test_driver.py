@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import base_recipe, write_recipe
+from transformers import AutoModelForCausalLM
 
 from orchestrator.driver import execute, new_run_dir
 from orchestrator.preflight import preflight
@@ -19,3 +21,13 @@ def test_kl_falls_for_each_zero_stage(ray_session, tiny_models, tmp_path, zero_s
     before, after = result.summary["eval_before"], result.summary["eval_after"]
     assert after["kl"] < 0.7 * before["kl"], (before, after)
     assert after["kl/tiny"] == after["kl"]
+
+    # the export is a plain HF folder holding the trained (gathered, for ZeRO-3) weights
+    exported = AutoModelForCausalLM.from_pretrained(result.summary["student_dir"])
+    initial = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    assert sum(p.numel() for p in exported.parameters()) == result.summary["student_params"]
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(exported.state_dict().values(), initial.state_dict().values())
+    ]
+    assert all(changed)
