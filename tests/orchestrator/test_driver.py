@@ -28,6 +28,6 @@ def test_kl_falls_for_each_zero_stage(ray_session, tiny_models, tmp_path, zero_s
     assert sum(p.numel() for p in exported.parameters()) == result.summary["student_params"]
     changed = [
         not torch.equal(a, b)
-        for a, b in zip(exported.state_dict().values(), initial.state_dict().values())
+        for a, b in zip(exported.state_dict().values(), initial.state_dict().values(), strict=True)
     ]
     assert all(changed)
