@@ -9,7 +9,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+
 from orchestrator.driver import execute, new_run_dir
+from orchestrator.plots import plot_curves
 from orchestrator.preflight import preflight
 from orchestrator.recipe import load_recipe
 
@@ -31,6 +34,10 @@ def main() -> None:
         b, k, c = kd["eval_before"][key], kd["eval_after"][key], ce["eval_after"][key]
         print(f"held-out {key:<19}{b:>10.4f}{k:>10.4f}{c:>10.4f}")
     ratio = ce["eval_after"]["kl"] / kd["eval_after"]["kl"]
+    client = MlflowClient(tracking_uri=kd["tracking_uri"])
+    runs = {"KD": (client, kd["mlflow_run_id"]), "CE": (client, ce["mlflow_run_id"])}
+    png = plot_curves(runs, ["eval/kl", "eval/ppl", "kl"], Path("kd_vs_ce.png"))
+    print(f"plot: {png.resolve()}")
     print(f"KL(CE student) / KL(KD student) = {ratio:.2f}  (>1: distillation wins)")
 
 

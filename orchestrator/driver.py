@@ -25,6 +25,7 @@ from transformers import AutoTokenizer
 from actors.batch import TokenBatch
 from orchestrator.checkpoint import commit_checkpoint, read_ledger, tag_for, write_json
 from orchestrator.data import Dataset, file_dataset, synthetic_dataset
+from orchestrator.plots import plot_curves
 from orchestrator.progress import Progress
 from orchestrator.ray_env import ensure_ray
 from orchestrator.recipe import Recipe, RecipeError, to_yaml
@@ -301,6 +302,11 @@ class TrainLoop:
         self.tracker.log_metrics(
             self.recipe.train.steps, {f"eval/{k}": v for k, v in after.items()}
         )
+        self.tracker.flush()
+        kl_keys = [f"kl/{p.name}" for p in self.pools]
+        runs = {self.run_dir.name: (self.tracker.client, self.tracker.run_id)}
+        curves = plot_curves(runs, ["loss", *kl_keys, "tokens_per_s"], self.run_dir / "curves.png")
+        self.tracker.log_artifact(curves)
         export_dir = self.run_dir / "student"
         self.students.export(str(export_dir), self.recipe.student.model)
         self.tracker.log_artifact(export_dir, "student")

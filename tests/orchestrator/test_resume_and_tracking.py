@@ -86,6 +86,6 @@ def test_mlflow_run_params_metrics_and_student(ray_session, tiny_models, tmp_pat
     kl = client.get_metric_history(run.info.run_id, "eval/kl")
     assert [x.step for x in kl] == [0, 10] and kl[1].value < kl[0].value
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"recipe.yaml", "student", "summary.json"} <= artifacts
+    assert {"recipe.yaml", "student", "summary.json", "curves.png"} <= artifacts
     student = {a.path for a in client.list_artifacts(run.info.run_id, "student")}
     assert "student/config.json" in student
