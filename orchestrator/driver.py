@@ -8,6 +8,7 @@ students train on step t, and memory stays bounded however long the run.
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import time
@@ -103,11 +104,11 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
             tracker.log_artifact(run_dir / "recipe.yaml")
         pools = [TeacherPool(t, recipe.distill) for t in recipe.teachers]
         infos = [p.info() for p in pools]
-        _check_teachers(recipe, infos)
+        _check_teachers(infos)
         tracker.log_params(
             {f"teacher.{i['name']}.{k}": str(v) for i in infos for k, v in i.items()}
         )
-        dataset = build_dataset(recipe, pools, run_dir)
+        dataset = build_dataset(recipe, pools)
         students = StudentGroup(recipe)
         tracker.log_params({"student.num_params": str(students.num_params)})
         loop = TrainLoop(recipe, run_dir, pools, students, dataset, tracker)
@@ -125,18 +126,16 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _check_teachers(recipe: Recipe, infos: list[dict[str, Any]]) -> None:
+def _check_teachers(infos: list[dict[str, Any]]) -> None:
     hashes = {i["tokenizer_hash"] for i in infos if i["tokenizer_hash"] != "none"}
     if len(hashes) > 1:
         raise RecipeError("teachers", "teachers use different tokenizers (same vocab size)")
 
 
-def build_dataset(recipe: Recipe, pools: list[TeacherPool], run_dir: Path) -> Dataset:
+def build_dataset(recipe: Recipe, pools: list[TeacherPool]) -> Dataset:
     data = recipe.data
     if data.source == "synthetic":
         return synthetic_dataset(data, pools[0].info()["vocab_size"], recipe.run.seed)
@@ -192,8 +191,6 @@ class TrainLoop:
         return InFlight(step, shards, self._signals_for(shards))
 
     def _put_heldout(self, heldout: TokenBatch) -> InFlight:
-        if len(heldout) < self.world:
-            raise RecipeError("data.heldout", "needs at least one example per student rank")
         parts = np.array_split(np.arange(len(heldout)), self.world)
         shards = [ray.put(heldout.rows(int(p[0]), int(p[-1]) + 1).trimmed()) for p in parts]
         return InFlight(-1, shards, self._signals_for(shards))

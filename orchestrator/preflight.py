@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
+from orchestrator.data import read_records
 from orchestrator.model_store import ModelNotFetchedError, resolve_model
 from orchestrator.recipe import Recipe, RecipeError
 
@@ -40,8 +41,10 @@ def preflight(recipe: Recipe) -> Recipe:
     data = recipe.data
     if data.source == "file" and not Path(data.path or "").is_file():
         raise RecipeError("data.path", f"file {data.path!r} not found")
-    if data.source == "file" and Path(data.path or "").suffix not in {".jsonl", ".parquet"}:
-        raise RecipeError("data.path", f"{data.path!r}: expected a .jsonl or .parquet file")
+    if data.source == "file":
+        if Path(data.path or "").suffix not in {".jsonl", ".parquet"}:
+            raise RecipeError("data.path", f"{data.path!r}: expected a .jsonl or .parquet file")
+        read_records(data.path or "")  # every row readable and has `text` or `prompt`
     student = _facts("student.model", recipe.student.model)
     if recipe.student.layers is not None:
         bad = [i for i in recipe.student.layers if not 0 <= i < student.num_layers]

@@ -138,6 +138,11 @@ class Recipe(_Strict):
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"teachers: names must be unique, got {names}")
+        if self.data.heldout < self.student.world_size:
+            raise ValueError(
+                f"data.heldout: {self.data.heldout} gives some of the "
+                f"{self.student.world_size} student ranks no held-out example"
+            )
         per_rank, rem = divmod(self.train.batch_size, self.student.world_size)
         if rem:
             raise ValueError(

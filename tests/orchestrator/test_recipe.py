@@ -72,3 +72,19 @@ def test_dotted_overrides_reach_nested_fields_and_lists(tmp_path, tiny_models):
 def test_missing_recipe_file(tmp_path, capsys):
     assert main(["run", str(tmp_path / "absent.yaml")]) == 2
     assert "recipe file not found" in capsys.readouterr().err
+
+
+def test_data_rows_without_text_or_prompt(tmp_path, tiny_models, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "hi"}\n{"question": "no prompt here"}\n')
+    raw = base_recipe(tmp_path, tiny_models)
+    raw["data"].update(source="file", path=str(data))
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
+    assert "rows.jsonl: row 2: needs a `text` or `prompt` field" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_heldout_smaller_than_world_size(tmp_path, tiny_models, capsys):
+    raw = base_recipe(tmp_path, tiny_models, data={"heldout": 1})
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
+    assert "data.heldout: 1 gives some of the 2 student ranks" in capsys.readouterr().err
