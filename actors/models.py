@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
@@ -81,7 +82,7 @@ def model_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def tokenizer_hash(tokenizer) -> str:  # noqa: ANN001 - any HF tokenizer
+def tokenizer_hash(tokenizer: Any) -> str:
     """Hash of the vocabulary; None-safe for token-only data with no tokenizer."""
     if tokenizer is None:
         return "none"

@@ -12,6 +12,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from actors.models import keep_layers, load_causal_lm, pick_device, pick_dtype
 from actors.signal import TeacherSignal
 
 
-def lr_lambda(warmup: int, total: int, min_ratio: float):  # noqa: ANN201 - a closure
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
     """Linear warmup, then cosine decay to `min_ratio` of the peak."""
 
     def f(step: int) -> float:

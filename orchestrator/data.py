@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -116,7 +117,7 @@ def teacher_responses(
     return responses
 
 
-def tokenize_records(records: list[dict[str, str]], tokenizer, seq_len: int) -> TokenBatch:  # noqa: ANN001
+def tokenize_records(records: list[dict[str, str]], tokenizer: Any, seq_len: int) -> TokenBatch:
     """Chat-formatted prompt/response pairs (loss on the response) or plain text (loss on
     every token), right-padded to seq_len."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -156,10 +157,10 @@ def tokenize_records(records: list[dict[str, str]], tokenizer, seq_len: int) -> 
 
 def file_dataset(
     cfg: DataConfig,
-    tokenizer,
+    tokenizer: Any,
     seed: int,
     generate: GenerateFn | None,
-    cache_dir: Path,  # noqa: ANN001
+    cache_dir: Path,
     teacher_key: dict | None = None,
 ) -> Dataset:
     records = read_records(cfg.path or "")

@@ -74,7 +74,7 @@ class _StopFlag:
                 pass
         return self
 
-    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+    def _handle(self, signum: int, frame: Any) -> None:
         if self.set:
             raise KeyboardInterrupt
         self.set = True

@@ -54,7 +54,9 @@ class StudentGroup:
     def __len__(self) -> int:
         return len(self.workers)
 
-    def train_step(self, shards: list[ray.ObjectRef], signals: list[list[ray.ObjectRef]]):  # noqa: ANN201
+    def train_step(
+        self, shards: list[ray.ObjectRef], signals: list[list[ray.ObjectRef]]
+    ) -> list[ray.ObjectRef]:
         """Refs of per-rank metrics; signals[rank] holds one signal ref per teacher."""
         return [
             w.train_step.remote(shard, sigs)
@@ -79,7 +81,7 @@ class StudentGroup:
     def shutdown(self) -> None:
         try:
             ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
-        except Exception:  # noqa: BLE001 - best effort before the kill
+        except Exception:  # best effort before the kill
             pass
         for w in self.workers:
             ray.kill(w)

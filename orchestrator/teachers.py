@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -48,8 +49,12 @@ class TeacherPool:
         return self.replicas[next(self._next)].score.remote(shard_ref)
 
     def generate(
-        self, prompts: list[str], sampling: dict[str, Any], chunk: int, on_chunk
-    ) -> list[str]:  # noqa: ANN001,E501
+        self,
+        prompts: list[str],
+        sampling: dict[str, Any],
+        chunk: int,
+        on_chunk: Callable[[int], None],
+    ) -> list[str]:
         """Responses for all prompts, chunks spread over the replicas, order kept."""
         chunks = [prompts[i : i + chunk] for i in range(0, len(prompts), chunk)]
         refs = [
