@@ -25,6 +25,8 @@ def plot_curves(runs: dict[str, tuple[MlflowClient, str]], keys: list[str], path
             if steps:
                 ax.plot(steps, values, label=label, marker="o" if len(steps) < 5 else None)
         ax.set_title(key)
+        if "ppl" in key:
+            ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if len(runs) > 1:
