@@ -18,7 +18,6 @@ class TeacherPool:
         self.cfg = cfg
         remote = ray.remote(TeacherActor).options(
             **actor_options(cfg.num_cpus, cfg.num_gpus, cfg.threads),
-            name=None,
             max_restarts=2,
         )
         self.replicas = [
