@@ -28,7 +28,7 @@ LOSS_KINDS: tuple[str, ...] = (
 _NEG = -1e30  # log 0 stand-in that keeps gradients finite
 
 
-def _collapsed(
+def collapsed(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
     teacher_logprobs: torch.Tensor,
@@ -78,26 +78,26 @@ def _mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
     return torch.logaddexp(log_a + math.log(w), log_b + math.log(1 - w))
 
 
-def per_position_divergence(
-    student_logits: torch.Tensor,
-    teacher_ids: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    *,
-    kind: str,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
+def divergence(
+    log_p: torch.Tensor, log_q: torch.Tensor, *, kind: str, beta: float = 0.5, skew: float = 0.1
 ) -> torch.Tensor:
-    """[N] divergence per position, no T**2 and no mask (also used for metrics)."""
+    """[N] divergence of kind `kind` between teacher log p and student log q (same support).
+
+    Generalized JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q.
+    Its limit at beta 0 and 1 is identically zero, so, like TRL's `generalized_jsd_loss`, the
+    endpoints mean forward KL (beta 0) and reverse KL (beta 1): a ported recipe trains on
+    something. Skew KL with skew 1 is identically zero and is refused.
+    """
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown loss kind {kind!r}; expected one of {LOSS_KINDS}")
     for name, value in (("beta", beta), ("skew", skew)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
-    log_p, log_q = _collapsed(student_logits, teacher_ids, teacher_logprobs, temperature)
-    if kind == "forward_kl":
+    if kind in ("skew_kl", "skew_reverse_kl") and skew >= 1.0:
+        raise ValueError(f"skew 1 makes {kind} zero whatever the student does; use skew < 1")
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
         return _kl(log_p, log_q)
-    if kind == "reverse_kl":
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
         return _kl(log_q, log_p)
     if kind == "jsd":
         log_m = _mix(log_p, log_q, beta)
@@ -109,67 +109,16 @@ def per_position_divergence(
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)  # tvd
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(values.dtype)
-    return (values * m).sum() / m.sum().clamp(min=1.0)
-
-
-def sparse_divergence(
+def per_position_divergence(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
     teacher_logprobs: torch.Tensor,
-    mask: torch.Tensor,
     *,
-    kind: str = "forward_kl",
+    kind: str,
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
 ) -> torch.Tensor:
-    """Masked mean over positions of the divergence, times T**2."""
-    d = per_position_divergence(
-        student_logits,
-        teacher_ids,
-        teacher_logprobs,
-        kind=kind,
-        temperature=temperature,
-        beta=beta,
-        skew=skew,
-    )
-    return _masked_mean(d, mask) * temperature**2
-
-
-def hard_ce(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean cross-entropy on the gold next tokens."""
-    logits = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
-    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-    return _masked_mean(ce, mask)
-
-
-def distill_objective(
-    student_logits: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_ids: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    kind: str,
-    temperature: float,
-    alpha: float,
-    beta: float = 0.5,
-    skew: float = 0.1,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """alpha * CE + (1 - alpha) * KD; the KD term is still reported when alpha == 1."""
-    ce = hard_ce(student_logits, labels, mask)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1.0):
-        kd = sparse_divergence(
-            student_logits,
-            teacher_ids,
-            teacher_logprobs,
-            mask,
-            kind=kind,
-            temperature=temperature,
-            beta=beta,
-            skew=skew,
-        )
-    total = alpha * ce if alpha >= 1.0 else alpha * ce + (1 - alpha) * kd
-    return total, {"kd": kd.detach(), "ce": ce.detach()}
+    """[N] divergence per position from dense student logits, no T**2 and no mask."""
+    log_p, log_q = collapsed(student_logits, teacher_ids, teacher_logprobs, temperature)
+    return divergence(log_p, log_q, kind=kind, beta=beta, skew=skew)

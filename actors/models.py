@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 
 def pick_device(want_gpu: bool) -> torch.device:
@@ -28,20 +36,106 @@ def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device) -> PreTr
     return model.to(device)
 
 
-def keep_layers(model: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
-    """A student initialised from a teacher: the same embeddings, norm and head, and only the
-    chosen decoder layers (DistilBERT-style), so it starts close to the teacher."""
-    student = copy.deepcopy(model)
-    decoder = student.get_decoder()
-    decoder.layers = torch.nn.ModuleList([decoder.layers[i] for i in layers])
-    for new_idx, layer in enumerate(decoder.layers):
-        attn = getattr(layer, "self_attn", None)
-        if attn is not None and hasattr(attn, "layer_idx"):
-            attn.layer_idx = new_idx
-    student.config.num_hidden_layers = len(layers)
-    if getattr(student.config, "layer_types", None):
-        student.config.layer_types = [student.config.layer_types[i] for i in layers]
-    return student
+def cut_config(config: PretrainedConfig, layers: list[int] | None) -> PretrainedConfig:
+    """The config of a student that keeps only `layers` of the model (DistilBERT-style)."""
+    config = config.__class__.from_dict(config.to_dict())
+    if layers:
+        config.num_hidden_layers = len(layers)
+        if getattr(config, "layer_types", None):
+            config.layer_types = [config.layer_types[i] for i in layers]
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    return config
+
+
+def _source_key(name: str, layers: list[int] | None) -> str:
+    """Student parameter name -> the name it has in the source checkpoint."""
+    if not layers:
+        return name
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i] == "layers" and parts[i + 1].isdigit():
+            parts[i + 1] = str(layers[int(parts[i + 1])])
+            break
+    return ".".join(parts)
+
+
+def _weight_files(path: str) -> list[Path]:
+    folder = Path(path)
+    if not folder.is_dir():  # a hub name: fetch the files (only where a hub is reachable)
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no .safetensors weights to build the student from")
+    return files
+
+
+def build_student(
+    path: str,
+    layers: list[int] | None,
+    *,
+    init_context: AbstractContextManager | None = None,
+    gather: Callable[[torch.nn.Parameter], AbstractContextManager] | None = None,
+    is_writer: bool = True,
+) -> PreTrainedModel:
+    """The student built from its config and filled tensor by tensor from the checkpoint.
+
+    No full copy of the model is ever made: under ZeRO-3 `init_context` is
+    `deepspeed.zero.Init` (each rank holds only its partition) and `gather` gathers one
+    parameter at a time so that rank 0 (`is_writer`) can copy the checkpoint's tensor in.
+    Only the kept decoder layers are read from disk.
+    """
+    from safetensors import safe_open
+
+    config = cut_config(AutoConfig.from_pretrained(path), layers)
+    with init_context or nullcontext():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    files = _weight_files(path)
+    where: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            where.update({k: f for k in handle.keys()})
+    for name, param in model.named_parameters():  # tied weights appear once
+        key = _source_key(name, layers)
+        if key not in where:
+            raise ValueError(f"{path}: checkpoint has no tensor {key!r} for {name!r}")
+        with gather(param) if gather else nullcontext():
+            if is_writer:
+                with safe_open(str(where[key]), framework="pt") as handle:
+                    tensor = handle.get_tensor(key)
+                with torch.no_grad():
+                    param.data.copy_(tensor.to(param.dtype))
+    return model
+
+
+def backbone(model: PreTrainedModel) -> torch.nn.Module:
+    """The decoder stack: hidden states after the final norm, no vocab projection."""
+    return model.get_decoder()
+
+
+def output_head(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden [N, H] -> logits [N, V], exactly as the model's own forward computes them, so
+    the vocab projection can run over chunks of positions (never [all positions, V])."""
+    head = model.get_output_embeddings()
+    config = model.config
+    cfg = getattr(config, "get_text_config", lambda: config)()
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
+    divide = getattr(cfg, "logits_scaling", None)  # Granite divides
+
+    def apply(hidden: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden)
+        if scale is not None:
+            logits = logits * scale
+        if divide is not None:
+            logits = logits / divide
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return apply
 
 
 def tiny_llama_config(vocab_size: int = 96, hidden: int = 32, layers: int = 2) -> LlamaConfig:

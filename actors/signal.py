@@ -10,6 +10,7 @@ same alignment as a causal LM's logits. Prompt and padding positions cost nothin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,8 @@ class TeacherSignal:
     ids: np.ndarray  # [P, k] uint16 | int32
     logprobs: np.ndarray  # [P, k] float16, log_softmax(logits / temperature) over the vocab
     temperature: float
-    busy_s: float = 0.0  # time the teacher spent on this shard, measured inside the actor
+    busy_s: float = 0.0  # wall time the teacher spent on this shard, inside the actor
+    cpu_s: float = 0.0  # CPU time of the actor process for this shard (cores are shared)
     hidden: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [P, H] float16
 
     @property
@@ -44,6 +46,7 @@ class TeacherSignal:
             logprobs=self.logprobs[start:stop],
             temperature=self.temperature,
             busy_s=self.busy_s,
+            cpu_s=self.cpu_s,
             hidden={k: v[start:stop] for k, v in self.hidden.items()},
         )
 
@@ -55,19 +58,24 @@ class TeacherSignal:
 
 @torch.no_grad()
 def topk_signal(
-    logits: torch.Tensor,
+    features: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
     *,
     k: int,
     temperature: float,
     teacher: str,
     vocab_size: int,
+    chunk: int,
 ) -> TeacherSignal:
-    """Exact top-k of log_softmax(logits / T), computed from the full logits in float32."""
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    top_lp, top_ids = torch.topk(logprobs, k, dim=-1)
-    return TeacherSignal(
-        teacher=teacher,
-        ids=top_ids.numpy().astype(id_dtype(vocab_size)),
-        logprobs=top_lp.numpy().astype(np.float16),
-        temperature=temperature,
-    )
+    """Exact top-k of log_softmax(head(features) / T) in float32, over chunks of positions on
+    the teacher's device: at most one [chunk, vocab] buffer exists at a time and only [P, k]
+    reaches host memory."""
+    n = features.shape[0]
+    ids = np.empty((n, k), dtype=id_dtype(vocab_size))
+    logprobs = np.empty((n, k), dtype=np.float16)
+    for a in range(0, n, chunk):
+        logits = head(features[a : a + chunk])[:, :vocab_size].float()
+        top_lp, top_ids = torch.topk(torch.log_softmax(logits / temperature, dim=-1), k, dim=-1)
+        ids[a : a + chunk] = top_ids.cpu().numpy()
+        logprobs[a : a + chunk] = top_lp.cpu().numpy()
+    return TeacherSignal(teacher=teacher, ids=ids, logprobs=logprobs, temperature=temperature)

@@ -2,11 +2,15 @@
 
 Every rank builds the same student, joins the process group that rank 0 publishes, and
 steps a DeepSpeed engine (ZeRO 0-3; gloo on CPU, NCCL on GPU). One `train_step` call is one
-optimizer step: the rank's shard is split into `grad_accum` micro-batches.
+optimizer step: the rank's shard is split into `grad_accum` micro-batches, and each
+micro-batch's loss is its token SUM scaled by world_size / (the step's loss tokens over all
+ranks), so that after DeepSpeed averages over ranks the step optimises the token-weighted
+mean over the whole step, whatever micro_batch_size and world_size are.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -19,10 +23,12 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from actors.batch import TokenBatch
-from actors.losses import hard_ce, per_position_divergence
-from actors.models import keep_layers, load_causal_lm, pick_device, pick_dtype
+from actors.models import backbone, build_student, output_head, pick_device, pick_dtype
+from actors.objective import LossSpec, SparseTarget, chunk_positions, objective_sums
 from actors.signal import TeacherSignal
 
 
@@ -36,6 +42,83 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file under `path`, then the folders: a checkpoint is on disk before the
+    ledger that names it is written."""
+    root = Path(path)
+    for item in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        _fsync(item)
+    _fsync(root)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state_tensors() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """torch (CPU and CUDA), numpy and python RNG states as tensors + JSON metadata, so a
+    checkpoint loads without unpickling anything."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss_next = random.getstate()
+    tensors["python"] = torch.tensor(internal, dtype=torch.int64)
+    meta = {
+        "numpy": json.dumps([kind, int(pos), int(has_gauss), float(cached)]),
+        "python": json.dumps([version, gauss_next]),
+    }
+    return tensors, meta
+
+
+def set_rng_state_tensors(path: Path) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        torch.set_rng_state(f.get_tensor("torch"))
+        cuda = sorted(k for k in f.keys() if k.startswith("cuda."))
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([f.get_tensor(k) for k in cuda])
+        kind, pos, has_gauss, cached = json.loads(meta["numpy"])
+        keys = f.get_tensor("numpy").numpy().astype(np.uint32)
+        np.random.set_state((kind, keys, pos, has_gauss, cached))
+        version, gauss_next = json.loads(meta["python"])
+        internal = tuple(int(x) for x in f.get_tensor("python").tolist())
+        random.setstate((version, internal, gauss_next))
+
+
+class DistillStudent(torch.nn.Module):
+    """The HF model and the objective as one module, so DeepSpeed sees every use of a
+    parameter (under ZeRO-3 its hooks gather the head for each chunk, also in backward)."""
+
+    def __init__(self, lm: torch.nn.Module, spec: LossSpec, chunk_bytes: int) -> None:
+        super().__init__()
+        self.lm = lm
+        self.spec = spec
+        self.chunk_bytes = chunk_bytes
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        targets: list[SparseTarget],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hidden = backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask)
+        features = hidden.last_hidden_state[loss_mask]
+        labels = torch.roll(input_ids, shifts=-1, dims=1)[loss_mask]
+        vocab = int(self.lm.config.get_text_config().vocab_size)
+        chunk = chunk_positions(vocab, len(targets), self.chunk_bytes)
+        return objective_sums(
+            features, output_head(self.lm), labels, targets, self.spec, chunk=chunk
+        )
 
 
 class StudentWorker:
@@ -72,33 +155,51 @@ class StudentWorker:
         random.seed(seed)
         np.random.seed(seed)
         dtype = pick_dtype(spec.get("dtype", "auto"), self.device)
-        model = load_causal_lm(spec["model"], torch.float32, torch.device("cpu"))
-        if spec.get("layers"):
-            model = keep_layers(model, list(spec["layers"]))
-        if hasattr(model.config, "use_cache"):
-            model.config.use_cache = False
-        self.vocab_size = int(model.config.vocab_size)
-        self.num_params = sum(p.numel() for p in model.parameters())
-        optimizer = torch.optim.AdamW(
-            model.parameters(),
-            lr=float(spec["lr"]),
-            weight_decay=float(spec["weight_decay"]),
-            betas=(0.9, 0.95),
-        )
-        schedule = lr_lambda(
-            int(spec["warmup_steps"]), int(spec["total_steps"]), float(spec["min_lr_ratio"])
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.grad_accum = int(spec["grad_accum"])
+        self.zero3 = int(spec["zero_stage"]) == 3
         ds_config = {
             "train_micro_batch_size_per_gpu": int(spec["micro_batch_size"]),
             "gradient_accumulation_steps": self.grad_accum,
-            "gradient_clipping": float(spec["grad_clip"]),
+            "gradient_clipping": float(spec["grad_clip"]),  # 0: off
             "zero_optimization": {"stage": int(spec["zero_stage"])},
             "bf16": {"enabled": dtype == torch.bfloat16},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
         }
+        lm = build_student(
+            spec["model"],
+            spec.get("layers"),
+            init_context=deepspeed.zero.Init(config_dict_or_path=ds_config) if self.zero3 else None,
+            gather=(lambda p: deepspeed.zero.GatheredParameters([p], modifier_rank=0))
+            if self.zero3
+            else None,
+            is_writer=self.rank == 0 or not self.zero3,
+        )
+        self.vocab_size = int(lm.config.get_text_config().vocab_size)
+        self.num_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in lm.parameters())
+        self.loss_spec = LossSpec(
+            kind=spec["loss"],
+            temperature=float(spec["temperature"]),
+            alpha=float(spec["alpha"]),
+            beta=float(spec["beta"]),
+            skew=float(spec["skew"]),
+        )
+        model = DistillStudent(lm, self.loss_spec, int(spec.get("chunk_bytes", 256 * 2**20)))
+        if spec.get("optimizer", "adamw") == "sgd":
+            optimizer = torch.optim.SGD(
+                model.parameters(), lr=float(spec["lr"]), weight_decay=float(spec["weight_decay"])
+            )
+        else:
+            optimizer = torch.optim.AdamW(
+                model.parameters(),
+                lr=float(spec["lr"]),
+                weight_decay=float(spec["weight_decay"]),
+                betas=(0.9, 0.95),
+            )
+        schedule = lr_lambda(
+            int(spec["warmup_steps"]), int(spec["total_steps"]), float(spec["min_lr_ratio"])
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
@@ -106,69 +207,56 @@ class StudentWorker:
 
     # -- training -------------------------------------------------------------------------
 
-    def _objective(
-        self, batch: TokenBatch, signals: list[TeacherSignal]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        """alpha * CE(gold) + (1 - alpha) * sum_t w_t * D(teacher_t || student)."""
-        spec = self.spec
-        ids, attn, mask = batch.to_torch(self.device)
-        cols = torch.from_numpy(batch.loss_columns()).to(self.device)
-        logits = self.engine(input_ids=ids, attention_mask=attn, logits_to_keep=cols).logits
-        flat = logits[mask[:, cols]][:, : self.vocab_size].float()  # [P, V], loss positions
-        n = flat.shape[0]
-        labels = torch.roll(ids, shifts=-1, dims=1)[mask]
-        alpha, temp = float(spec["alpha"]), float(spec["temperature"])
-        terms = {"ce": hard_ce(flat, labels, torch.ones_like(labels, dtype=torch.bool))}
-        kd = flat.new_zeros(())
-        train_kd = alpha < 1.0 and torch.is_grad_enabled()
-        for weight, sig in zip(spec["teacher_weights"], signals, strict=True):
-            t_ids, t_lp = (x.to(self.device) for x in sig.torch_targets())
-            with torch.set_grad_enabled(train_kd):
-                d = per_position_divergence(
-                    flat, t_ids, t_lp, kind=spec["loss"], temperature=temp,
-                    beta=float(spec["beta"]), skew=float(spec["skew"]),
-                )  # fmt: skip
-                kd = kd + weight * d.sum() / max(n, 1) * temp**2
-            kl = d.detach()
-            if spec["loss"] != "forward_kl":
-                with torch.no_grad():
-                    kl = per_position_divergence(
-                        flat.detach(), t_ids, t_lp, kind="forward_kl", temperature=temp
-                    )
-            terms[f"kl/{sig.teacher}"] = kl.sum() / max(n, 1)
-        total = alpha * terms["ce"] + (1 - alpha) * kd if train_kd else alpha * terms["ce"]
-        terms["kd"] = kd.detach()
-        terms["loss"] = total.detach()
-        return total, terms, n
+    def _targets(self, signals: list[TeacherSignal]) -> list[SparseTarget]:
+        out = []
+        for weight, sig in zip(self.spec["teacher_weights"], signals, strict=True):
+            ids, logprobs = (x.to(self.device) for x in sig.torch_targets())
+            out.append(SparseTarget(sig.teacher, ids, logprobs, float(weight)))
+        return out
 
-    def train_step(self, batch: TokenBatch, signal_refs: list[ray.ObjectRef]) -> dict[str, float]:
-        """One optimizer step over this rank's shard; returns metrics (small floats only)."""
-        wait_start = time.perf_counter()
-        signals: list[TeacherSignal] = ray.get(signal_refs)
-        start = time.perf_counter()
-        self.engine.train()
-        micro = np.array_split(np.arange(len(batch)), self.grad_accum)
+    def _micro_batches(self, batch: TokenBatch, signals: list[TeacherSignal], n: int):
+        """(rows, their signal slices) for n micro-batches, padding trimmed per micro-batch."""
         offsets = batch.row_offsets()
-        sums: dict[str, float] = {}
-        tokens = 0
-        for rows in micro:
+        for rows in np.array_split(np.arange(len(batch)), n):
+            if rows.size == 0:
+                continue
             a, b = int(rows[0]), int(rows[-1]) + 1
             part = batch.rows(a, b).trimmed()
-            part_signals = [s.rows(int(offsets[a]), int(offsets[b])) for s in signals]
-            loss, terms, n = self._objective(part, part_signals)
-            self.engine.backward(loss)
+            yield part, [s.rows(int(offsets[a]), int(offsets[b])) for s in signals]
+
+    def _forward(self, part: TokenBatch, signals: list[TeacherSignal]):
+        ids, attn, mask = part.to_torch(self.device)
+        return self.engine(ids, attn, mask, self._targets(signals))
+
+    def train_step(
+        self, batch: TokenBatch, signal_refs: list[ray.ObjectRef], step_tokens: int
+    ) -> dict[str, float]:
+        """One optimizer step over this rank's shard. `step_tokens` is the loss-token count
+        of the whole step (all ranks): the objective is sum over the step / step_tokens."""
+        wait_start = time.perf_counter()
+        signals: list[TeacherSignal] = ray.get(signal_refs)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        self.engine.train()
+        scale = self.world_size / max(int(step_tokens), 1)  # DeepSpeed averages over ranks
+        sums: dict[str, float] = {}
+        for part, part_signals in self._micro_batches(batch, signals, self.grad_accum):
+            loss, terms = self._forward(part, part_signals)
+            self.engine.backward(loss * scale, scale_wrt_gas=False)
             self.engine.step()
-            tokens += n
             for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * n
-        busy = time.perf_counter() - start
-        metrics = {k: v / max(tokens, 1) for k, v in sums.items()}
+                sums[key] = sums.get(key, 0.0) + float(value)
+        tokens = batch.num_tokens
+        metrics = {k: v / max(tokens, 1) for k, v in sums.items()}  # this rank's mean
+        for sig in signals:
+            for key, value in (("teacher_busy_s", sig.busy_s), ("teacher_cpu_s", sig.cpu_s)):
+                name = f"{key}/{sig.teacher}"
+                metrics[name] = metrics.get(name, 0.0) + value
         grad_norm = self.engine.get_global_grad_norm()
         metrics.update(
             tokens=float(tokens),
-            student_busy_s=busy,
+            student_busy_s=time.perf_counter() - start,
+            student_cpu_s=time.process_time() - cpu_start,
             signal_wait_s=start - wait_start,
-            teacher_busy_s=sum(s.busy_s for s in signals),
             signal_bytes=float(sum(s.nbytes for s in signals)),
             batch_bytes=float(batch.nbytes),
             lr=float(self.engine.get_lr()[0]),
@@ -178,48 +266,44 @@ class StudentWorker:
 
     @torch.no_grad()
     def evaluate(self, batch: TokenBatch, signal_refs: list[ray.ObjectRef]) -> dict[str, float]:
-        """Token-weighted sums of CE and KL to each teacher, for the driver to pool."""
+        """Token sums of CE and KL to each teacher, in micro-batches, for the driver to pool."""
         signals: list[TeacherSignal] = ray.get(signal_refs)
         self.engine.eval()
-        _, terms, n = self._objective(batch, signals)
-        out = {k: float(v) * n for k, v in terms.items() if k == "ce" or k.startswith("kl/")}
-        out["tokens"] = float(n)
+        n = max(1, math.ceil(len(batch) / int(self.spec["micro_batch_size"])))
+        out: dict[str, float] = {"tokens": float(batch.num_tokens)}
+        for part, part_signals in self._micro_batches(batch, signals, n):
+            _, terms = self._forward(part, part_signals)
+            for key, value in terms.items():
+                if key == "ce" or key.startswith("kl/"):
+                    out[key] = out.get(key, 0.0) + float(value)
         return out
 
     # -- state ----------------------------------------------------------------------------
 
-    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
-        """DeepSpeed state (weights, optimizer, scheduler) plus this rank's RNG state."""
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
-        rng = {
-            "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        }
-        torch.save(rng, Path(directory) / tag / f"rng_rank{self.rank}.pt")
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        """DeepSpeed state (weights, optimizer, scheduler) plus this rank's RNG state, all
+        fsynced before returning."""
+        self.engine.save_checkpoint(directory, tag=tag)
+        tensors, meta = rng_state_tensors()
+        save_file(tensors, str(Path(directory) / tag / f"rng_rank{self.rank}.safetensors"), meta)
+        fsync_tree(Path(directory) / tag)
 
-    def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any]:
-        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
-        rng = torch.load(Path(directory) / tag / f"rng_rank{self.rank}.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        return client_state or {}
+    def load_checkpoint(self, directory: str, tag: str) -> None:
+        self.engine.load_checkpoint(directory, tag=tag)
+        set_rng_state_tensors(Path(directory) / tag / f"rng_rank{self.rank}.safetensors")
 
     def export(self, path: str, tokenizer_from: str | None = None) -> None:
-        """Write the student as a plain HF folder (rank 0), gathering ZeRO-3 shards first."""
-        import deepspeed
-
-        model = self.engine.module
-        params = list(model.parameters())
-        if int(self.spec["zero_stage"]) == 3:
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+        """Write the student as a plain HF folder from rank 0; under ZeRO-3 the shards are
+        gathered onto rank 0 one layer at a time (the other ranks hold no full copy)."""
+        if self.zero3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # None off rank 0
         else:
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            state = self.engine.module.state_dict() if self.rank == 0 else None
         if self.rank != 0:
             return
-        model.save_pretrained(path, state_dict=state)
+        lm = self.engine.module.lm
+        state = {k.removeprefix("lm."): v.detach().cpu() for k, v in state.items()}
+        lm.save_pretrained(path, state_dict=state)
         if tokenizer_from:
             from transformers import AutoTokenizer
 

@@ -28,6 +28,8 @@ def worker_spec(recipe: Recipe) -> dict[str, Any]:
         "total_steps": t.steps,
         "min_lr_ratio": t.min_lr_ratio,
         "grad_clip": t.grad_clip,
+        "optimizer": t.optimizer,
+        "chunk_bytes": d.chunk_mb * 2**20,
         "micro_batch_size": t.micro_batch_size,
         "grad_accum": recipe.grad_accum,
         "loss": d.loss,
@@ -55,11 +57,12 @@ class StudentGroup:
         return len(self.workers)
 
     def train_step(
-        self, shards: list[ray.ObjectRef], signals: list[list[ray.ObjectRef]]
+        self, shards: list[ray.ObjectRef], signals: list[list[ray.ObjectRef]], step_tokens: int
     ) -> list[ray.ObjectRef]:
-        """Refs of per-rank metrics; signals[rank] holds one signal ref per teacher."""
+        """Refs of per-rank metrics; signals[rank] holds one signal ref per teacher;
+        step_tokens: the step's loss tokens over all ranks (the objective's denominator)."""
         return [
-            w.train_step.remote(shard, sigs)
+            w.train_step.remote(shard, sigs, step_tokens)
             for w, shard, sigs in zip(self.workers, shards, signals, strict=True)
         ]
 
@@ -69,11 +72,13 @@ class StudentGroup:
             for w, shard, sigs in zip(self.workers, shards, signals, strict=True)
         ]
 
-    def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
-        ray.get([w.save_checkpoint.remote(directory, tag, client_state) for w in self.workers])
+    def save(self, directory: str, tag: str) -> list[ray.ObjectRef]:
+        """Queued behind the ranks' current work: it saves the weights of the last queued
+        step. The refs resolve when every rank's files are written and fsynced."""
+        return [w.save_checkpoint.remote(directory, tag) for w in self.workers]
 
-    def load(self, directory: str, tag: str) -> dict[str, Any]:
-        return ray.get([w.load_checkpoint.remote(directory, tag) for w in self.workers])[0]
+    def load(self, directory: str, tag: str) -> None:
+        ray.get([w.load_checkpoint.remote(directory, tag) for w in self.workers])
 
     def export(self, path: str, tokenizer_from: str) -> None:
         ray.get([w.export.remote(path, tokenizer_from) for w in self.workers])

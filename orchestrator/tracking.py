@@ -1,11 +1,13 @@
 """MLflow tracking: one run per job, the recipe as params and artifact, buffered metrics.
 
 We talk to MLflow only through an explicit MlflowClient, never `set_tracking_uri`, so no
-tracking URI leaks into the environment of actor processes.
+tracking URI leaks into the environment of actor processes. Metrics are written by a
+background thread, so a slow store never holds up the control loop.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,13 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
         self._buffer: list[Metric] = []
-        self._last_flush = time.monotonic()
+        self._lock = threading.Lock()  # guards _buffer
+        self._write_lock = threading.Lock()  # one writer at a time
+        self._wake = threading.Event()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._writer, name="mlflow-writer", daemon=True)
+        self._thread.start()
 
     def log_params(self, params: dict[str, str]) -> None:
         existing = self.client.get_run(self.run_id).data.params
@@ -59,16 +67,35 @@ class Tracker:
             self.client.log_batch(self.run_id, params=new[i : i + 100])
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Queue metrics; the background writer sends them every few seconds."""
         now = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        if len(self._buffer) >= 500 or time.monotonic() - self._last_flush > 5:
-            self.flush()
+        with self._lock:
+            self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            if len(self._buffer) >= 500:
+                self._wake.set()
+
+    def _writer(self) -> None:
+        while not self._closed:
+            self._wake.wait(timeout=5.0)
+            self._wake.clear()
+            try:
+                self._write()
+            except Exception as exc:  # surfaced by the next flush()
+                self._error = exc
+
+    def _write(self) -> None:
+        with self._write_lock:
+            with self._lock:
+                batch, self._buffer = self._buffer, []
+            for i in range(0, len(batch), 1000):
+                self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
     def flush(self) -> None:
-        for i in range(0, len(self._buffer), 1000):
-            self.client.log_batch(self.run_id, metrics=self._buffer[i : i + 1000])
-        self._buffer.clear()
-        self._last_flush = time.monotonic()
+        """Everything logged so far is in the store when this returns."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        self._write()
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if path.is_dir():
@@ -82,5 +109,8 @@ class Tracker:
 
     def finish(self, status: str) -> None:
         """FINISHED, KILLED (stopped, resumable) or FAILED."""
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=30)
         self.flush()
         self.client.set_terminated(self.run_id, status=status)

@@ -1,17 +1,13 @@
-"""Sparse top-k losses equal the dense textbook formulas when k is the whole vocab."""
+"""Sparse top-k losses equal the dense textbook formulas when k is the whole vocab, and the
+one objective (chunked, token sums) equals them whatever the chunking."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from actors.losses import (
-    LOSS_KINDS,
-    distill_objective,
-    hard_ce,
-    per_position_divergence,
-    sparse_divergence,
-)
+from actors.losses import LOSS_KINDS, per_position_divergence
+from actors.objective import LossSpec, SparseTarget, chunk_positions, objective_sums
 
 N, V = 6, 13
 
@@ -35,6 +31,15 @@ def dense(kind, log_p, log_q, beta=0.5, skew=0.1):
     if kind == "skew_reverse_kl":
         return _kl(log_q, torch.log((1 - skew) * p + skew * q))
     return 0.5 * (p - q).abs().sum(-1)
+
+
+def sparse_divergence(student, ids, lp, mask, *, kind, temperature=1.0, beta=0.5, skew=0.1):
+    """Masked mean of the KD term through the one objective (identity head, chunk 2)."""
+    target = SparseTarget("t", ids[mask], lp[mask], 1.0)
+    spec = LossSpec(kind=kind, temperature=temperature, alpha=0.0, beta=beta, skew=skew)
+    labels = torch.zeros(int(mask.sum()), dtype=torch.long)
+    total, terms = objective_sums(student[mask], lambda x: x, labels, [target], spec, chunk=2)
+    return total / mask.sum()
 
 
 def _setup(temperature, k=V, seed=0):
@@ -95,19 +100,68 @@ def test_top_k_is_a_finite_lower_bound_of_dense_forward_kl(k):
         assert torch.isfinite(value) and torch.isfinite(grad).all(), kind
 
 
-def test_hard_ce_and_alpha_blend():
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_objective_sums_ce_kd_blend_and_metrics(chunk):
     student, _, ids, lp = _setup(1.0)
+    _, log_p2, ids2, lp2 = _setup(1.0, seed=1)
     labels = torch.arange(N) % V
-    mask = torch.tensor([1, 1, 1, 0, 1, 1], dtype=torch.bool)
-    ce_ref = torch.nn.functional.cross_entropy(student[mask], labels[mask])
-    torch.testing.assert_close(hard_ce(student, labels, mask), ce_ref)
-    kd = sparse_divergence(student, ids, lp, mask, kind="jsd", temperature=2.0)
+    targets = [SparseTarget("a", ids, lp, 0.25), SparseTarget("b", ids2, lp2, 0.75)]
+    ce_ref = torch.nn.functional.cross_entropy(student, labels, reduction="sum")
+    kd_a = per_position_divergence(student, ids, lp, kind="jsd", temperature=2.0).sum()
+    kd_b = per_position_divergence(student, ids2, lp2, kind="jsd", temperature=2.0).sum()
+    kd_ref = (0.25 * kd_a + 0.75 * kd_b) * 4.0
     for alpha in (0.0, 0.3, 1.0):
-        total, terms = distill_objective(
-            student, labels, ids, lp, mask, kind="jsd", temperature=2.0, alpha=alpha
-        )
-        torch.testing.assert_close(total, alpha * ce_ref + (1 - alpha) * kd)
-        torch.testing.assert_close(terms["kd"], kd.detach())
+        spec = LossSpec(kind="jsd", temperature=2.0, alpha=alpha)
+        total, terms = objective_sums(student, lambda x: x, labels, targets, spec, chunk=chunk)
+        torch.testing.assert_close(total, alpha * ce_ref + (1 - alpha) * kd_ref)
+        torch.testing.assert_close(terms["loss"], total.detach().double())
+        torch.testing.assert_close(terms["ce"], ce_ref.detach().double())
+        torch.testing.assert_close(terms["kd"], kd_ref.detach().double())
+        fkl = per_position_divergence(student, ids2, lp2, kind="forward_kl", temperature=2.0)
+        torch.testing.assert_close(terms["kl/b"], fkl.sum().detach().double())
+        (g,) = torch.autograd.grad(total, student)
+        ref = alpha * ce_ref + (1 - alpha) * kd_ref
+        (g_ref,) = torch.autograd.grad(ref, student, retain_graph=True)
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_chunked_head_gets_the_same_gradient():
+    torch.manual_seed(0)
+    feats = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(8, V, bias=False, dtype=torch.float64)
+    labels = torch.randint(0, V, (9,))
+    with torch.no_grad():
+        t_lp, t_ids = torch.log_softmax(torch.randn(9, V, dtype=torch.float64), -1).topk(5)
+    spec = LossSpec(kind="reverse_kl", temperature=1.0, alpha=0.5)
+    grads = []
+    for chunk in (1, 4, 9):
+        total, _ = objective_sums(feats, head, labels, [SparseTarget("t", t_ids, t_lp, 1.0)],
+                                  spec, chunk=chunk)  # fmt: skip
+        grads.append(torch.autograd.grad(total, [feats, head.weight]))
+    for g in grads[1:]:
+        torch.testing.assert_close(g[0], grads[0][0])
+        torch.testing.assert_close(g[1], grads[0][1])
+
+
+def test_chunk_positions_shrinks_with_vocab_and_teachers():
+    assert chunk_positions(151936, 1) < chunk_positions(49152, 1)
+    assert chunk_positions(49152, 3) < chunk_positions(49152, 1)
+    assert chunk_positions(10**9, 4) == 1
+
+
+def test_jsd_endpoints_follow_trl_and_skew_one_is_refused():
+    student, _, ids, lp = _setup(1.0, k=5)
+    fkl = per_position_divergence(student, ids, lp, kind="forward_kl")
+    rkl = per_position_divergence(student, ids, lp, kind="reverse_kl")
+    torch.testing.assert_close(per_position_divergence(student, ids, lp, kind="jsd", beta=0.0), fkl)
+    torch.testing.assert_close(per_position_divergence(student, ids, lp, kind="jsd", beta=1.0), rkl)
+    assert (
+        float(per_position_divergence(student, ids, lp, kind="jsd", beta=1e-9).sum().detach())
+        < 1e-6
+    )
+    for kind in ("skew_kl", "skew_reverse_kl"):
+        with pytest.raises(ValueError, match="skew 1"):
+            per_position_divergence(student, ids, lp, kind=kind, skew=1.0)
 
 
 def test_bad_arguments_raise():

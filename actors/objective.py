@@ -1,0 +1,113 @@
+"""The distillation objective, one function for training, evaluation and tests.
+
+It returns token SUMS, never means: the caller divides by the loss tokens of the whole
+optimizer step (all micro-batches, all ranks), so the optimised objective is token-weighted
+whatever the batching.
+
+Memory does not grow with vocab x positions: the vocab projection runs over chunks of
+positions from the hidden states, each chunk recomputed in backward (activation
+checkpointing), so at most one chunk's [chunk, vocab] buffers live at a time, however many
+positions and teachers there are. The KL metric comes out of the same pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from actors.losses import collapsed, divergence
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass
+class SparseTarget:
+    """One teacher's top-k distribution at the loss positions, and its blend weight."""
+
+    name: str
+    ids: torch.Tensor  # [P, k] int64
+    logprobs: torch.Tensor  # [P, k] float32, log_softmax(teacher logits / T)
+    weight: float
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    kind: str
+    temperature: float
+    alpha: float  # weight of hard-label CE; KD gets 1 - alpha
+    beta: float = 0.5
+    skew: float = 0.1
+
+
+def chunk_positions(vocab: int, teachers: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Positions per chunk so that the chunk's fp32 [chunk, vocab] buffers (logits, scaled
+    logits, CE, one scattered copy per teacher, their gradients) fit the budget."""
+    buffers = 4 + 2 * teachers
+    return max(1, budget_bytes // (4 * vocab * buffers))
+
+
+def metric_names(targets: list[SparseTarget]) -> list[str]:
+    return ["loss", "ce", "kd", *[f"kl/{t.name}" for t in targets]]
+
+
+def objective_sums(
+    features: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    targets: list[SparseTarget],
+    spec: LossSpec,
+    *,
+    chunk: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum over positions of alpha * CE + (1 - alpha) * T^2 * sum_t w_t D_t, and the sums of
+    each term (detached): `loss`, `ce`, `kd`, `kl/<teacher>` (forward KL at T).
+
+    features: [P, H] hidden states at the loss positions (or logits with an identity head);
+    head: maps [c, H] -> [c, V] logits; labels: [P] gold next tokens.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    grad = torch.is_grad_enabled()
+    total = features.new_zeros((), dtype=torch.promote_types(features.dtype, torch.float32))
+    metrics = torch.zeros(3 + len(targets), dtype=torch.float64)
+
+    def one_chunk(f: torch.Tensor, y: torch.Tensor, *tgt: torch.Tensor):
+        logits = head(f)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # >= fp32
+        with torch.set_grad_enabled(grad and spec.alpha > 0):
+            ce = F.cross_entropy(logits, y, reduction="sum")
+        kd = logits.new_zeros(())
+        kls = []
+        with torch.set_grad_enabled(grad and spec.alpha < 1):
+            for t, ids, lp in zip(targets, tgt[0::2], tgt[1::2], strict=True):
+                log_p, log_q = collapsed(logits, ids, lp, spec.temperature)
+                d = divergence(log_p, log_q, kind=spec.kind, beta=spec.beta, skew=spec.skew)
+                kd = kd + t.weight * d.sum()
+                if spec.kind != "forward_kl":
+                    d = divergence(log_p.detach(), log_q.detach(), kind="forward_kl")
+                kls.append(d.detach())
+        kd = kd * spec.temperature**2
+        if spec.alpha >= 1:
+            loss = ce
+        elif spec.alpha <= 0:
+            loss = kd
+        else:
+            loss = spec.alpha * ce + (1 - spec.alpha) * kd
+        stats = torch.stack([loss.detach(), ce.detach(), kd.detach(), *[k.sum() for k in kls]])
+        return loss, stats
+
+    for a in range(0, features.shape[0], chunk):
+        b = a + chunk
+        tgt = [x for t in targets for x in (t.ids[a:b], t.logprobs[a:b])]
+        args = (features[a:b], labels[a:b], *tgt)
+        if grad:
+            loss, stats = checkpoint(one_chunk, *args, use_reentrant=False)
+        else:
+            loss, stats = one_chunk(*args)
+        total = total + loss
+        metrics += stats.double().cpu()
+    return total, dict(zip(metric_names(targets), metrics.unbind(), strict=True))
