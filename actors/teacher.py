@@ -14,7 +14,16 @@ import torch
 from transformers import AutoTokenizer
 
 from actors.batch import TokenBatch
-from actors.models import load_causal_lm, model_hash, pick_device, pick_dtype, tokenizer_hash
+from actors.chat import adds_bos, render_prompt_ids, split_finish, stop_token_ids
+from actors.models import (
+    backbone,
+    load_causal_lm,
+    model_hash,
+    output_head,
+    pick_device,
+    pick_dtype,
+    tokenizer_hash,
+)
 from actors.signal import TeacherSignal, topk_signal
 
 
@@ -29,6 +38,7 @@ class TeacherActor:
         dtype: str = "auto",
         threads: int = 1,
         hidden_layers: tuple[int, ...] = (),
+        chunk_bytes: int = 256 * 2**20,
     ) -> None:
         torch.set_num_threads(threads)
         self.name = name
@@ -38,6 +48,8 @@ class TeacherActor:
         self.device = pick_device(want_gpu=True)
         self.model = load_causal_lm(model, pick_dtype(dtype, self.device), self.device).eval()
         self.vocab_size = int(self.model.config.vocab_size)
+        # positions per chunk: logits, scaled logits and log-softmax, fp32, within the budget
+        self.chunk = max(1, chunk_bytes // (3 * 4 * self.vocab_size))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
         except (OSError, ValueError):
@@ -56,59 +68,68 @@ class TeacherActor:
 
     @torch.inference_mode()
     def score(self, batch: TokenBatch) -> TeacherSignal:
-        """Top-k log-probs (and chosen hidden states) at the shard's loss positions."""
-        start = time.perf_counter()
+        """Top-k log-probs (and chosen hidden states) at the shard's loss positions.
+
+        The decoder runs once; the vocab projection, log-softmax and top-k run over chunks
+        of loss positions on the teacher's device, so no [positions, vocab] tensor exists.
+        """
+        start, cpu_start = time.perf_counter(), time.process_time()
         ids, attn, mask = batch.to_torch(self.device)
-        cols = torch.from_numpy(batch.loss_columns()).to(self.device)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=attn,
-            logits_to_keep=cols,
-            output_hidden_states=bool(self.hidden_layers),
+        out = backbone(self.model)(
+            input_ids=ids, attention_mask=attn, output_hidden_states=bool(self.hidden_layers)
         )
-        logits = out.logits[mask[:, cols]][:, : self.vocab_size]  # [P, V], loss positions only
         signal = topk_signal(
-            logits.cpu(),
+            out.last_hidden_state[mask],
+            output_head(self.model),
             k=self.top_k,
             temperature=self.temperature,
             teacher=self.name,
             vocab_size=self.vocab_size,
+            chunk=self.chunk,
         )
         for layer in self.hidden_layers:
             hidden = out.hidden_states[layer][mask]
             signal.hidden[layer] = hidden.float().cpu().numpy().astype(np.float16)
         signal.busy_s = time.perf_counter() - start
+        signal.cpu_s = time.process_time() - cpu_start
         return signal
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str], sampling: dict[str, Any]) -> list[str]:
-        """Responses written by the teacher (chat template when the tokenizer has one)."""
+    def generate(self, prompts: list[str], sampling: dict[str, Any]) -> list[dict[str, str]]:
+        """Responses written by the teacher, each with why it ended: "stop" (an end-of-turn
+        or EOS id was generated) or "length" (max_new_tokens was hit), so the data stream
+        teaches the end of a turn only where the teacher really ended one."""
         if self.tokenizer is None:
             raise ValueError(f"teacher {self.name} has no tokenizer, it cannot write text")
+        if not prompts:
+            return []
         tok = self.tokenizer
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        tok.padding_side = "left"
-        texts = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            if tok.chat_template
-            else p
-            for p in prompts
-        ]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(self.device) for k, v in enc.items()}
+        stops = stop_token_ids(self.model.generation_config.eos_token_id, tok)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (stops or [0])[0]
+        add = adds_bos(tok)
+        rows = [render_prompt_ids(tok, p, add) for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: every row continues from its last token
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            attn[i, width - len(r) :] = 1
         torch.manual_seed(int(sampling.get("seed", 0)))
         temperature = float(sampling.get("temperature", 0.0))
         out = self.model.generate(
-            **enc,
+            input_ids=ids.to(self.device),
+            attention_mask=attn.to(self.device),
             max_new_tokens=int(sampling.get("max_new_tokens", 64)),
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None,
             top_p=float(sampling.get("top_p", 1.0)) if temperature > 0 else None,
             top_k=None,
-            pad_token_id=tok.pad_token_id,
+            pad_token_id=pad,
+            eos_token_id=stops or None,
         )
-        new = out[:, enc["input_ids"].shape[1] :]
-        return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        results = []
+        for row in out[:, width:].tolist():
+            kept, reason = split_finish(row, stops)
+            text = tok.decode(kept, skip_special_tokens=True).strip()
+            results.append({"response": text, "finish_reason": reason})
+        return results

@@ -58,18 +58,31 @@ def _run(recipe_path: str, overrides: list[str], stop_after: int | None) -> int:
 
 
 def _resume(run_dir_arg: str, stop_after: int | None) -> int:
+    """Refuses (exit 2, run dir kept) when the recipe, data file or student tokenizer changed
+    since the run started, before any actor starts; teachers are checked once they are up."""
     from orchestrator.checkpoint import read_ledger
+    from orchestrator.identity import check_identity, driver_side_identity
     from orchestrator.preflight import preflight
     from orchestrator.recipe import load_recipe
 
     run_dir = Path(run_dir_arg).resolve()
     if not (run_dir / "recipe.yaml").is_file():
         raise RecipeError(run_dir_arg, "not a run directory (no recipe.yaml)")
-    if read_ledger(run_dir) is None:
+    ledger = read_ledger(run_dir)
+    if ledger is None:
         raise RecipeError(run_dir_arg, "has no checkpoint to resume from")
     if (run_dir / "summary.json").exists():
         raise RecipeError(run_dir_arg, "this run already finished")
-    return _execute(preflight(load_recipe(run_dir / "recipe.yaml")), run_dir, stop_after)
+    recipe = preflight(load_recipe(run_dir / "recipe.yaml"))
+    if ledger.get("identity"):
+        check_identity(ledger["identity"], driver_side_identity(recipe))
+    else:
+        print(
+            "resume: this run's checkpoint records no identity (an older run); not checking "
+            "that its recipe, data and models are unchanged",
+            flush=True,
+        )
+    return _execute(recipe, run_dir, stop_after)
 
 
 def _execute(recipe: Any, run_dir: Path, stop_after: int | None) -> int:

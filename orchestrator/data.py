@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors.batch import TokenBatch
+from actors.chat import FINISH_REASONS, STOP, ChatEncodingError, adds_bos, encode_chat, encode_text
 from orchestrator.recipe import DataConfig, RecipeError
 
 
@@ -23,24 +24,36 @@ from orchestrator.recipe import DataConfig, RecipeError
 class Dataset:
     train: TokenBatch
     heldout: TokenBatch
-    seed: int
+    seed: int  # the run seed: it orders the batches, nothing else
+    skipped_rows: int = 0  # rows dropped because they could not be tokenized faithfully
+    _perms: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def batch_for_step(self, step: int, batch_size: int) -> TokenBatch:
         """Rows for `step`: a fresh seeded permutation per epoch, no example twice per epoch."""
         n = len(self.train)
-        rows = []
-        for i in range(step * batch_size, (step + 1) * batch_size):
-            epoch, pos = divmod(i, n)
-            perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-            rows.append(perm[pos])
-        idx = np.asarray(rows)
+        epochs, pos = np.divmod(np.arange(step * batch_size, (step + 1) * batch_size), n)
+        idx = np.empty(batch_size, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            sel = epochs == epoch
+            idx[sel] = self._permutation(int(epoch))[pos[sel]]
+        for old in [e for e in self._perms if e < epochs[0]]:
+            del self._perms[old]  # steps move forward: earlier epochs are done with
         t = self.train
         return TokenBatch(t.input_ids[idx], t.attention_mask[idx], t.loss_mask[idx])
 
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """The epoch's row order, computed once (not once per row of every batch)."""
+        if epoch not in self._perms:
+            n = len(self.train)
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(n)
+        return self._perms[epoch]
+
 
 def synthetic_dataset(cfg: DataConfig, vocab_size: int, seed: int) -> Dataset:
-    """Sequences from a seeded sparse Markov chain: a toy language a student can learn."""
-    rng = np.random.default_rng(seed)
+    """Sequences from a seeded sparse Markov chain: a toy language a student can learn.
+    The language and the held-out split come from `data.split_seed`; the run `seed` only
+    orders the batches, so runs with different seeds are compared on the same data."""
+    rng = np.random.default_rng(cfg.split_seed)
     succ = rng.integers(0, vocab_size, size=(vocab_size, cfg.synthetic.branching))
     probs = rng.dirichlet(np.ones(cfg.synthetic.branching), size=vocab_size)
     total = cfg.synthetic.num_sequences + cfg.heldout
@@ -53,14 +66,18 @@ def synthetic_dataset(cfg: DataConfig, vocab_size: int, seed: int) -> Dataset:
     attn = np.ones_like(ids, dtype=np.int8)
     loss = np.ones_like(ids, dtype=bool)
     loss[:, -1] = False
-    return _split(TokenBatch(ids, attn, loss), cfg.heldout, seed)
+    return _split(TokenBatch(ids, attn, loss), cfg.heldout, cfg.split_seed, seed)
 
 
-def _split(all_rows: TokenBatch, heldout: int, seed: int) -> Dataset:
+def _split(
+    all_rows: TokenBatch, heldout: int, split_seed: int, seed: int, skipped_rows: int = 0
+) -> Dataset:
+    """Held-out rows chosen by `split_seed` alone, so every run seed evaluates on the same
+    examples; `seed` is kept for the batch order."""
     n = len(all_rows)
     if heldout >= n:
         raise RecipeError("data.heldout", f"{heldout} leaves no training examples out of {n}")
-    perm = np.random.default_rng([seed, 2**31]).permutation(n)
+    perm = np.random.default_rng([split_seed, 2**31]).permutation(n)
     train, held = perm[:-heldout], perm[-heldout:]
 
     def take(idx: np.ndarray) -> TokenBatch:
@@ -68,7 +85,7 @@ def _split(all_rows: TokenBatch, heldout: int, seed: int) -> Dataset:
             all_rows.input_ids[idx], all_rows.attention_mask[idx], all_rows.loss_mask[idx]
         )
 
-    return Dataset(train=take(train), heldout=take(held), seed=seed)
+    return Dataset(train=take(train), heldout=take(held), seed=seed, skipped_rows=skipped_rows)
 
 
 def read_records(path: str) -> list[dict[str, str]]:
@@ -93,23 +110,47 @@ def read_records(path: str) -> list[dict[str, str]]:
     return records
 
 
-GenerateFn = Callable[[list[str]], list[str]]
+Response = dict[str, str]  # {"response": text, "finish_reason": "stop" | "length"}
+GenerateFn = Callable[[list[str]], list[Response]]
+_CACHE_FORMAT = 2  # 2: responses carry their finish_reason
+
+
+def writer_key(model_hash: str, tokenizer_hash: str, chat_template: str | None) -> dict[str, str]:
+    """What makes a writing teacher's responses reusable: its weights, its tokenizer and
+    the chat template its prompts were rendered with (hashed: templates are long)."""
+    template = hashlib.sha256((chat_template or "").encode()).hexdigest()[:16]
+    return {
+        "teacher_model_hash": model_hash,
+        "teacher_tokenizer_hash": tokenizer_hash,
+        "teacher_chat_template_hash": template if chat_template else "none",
+    }
 
 
 def teacher_responses(
     prompts: list[str], generate: GenerateFn, cache_dir: Path, key_parts: dict
-) -> list[str]:
-    """Responses written by the teacher, cached as Parquet keyed by prompts, teacher and
-    sampling, so later runs (and other students) reuse them."""
-    key = hashlib.sha256(json.dumps([prompts, key_parts], sort_keys=True).encode()).hexdigest()
+) -> list[Response]:
+    """Responses written by the teacher, each with its finish_reason, cached as Parquet
+    keyed by prompts, teacher (see `writer_key`) and sampling, so later runs (and other
+    students) reuse them."""
+    blob = json.dumps([prompts, key_parts, _CACHE_FORMAT], sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()
     path = cache_dir / f"responses-{key[:16]}.parquet"
     if path.exists():
         table = pq.read_table(path)
-        if table.schema.metadata and table.schema.metadata.get(b"key") == key.encode():
-            return table.column("response").to_pylist()
-    responses = generate(prompts)
+        meta = table.schema.metadata or {}
+        if meta.get(b"key") == key.encode() and "finish_reason" in table.column_names:
+            return _responses_of(table.select(["response", "finish_reason"]).to_pylist())
+    responses = _responses_of(generate(prompts))
+    if len(responses) != len(prompts):
+        raise ValueError(f"the teacher wrote {len(responses)} responses for {len(prompts)}")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"prompt": prompts, "response": responses})
+    table = pa.table(
+        {
+            "prompt": prompts,
+            "response": [r["response"] for r in responses],
+            "finish_reason": [r["finish_reason"] for r in responses],
+        }
+    )
     table = table.replace_schema_metadata({"key": key, "teacher": json.dumps(key_parts)})
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     pq.write_table(table, tmp)
@@ -117,42 +158,68 @@ def teacher_responses(
     return responses
 
 
-def tokenize_records(records: list[dict[str, str]], tokenizer: Any, seq_len: int) -> TokenBatch:
-    """Chat-formatted prompt/response pairs (loss on the response) or plain text (loss on
-    every token), right-padded to seq_len."""
+def _responses_of(rows: list[dict[str, Any]]) -> list[Response]:
+    out = []
+    for row in rows:
+        reason = row.get("finish_reason")
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"finish_reason {reason!r} is not one of {FINISH_REASONS}")
+        out.append({"response": str(row["response"]), "finish_reason": reason})
+    return out
+
+
+def tokenize_records(
+    records: list[dict[str, str]], tokenizer: Any, seq_len: int
+) -> tuple[TokenBatch, int]:
+    """Chat-formatted prompt/response pairs (loss on the response, and on its end-of-turn
+    token only when it ended: `finish_reason` "stop", the default for given responses) or
+    plain text (loss on every token), right-padded to seq_len. Rows that cannot be encoded
+    without mis-masking are dropped and reported in one line; returns (batch, dropped)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = np.full((len(records), seq_len), pad, dtype=np.int32)
+    add = adds_bos(tokenizer)
+    ids = np.full((len(records), seq_len), pad or 0, dtype=np.int32)
     attn = np.zeros((len(records), seq_len), dtype=np.int8)
     loss = np.zeros((len(records), seq_len), dtype=bool)
+    dropped: list[tuple[int, dict, str]] = []
     for i, rec in enumerate(records):
-        if "prompt" in rec:
-            chat = [{"role": "user", "content": rec["prompt"]}]
-            if tokenizer.chat_template:
-                prompt = tokenizer.apply_chat_template(
-                    chat, tokenize=False, add_generation_prompt=True
-                )
-                full = tokenizer.apply_chat_template(
-                    [*chat, {"role": "assistant", "content": rec.get("response", "")}],
-                    tokenize=False,
-                )
-            else:
-                prompt, full = rec["prompt"] + "\n", rec["prompt"] + "\n" + rec.get("response", "")
-            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            f_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-            start = len(p_ids)
-        else:
-            f_ids = tokenizer(rec["text"], add_special_tokens=False)["input_ids"]
-            start = 1
+        try:
+            f_ids, start = _encode_record(rec, tokenizer, add)
+        except ChatEncodingError as exc:
+            dropped.append((i, rec, str(exc)))
+            continue
         f_ids = f_ids[:seq_len]
         n = len(f_ids)
         ids[i, :n] = f_ids
         attn[i, :n] = 1
         # position t predicts token t+1: it counts when token t+1 is a target token
         loss[i, max(start - 1, 0) : n - 1] = True
+    if dropped:
+        i, rec, why = dropped[0]
+        print(
+            f"data: dropped {len(dropped)} of {len(records)} rows ({why}); "
+            f"first: row {i} {_short(rec)}",
+            flush=True,
+        )
     keep = loss.any(axis=1)
     if not keep.any():
         raise RecipeError("data.seq_len", f"{seq_len} truncates every example to its prompt")
-    return TokenBatch(ids[keep], attn[keep], loss[keep])
+    return TokenBatch(ids[keep], attn[keep], loss[keep]), len(dropped)
+
+
+def _encode_record(rec: dict[str, str], tokenizer: Any, add: bool) -> tuple[list[int], int]:
+    """(ids, first target index) of one row."""
+    if "prompt" not in rec:
+        return encode_text(tokenizer, rec["text"], add), 1
+    reason = rec.get("finish_reason") or STOP
+    if reason not in FINISH_REASONS:
+        raise RecipeError("data.path", f"finish_reason {reason!r} is not one of {FINISH_REASONS}")
+    response = rec.get("response") or ""
+    return encode_chat(tokenizer, rec["prompt"], response, reason == STOP, add)
+
+
+def _short(rec: dict[str, Any], width: int = 60) -> str:
+    text = repr({k: v for k, v in rec.items() if k in ("prompt", "response", "text")})
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def file_dataset(
@@ -163,12 +230,15 @@ def file_dataset(
     cache_dir: Path,
     teacher_key: dict | None = None,
 ) -> Dataset:
-    records = read_records(cfg.path or "")
+    """Rows of `data.path`, responses given or written by the teacher (`generate`, cached
+    under `teacher_key`, see `writer_key`), tokenized with the student's tokenizer."""
+    records: list[dict[str, str]] = read_records(cfg.path or "")
     if cfg.responses == "teacher":
         if generate is None:
             raise RecipeError("data.responses", "'teacher' needs a teacher that can write text")
         prompts = [r.get("prompt") or r["text"] for r in records]
         key = {**(teacher_key or {}), **cfg.generation.model_dump()}
         responses = teacher_responses(prompts, generate, cache_dir, key)
-        records = [{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]
-    return _split(tokenize_records(records, tokenizer, cfg.seq_len), cfg.heldout, seed)
+        records = [{"prompt": p, **r} for p, r in zip(prompts, responses, strict=True)]
+    batch, skipped = tokenize_records(records, tokenizer, cfg.seq_len)
+    return _split(batch, cfg.heldout, cfg.split_seed, seed, skipped)

@@ -24,8 +24,15 @@ import ray
 from transformers import AutoTokenizer
 
 from actors.batch import TokenBatch
-from orchestrator.checkpoint import commit_checkpoint, read_ledger, tag_for, write_json
-from orchestrator.data import Dataset, file_dataset, synthetic_dataset
+from orchestrator.checkpoint import (
+    commit_checkpoint,
+    prune_uncommitted,
+    read_ledger,
+    tag_for,
+    write_json,
+)
+from orchestrator.data import Dataset, file_dataset, synthetic_dataset, writer_key
+from orchestrator.identity import check_identity, run_identity
 from orchestrator.plots import plot_curves
 from orchestrator.progress import Progress
 from orchestrator.ray_env import ensure_ray
@@ -34,12 +41,27 @@ from orchestrator.students import StudentGroup
 from orchestrator.teachers import TeacherPool
 from orchestrator.tracking import Tracker, default_tracking_uri, flatten
 
+QUEUED_STEPS = 2  # train steps queued on the students: the next is ready when one ends
+
 
 @dataclass
 class InFlight:
+    """A step whose shards are in the object store and whose teachers are scoring them."""
+
     step: int
     shards: list[ray.ObjectRef]
     signals: list[list[ray.ObjectRef]]  # [rank][teacher]
+    tokens: int  # loss tokens of the whole step, all ranks
+
+
+@dataclass
+class Queued:
+    """A step queued on the students, with what is queued right behind it."""
+
+    step: int
+    metrics: list[ray.ObjectRef]
+    evaluation: list[ray.ObjectRef] | None = None
+    save: list[ray.ObjectRef] | None = None
 
 
 @dataclass
@@ -88,6 +110,7 @@ class _StopFlag:
 def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> RunResult:
     """Run (or continue, if the run dir has a checkpoint) the job described by `recipe`."""
     started_ray = ensure_ray(recipe.cluster)
+    prune_uncommitted(run_dir)  # folders a crash left before their ledger entry
     ledger = read_ledger(run_dir)
     state_path = run_dir / "state.json"
     state = _read_json(state_path)
@@ -105,6 +128,13 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
         pools = [TeacherPool(t, recipe.distill) for t in recipe.teachers]
         infos = [p.info() for p in pools]
         _check_teachers(infos)
+        identity = run_identity(recipe, infos)
+        if ledger is not None and ledger.get("identity"):  # older ledgers have none
+            try:
+                check_identity(ledger["identity"], identity)
+            except RecipeError:
+                status = "KILLED"  # refused, not failed: still resumable as it was
+                raise
         tracker.log_params(
             {f"teacher.{i['name']}.{k}": str(v) for i in infos for k, v in i.items()}
         )
@@ -112,6 +142,7 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
         students = StudentGroup(recipe)
         tracker.log_params({"student.num_params": str(students.num_params)})
         loop = TrainLoop(recipe, run_dir, pools, students, dataset, tracker)
+        loop.identity = identity
         result = loop.run(ledger, stop_after)
         status = "FINISHED" if result.finished else "KILLED"  # KILLED: stopped, resumable
         return result
@@ -144,7 +175,7 @@ def build_dataset(recipe: Recipe, pools: list[TeacherPool]) -> Dataset:
     gen = data.generation
     written = [0]
 
-    def generate(prompts: list[str]) -> list[str]:
+    def generate(prompts: list[str]) -> list[dict[str, str]]:
         start = time.monotonic()
 
         def on_chunk(n: int) -> None:
@@ -161,7 +192,14 @@ def build_dataset(recipe: Recipe, pools: list[TeacherPool]) -> Dataset:
         return writer.generate(prompts, sampling, gen.batch_size, on_chunk)
 
     cache_dir = Path(recipe.run.output_dir).resolve() / "cache"
-    key = {"teacher_model_hash": writer.info()["model_hash"]}
+    key = None
+    if data.responses == "teacher":  # responses are reused only from the same writer
+        info = writer.info()
+        try:  # the template the teacher renders its prompts with (read here, no actor call)
+            template = AutoTokenizer.from_pretrained(writer.cfg.model).chat_template
+        except (OSError, ValueError):
+            template = None
+        key = writer_key(info["model_hash"], info["tokenizer_hash"], template)
     return file_dataset(data, tokenizer, recipe.run.seed, generate, cache_dir, key)
 
 
@@ -188,31 +226,57 @@ class TrainLoop:
     def _issue(self, step: int) -> InFlight:
         batch = self.dataset.batch_for_step(step, self.recipe.train.batch_size).trimmed()
         shards = [ray.put(s) for s in batch.shard(self.world)]
-        return InFlight(step, shards, self._signals_for(shards))
+        return InFlight(step, shards, self._signals_for(shards), batch.num_tokens)
 
     def _put_heldout(self, heldout: TokenBatch) -> InFlight:
         parts = np.array_split(np.arange(len(heldout)), self.world)
         shards = [ray.put(heldout.rows(int(p[0]), int(p[-1]) + 1).trimmed()) for p in parts]
-        return InFlight(-1, shards, self._signals_for(shards))
+        return InFlight(-1, shards, self._signals_for(shards), heldout.num_tokens)
+
+    def _submit(self, step: int, end: int) -> Queued:
+        """Queue step's train_step on every rank (teachers already d steps ahead), followed,
+        in the same actor queues, by the evaluation and checkpoint that belong after it, so
+        they see exactly this step's weights even though the next step is queued too."""
+        while self._next_issue <= min(step + self.recipe.distill.prefetch_depth, end - 1):
+            self._window.append(self._issue(self._next_issue))
+            self._next_issue += 1
+        item = self._window.popleft()
+        assert item.step == step, (item.step, step)
+        done, train = step + 1, self.recipe.train
+        queued = Queued(step, self.students.train_step(item.shards, item.signals, item.tokens))
+        if train.eval_every and done % train.eval_every == 0 and done < train.steps:
+            queued.evaluation = self._submit_eval()
+        every = self.recipe.checkpoint.every
+        if done == end or (every and done % every == 0):
+            queued.save = self.students.save(str(self.run_dir / "checkpoints"), tag_for(done))
+        return queued
 
     # -- evaluation -----------------------------------------------------------------------
 
-    def evaluate(self) -> dict[str, float]:
+    def _submit_eval(self) -> list[ray.ObjectRef]:
+        return self.students.evaluate(self._heldout.shards, self._heldout.signals)
+
+    @staticmethod
+    def _pool_eval(parts: list[dict[str, float]]) -> dict[str, float]:
         """Held-out KL(teacher||student) per teacher and perplexity on the gold tokens."""
-        parts = ray.get(self.students.evaluate(self._heldout.shards, self._heldout.signals))
         tokens = sum(p["tokens"] for p in parts)
         out: dict[str, float] = {}
         for key in parts[0]:
             if key != "tokens":
-                out[key] = sum(p[key] for p in parts) / max(tokens, 1)
+                out[key] = sum(p.get(key, 0.0) for p in parts) / max(tokens, 1)
         out["ppl"] = math.exp(min(out["ce"], 50.0))
         out["kl"] = float(np.mean([v for k, v in out.items() if k.startswith("kl/")]))
         return out
 
+    def evaluate(self) -> dict[str, float]:
+        return self._pool_eval(ray.get(self._submit_eval()))
+
     # -- the loop -------------------------------------------------------------------------
 
     def run(self, ledger: dict[str, Any] | None, stop_after: int | None) -> RunResult:
-        recipe, train = self.recipe, self.recipe.train
+        """Keep QUEUED_STEPS train steps queued on the students, so a rank never waits for
+        the driver to read metrics, log or checkpoint between steps."""
+        train = self.recipe.train
         start = 0
         summary: dict[str, Any] = {}
         if ledger is not None:
@@ -224,38 +288,37 @@ class TrainLoop:
             summary["eval_before"] = self.evaluate()
             self.tracker.log_metrics(0, {f"eval/{k}": v for k, v in summary["eval_before"].items()})
         end = train.steps if stop_after is None else min(train.steps, start + stop_after)
-        depth = recipe.distill.prefetch_depth
-        window: deque[InFlight] = deque()
-        next_issue = start
+        self._window, self._next_issue = deque(), start
+        queued: deque[Queued] = deque()
+        next_submit, step = start, start
         progress = Progress(train.steps, start, train.log_every)
         tokens_total, t_begin, last = 0.0, time.perf_counter(), time.perf_counter()
-        step = start
         with _StopFlag() as stop:
-            while step < end:
-                while next_issue < end and len(window) < depth:
-                    window.append(self._issue(next_issue))
-                    next_issue += 1
-                item = window.popleft()
-                metric_refs = self.students.train_step(item.shards, item.signals)
-                if next_issue < end:  # keep teachers `depth` batches ahead
-                    window.append(self._issue(next_issue))
-                    next_issue += 1
-                per_rank = ray.get(metric_refs)
-                now = time.perf_counter()
-                metrics = self._aggregate(per_rank, now - last, len(window))
-                last = now
-                step += 1
-                tokens_total += metrics["tokens"]
-                self.tracker.log_metrics(step, metrics)
-                progress.update(metrics["loss"], metrics["kl"], metrics["tokens_per_s"])
-                if train.eval_every and step % train.eval_every == 0 and step < train.steps:
-                    ev = self.evaluate()
-                    self.tracker.log_metrics(step, {f"eval/{k}": v for k, v in ev.items()})
-                every = recipe.checkpoint.every
-                if stop.set or step == end or (every and step % every == 0):
-                    self._checkpoint(step, summary)
-                if stop.set:
+            while True:
+                while next_submit < end and len(queued) < QUEUED_STEPS and not stop.set:
+                    queued.append(self._submit(next_submit, end))
+                    next_submit += 1
+                if stop.set and queued and queued[-1].save is None:  # checkpoint, then stop
+                    queued[-1].save = self.students.save(
+                        str(self.run_dir / "checkpoints"), tag_for(queued[-1].step + 1)
+                    )
+                if not queued:
                     break
+                item = queued.popleft()
+                per_rank = ray.get(item.metrics)
+                now = time.perf_counter()
+                metrics = self._aggregate(per_rank, now - last, len(self._window))
+                last, step = now, item.step + 1
+                tokens_total += metrics["tokens"]
+                self.tracker.log_metrics(step, metrics)  # written by a background thread
+                progress.update(metrics["loss"], metrics["kl"], metrics["tokens_per_s"])
+                if item.evaluation is not None:
+                    ev = self._pool_eval(ray.get(item.evaluation))
+                    self.tracker.log_metrics(step, {f"eval/{k}": v for k, v in ev.items()})
+                if item.save is None and stop.set and not queued:
+                    item.save = self.students.save(str(self.run_dir / "checkpoints"), tag_for(step))
+                if item.save is not None:
+                    self._checkpoint(step, summary, item.save)
         progress.close()
         elapsed = time.perf_counter() - t_begin
         finished = step >= train.steps
@@ -266,19 +329,31 @@ class TrainLoop:
         return RunResult(self.run_dir, step, finished, summary)
 
     def _aggregate(self, per_rank: list[dict[str, float]], wall: float, depth: int) -> dict:
+        """Token-weighted loss terms; busy times per stage. A teacher's busy time is spread
+        over its replicas and the slowest teacher is the critical path; `*_cpu_s` is CPU
+        time (on a machine with fewer cores than actors, wall busy time includes waiting)."""
         tokens = sum(m["tokens"] for m in per_rank)
         out: dict[str, float] = {}
         for key in per_rank[0]:
             if key in {"loss", "ce", "kd"} or key.startswith("kl/"):
                 out[key] = sum(m[key] * m["tokens"] for m in per_rank) / max(tokens, 1)
         out["kl"] = float(np.mean([v for k, v in out.items() if k.startswith("kl/")]))
-        replicas = max(len(p.replicas) for p in self.pools)
+        cpu_total = sum(m["student_cpu_s"] for m in per_rank)
+        for pool in self.pools:
+            for kind in ("teacher_busy_s", "teacher_cpu_s"):
+                total = sum(m.get(f"{kind}/{pool.name}", 0.0) for m in per_rank)
+                out[f"{kind}/{pool.name}"] = total / len(pool.replicas)
+                if kind == "teacher_cpu_s":
+                    cpu_total += total
         out.update(
             tokens=tokens,
             tokens_per_s=tokens / max(wall, 1e-9),
             step_time_s=wall,
             student_busy_s=max(m["student_busy_s"] for m in per_rank),
-            teacher_busy_s=sum(m["teacher_busy_s"] for m in per_rank) / replicas,
+            student_cpu_s=max(m["student_cpu_s"] for m in per_rank),
+            teacher_busy_s=max(out[f"teacher_busy_s/{p.name}"] for p in self.pools),
+            teacher_cpu_s=max(out[f"teacher_cpu_s/{p.name}"] for p in self.pools),
+            actors_cpu_s=cpu_total,
             signal_wait_s=max(m["signal_wait_s"] for m in per_rank),
             bytes_moved=sum(m["signal_bytes"] + m["batch_bytes"] for m in per_rank),
             signal_bytes_per_token=sum(m["signal_bytes"] for m in per_rank) / max(tokens, 1),
@@ -289,10 +364,14 @@ class TrainLoop:
         )
         return out
 
-    def _checkpoint(self, step: int, summary: dict[str, Any]) -> None:
-        ckpt = self.run_dir / "checkpoints"
-        self.students.save(str(ckpt), tag_for(step), {"step": step})
-        commit_checkpoint(self.run_dir, step, {"summary": summary}, self.recipe.checkpoint.keep)
+    def _checkpoint(self, step: int, summary: dict[str, Any], saved: list[ray.ObjectRef]) -> None:
+        """Shards (fsynced by the ranks), then this step's metrics in MLflow, then the ledger:
+        a committed step is never lost from either. The ledger records the run's identity
+        for resume checks."""
+        ray.get(saved)
+        self.tracker.flush()
+        extra = {"summary": summary, "identity": getattr(self, "identity", {})}
+        commit_checkpoint(self.run_dir, step, extra, self.recipe.checkpoint.keep)
 
     def _finish(self, tokens_total: float, elapsed: float) -> dict[str, Any]:
         after = self.evaluate()

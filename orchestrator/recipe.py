@@ -76,6 +76,12 @@ class DataConfig(_Strict):
     synthetic: SyntheticConfig = SyntheticConfig()
     seq_len: int = Field(64, ge=2)
     heldout: int = Field(16, ge=1, description="examples kept out of training, for eval")
+    split_seed: int = Field(
+        0,
+        ge=0,
+        description="seed of the held-out split (and of synthetic data); run.seed only orders "
+        "the batches, so runs with different seeds are evaluated on the same examples",
+    )
 
     @model_validator(mode="after")
     def _path_for_file(self) -> DataConfig:
@@ -89,9 +95,14 @@ class DistillConfig(_Strict):
     alpha: float = Field(0.0, ge=0, le=1, description="weight of hard-label CE")
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(64, ge=1)
-    beta: float = Field(0.5, ge=0, le=1, description="generalized JSD mixing weight")
-    skew: float = Field(0.1, ge=0, le=1, description="skew KL alpha (DistiLLM)")
+    beta: float = Field(
+        0.5, ge=0, le=1, description="generalized JSD weight; 0: forward KL, 1: reverse KL (TRL)"
+    )
+    skew: float = Field(0.1, ge=0, le=1, description="skew KL alpha (DistiLLM); below 1")
     prefetch_depth: int = Field(2, ge=1, description="batches teachers work ahead")
+    chunk_mb: int = Field(
+        256, ge=1, description="memory for [positions, vocab] buffers in teacher and student"
+    )
 
 
 class TrainConfig(_Strict):
@@ -102,7 +113,8 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(10, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0: no clipping")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     eval_every: int = Field(0, ge=0, description="0: only before and after training")
     log_every: int = Field(10, ge=1)
 
@@ -143,6 +155,9 @@ class Recipe(_Strict):
                 f"data.heldout: {self.data.heldout} gives some of the "
                 f"{self.student.world_size} student ranks no held-out example"
             )
+        d = self.distill
+        if d.loss in ("skew_kl", "skew_reverse_kl") and d.skew >= 1:  # a loss that is always 0
+            raise ValueError(f"distill.skew: 1 makes {d.loss} zero whatever the student does")
         per_rank, rem = divmod(self.train.batch_size, self.student.world_size)
         if rem:
             raise ValueError(

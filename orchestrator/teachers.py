@@ -28,6 +28,7 @@ class TeacherPool:
                 temperature=distill.temperature,
                 dtype=cfg.dtype,
                 threads=cfg.threads,
+                chunk_bytes=distill.chunk_mb * 2**20,
             )
             for _ in range(cfg.replicas)
         ]
@@ -53,14 +54,15 @@ class TeacherPool:
         sampling: dict[str, Any],
         chunk: int,
         on_chunk: Callable[[int], None],
-    ) -> list[str]:
-        """Responses for all prompts, chunks spread over the replicas, order kept."""
+    ) -> list[dict[str, str]]:
+        """Responses for all prompts, each `{"response", "finish_reason"}` (see
+        TeacherActor.generate), chunks spread over the replicas, order kept."""
         chunks = [prompts[i : i + chunk] for i in range(0, len(prompts), chunk)]
         refs = [
             self.replicas[i % len(self.replicas)].generate.remote(c, {**sampling, "seed": i})
             for i, c in enumerate(chunks)
         ]
-        out: list[str] = []
+        out: list[dict[str, str]] = []
         for ref, c in zip(refs, chunks, strict=True):
             out.extend(ray.get(ref))
             on_chunk(len(c))

@@ -33,6 +33,10 @@ CASES = {
     ),
     "unknown loss": (lambda r: r["distill"].update(loss="kl_fancy"), "distill.loss:"),
     "bad batch split": (lambda r: r["train"].update(batch_size=7), "train.batch_size: 7"),
+    "skew one": (
+        lambda r: r["distill"].update(loss="skew_reverse_kl", skew=1.0),
+        "distill.skew: 1 makes skew_reverse_kl zero whatever the student does",
+    ),
 }
 
 
