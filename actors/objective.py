@@ -104,8 +104,10 @@ def objective_sums(
         b = a + chunk
         tgt = [x for t in targets for x in (t.ids[a:b], t.logprobs[a:b])]
         args = (features[a:b], labels[a:b], *tgt)
-        if grad:
-            loss, stats = checkpoint(one_chunk, *args, use_reentrant=False)
+        if grad:  # the loss draws no random numbers: no RNG state to keep per chunk
+            loss, stats = checkpoint(
+                one_chunk, *args, use_reentrant=False, preserve_rng_state=False
+            )
         else:
             loss, stats = one_chunk(*args)
         total = total + loss

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from actors.batch import TokenBatch
+from actors.durable import fsync_tree
 from actors.models import backbone, build_student, output_head, pick_device, pick_dtype
 from actors.objective import LossSpec, SparseTarget, chunk_positions, objective_sums
 from actors.signal import TeacherSignal
@@ -42,23 +43,6 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
-
-
-def fsync_tree(path: str | Path) -> None:
-    """fsync every file under `path`, then the folders: a checkpoint is on disk before the
-    ledger that names it is written."""
-    root = Path(path)
-    for item in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        _fsync(item)
-    _fsync(root)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state_tensors() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -175,6 +159,8 @@ class StudentWorker:
             else None,
             is_writer=self.rank == 0 or not self.zero3,
         )
+        if spec.get("gradient_checkpointing"):
+            lm.gradient_checkpointing_enable({"use_reentrant": False})
         self.vocab_size = int(lm.config.get_text_config().vocab_size)
         self.num_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in lm.parameters())
         self.loss_spec = LossSpec(

@@ -15,6 +15,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from actors.durable import fsync_dir, fsync_tree
+
 LEDGER = "latest.json"
 FAULT_ENV = "RAYDISTILL_FAULT"
 
@@ -28,37 +30,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a rename, a new file) durable; a no-op where the OS
-    cannot open directories (Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: str | Path) -> None:
-    """Flush every file and directory under `path` (and its entry in the parent) to disk,
-    so a checkpoint is complete on disk before the ledger names it."""
-    root = Path(path)
-    for dirpath, _dirs, files in os.walk(root, topdown=False):
-        for name in files:
-            file = Path(dirpath) / name
-            if file.is_symlink():
-                continue
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-    _fsync_dir(root.parent)
+    fsync_dir(path.parent)
 
 
 def read_ledger(run_dir: Path) -> dict[str, Any] | None:

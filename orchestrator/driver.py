@@ -216,6 +216,7 @@ class TrainLoop:
         self.recipe, self.run_dir, self.pools = recipe, run_dir, pools
         self.students, self.dataset, self.tracker = students, dataset, tracker
         self.world = len(students)
+        self.identity: dict[str, Any] = {}  # recorded in every ledger, checked on resume
         self._heldout = self._put_heldout(dataset.heldout)
 
     # -- submitting work ------------------------------------------------------------------
@@ -370,7 +371,7 @@ class TrainLoop:
         for resume checks."""
         ray.get(saved)
         self.tracker.flush()
-        extra = {"summary": summary, "identity": getattr(self, "identity", {})}
+        extra = {"summary": summary, "identity": self.identity}
         commit_checkpoint(self.run_dir, step, extra, self.recipe.checkpoint.keep)
 
     def _finish(self, tokens_total: float, elapsed: float) -> dict[str, Any]:

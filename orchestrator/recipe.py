@@ -50,6 +50,9 @@ class StudentConfig(_Strict):
     layers: list[int] | None = Field(None, description="keep only these decoder layers")
     world_size: int = Field(1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 0
+    gradient_checkpointing: bool = Field(
+        False, description="recompute decoder layers in backward: activations O(positions x H)"
+    )
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0.0, ge=0)

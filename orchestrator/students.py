@@ -19,6 +19,7 @@ def worker_spec(recipe: Recipe) -> dict[str, Any]:
         "model": s.model,
         "layers": s.layers,
         "zero_stage": s.zero_stage,
+        "gradient_checkpointing": s.gradient_checkpointing,
         "dtype": s.dtype,
         "threads": s.threads,
         "seed": recipe.run.seed,

@@ -1,0 +1,35 @@
+"""Making files durable: a checkpoint is on disk before the ledger that names it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new file) durable; a no-op where the OS
+    cannot open directories (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """Flush every file and directory under `path` (and its entry in the parent) to disk."""
+    root = Path(path)
+    for dirpath, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            file = Path(dirpath) / name
+            if file.is_symlink():
+                continue
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(dirpath))
+    fsync_dir(root.parent)
