@@ -238,7 +238,7 @@ def test_driver_side_identity_hashes_recipe_data_and_tokenizer(tmp_path, tiny_mo
     assert synthetic["data"] == "synthetic"
     hotter = _recipe(tmp_path, tiny_models, distill={"temperature": 2.0})
     assert driver_side_identity(hotter)["recipe"] != synthetic["recipe"]
-    moved = _recipe(tmp_path, tiny_models, cluster={"address": "10.0.0.1:6379"})
+    moved = _recipe(tmp_path, tiny_models, cluster={"address": "127.0.0.1:6380"})
     assert driver_side_identity(moved)["recipe"] == synthetic["recipe"]  # where, not what
 
     full = run_identity(hotter, [{"name": "tiny", "model_hash": "0123456789abcdef"}])
