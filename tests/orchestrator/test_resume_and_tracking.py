@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -9,7 +10,7 @@ from conftest import base_recipe, write_recipe
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from orchestrator.checkpoint import read_ledger
+from orchestrator.checkpoint import read_ledger, tag_for, write_json
 from orchestrator.cli import main
 
 
@@ -36,13 +37,27 @@ def test_resume_matches_uninterrupted_run(ray_session, tiny_models, tmp_path, ca
     assert not (stopped / "summary.json").exists()
     assert "raydistill resume" in capsys.readouterr().out
 
+    # step 5 was already queued on the ranks when step 4's checkpoint was taken: resuming
+    # from step 4 must still retrace the uninterrupted run exactly
+    from_4 = runs / "from-4" / stopped.name
+    shutil.copytree(stopped, from_4)
+    (from_4 / "state.json").unlink()  # its own MLflow run
+    ledger = read_ledger(stopped)
+    assert ledger["committed"] == [tag_for(4), tag_for(5)]
+    write_json(
+        from_4 / "checkpoints" / "latest.json",
+        {**ledger, "step": 4, "tag": tag_for(4), "committed": [tag_for(4)]},
+    )
+
     assert main(["resume", str(stopped)]) == 0
+    assert main(["resume", str(from_4)]) == 0
     assert read_ledger(stopped)["step"] == 12
     a = load_file(full / "student" / "model.safetensors")
-    b = load_file(stopped / "student" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    for resumed in (stopped, from_4):
+        b = load_file(resumed / "student" / "model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (resumed, key)
 
     # both runs logged every step exactly once
     client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
@@ -74,7 +89,11 @@ def test_mlflow_run_params_metrics_and_student(ray_session, tiny_models, tmp_pat
         "kl/tiny",
         "tokens_per_s",
         "teacher_busy_s",
+        "teacher_busy_s/tiny",
+        "teacher_cpu_s/tiny",
         "student_busy_s",
+        "student_cpu_s",
+        "actors_cpu_s",
         "inflight_depth",
         "bytes_moved",
         "eval/kl",
