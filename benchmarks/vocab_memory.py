@@ -186,9 +186,19 @@ def main() -> None:
         naive_n = max(n for n in args.positions if n <= args.naive_max)
         ratio = rows[who, "naive", naive_n][0] / max(rows[who, "chunked", naive_n][0], 1)
         print(f"{who}: naive / chunked peak at {naive_n} positions = {ratio:.1f}x")
-    growth = max(
-        rows[w, "chunked", hi][0] / rows[w, "chunked", lo][0] for w in ("teacher", "student")
-    )
+
+    def growth(who: str, impl: str = "chunked") -> float:
+        return rows[who, impl, hi][0] / rows[who, impl, lo][0]
+
+    for who, impl in (("teacher", "chunked"), ("student", "chunked"), ("student", "chunked+ckpt")):
+        extra = (rows[who, impl, hi][0] - rows[who, impl, lo][0]) / (hi - lo) / 1024
+        print(f"{who} {impl}: peak x{growth(who, impl):.3f} from {lo} to {hi} positions "
+              f"({extra:.1f} KiB per extra position)")  # fmt: skip
+    for who in ("teacher", "student"):
+        n = max(x for x in args.positions if x <= args.naive_max)
+        if n > lo:
+            extra = (rows[who, "naive", n][0] - rows[who, "naive", lo][0]) / (n - lo) / 1024
+            print(f"{who} naive: {extra:.1f} KiB per extra position")
     print(f"RESULT teacher_peak_gib {rows['teacher', 'chunked', mid][0] / GIB:.3f}")
     print(f"RESULT student_peak_gib {rows['student', 'chunked', mid][0] / GIB:.3f}")
     print(f"RESULT peak_growth_1k_to_8k {max(growth('teacher'), growth('student')):.3f}")
