@@ -53,13 +53,13 @@ def run_one(recipe_path: Path, overrides: list[str]) -> dict[str, Any]:
 def spread(values: list[float]) -> str:
     """mean, sample std (0 for one seed) and min..max, one table cell group."""
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    span = f"{min(values):.4f}..{max(values):.4f}"
-    return f"{statistics.mean(values):>10.4f}{std:>10.4f}{span:>22}"
+    span = f"{min(values):.5g}..{max(values):.5g}"
+    return f"{statistics.mean(values):>12.5g}{std:>12.4g}{span:>24}"
 
 
 def print_table(results: dict[str, list[dict[str, Any]]]) -> list[float]:
     """The held-out table over seeds; returns the per-seed KL(CE)/KL(KD)."""
-    print(f"\n{'held-out':<10}{'arm':<8}{'mean':>10}{'std':>10}{'min..max':>22}")
+    print(f"\n{'held-out':<10}{'arm':<8}{'mean':>12}{'std':>12}{'min..max':>24}")
     for key in ("kl", "ppl"):
         before = [s["eval_before"][key] for s in results["KD"]]
         print(f"{key:<10}{'before':<8}{spread(before)}")

@@ -62,6 +62,7 @@ def measure(result, teachers: int, cores: int) -> dict[str, float]:
         "slowest_stage_cpu_ms": median([max(stages[k][s] for k in stage_keys) for s in steps])
         * 1e3,
         "cpu_total_ms": median([total[s] for s in steps]) * 1e3,
+        "driver_cpu_ms": median(list(history(result, "driver_cpu_s").values())) * 1e3,
         "overhead_cpu": median(cpu_ratio),
         "overhead_wall": median(wall_ratio),
         "bytes_per_token": median(list(history(result, "signal_bytes_per_token").values())),

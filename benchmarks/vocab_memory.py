@@ -6,8 +6,9 @@ chunked path) measured in the same run.
 Each point runs in a fresh Ray actor: the baseline is its RSS once the weights are loaded,
 the peak is the kernel's high-water mark (VmHWM) over the call. The naive reference stops
 at 2048 positions (one fp32 [8192, 151936] tensor alone is 5 GB). The student is measured
-as the recipe's defaults run it, and with `student.gradient_checkpointing` (what is left
-growing with positions is then activations of size positions x hidden, not x vocab).
+as the recipe's defaults run it and with `student.gradient_checkpointing`; the decoder's own
+activations (positions x hidden x layers, not x vocab) are what still grows without it.
+RESULT peak_growth_1k_to_8k is the larger of the teacher's and the checkpointed student's.
 
 Usage: python benchmarks/vocab_memory.py [--vocab 151936] [--positions 1024 2048 4096 8192]
 """
@@ -175,9 +176,8 @@ def main() -> None:
             rows["student", impl, n] = measure_student(spec, batch, signal, naive)
             show("teacher", impl, n)
             show("student", impl, n)
-        if n in (min(args.positions), max(args.positions)):
-            rows["student", "chunked+ckpt", n] = measure_student(spec_gc, batch, signal, False)
-            show("student", "chunked+ckpt", n)
+        rows["student", "chunked+ckpt", n] = measure_student(spec_gc, batch, signal, False)
+        show("student", "chunked+ckpt", n)
     ray.shutdown()
     lo, hi, mid = min(args.positions), max(args.positions), 4096
     mid = mid if mid in args.positions else hi
@@ -201,8 +201,12 @@ def main() -> None:
             print(f"{who} naive: {extra:.1f} KiB per extra position")
     print(f"RESULT teacher_peak_gib {rows['teacher', 'chunked', mid][0] / GIB:.3f}")
     print(f"RESULT student_peak_gib {rows['student', 'chunked', mid][0] / GIB:.3f}")
-    print(f"RESULT peak_growth_1k_to_8k {max(growth('teacher'), growth('student')):.3f}")
-    print(f"RESULT student_growth_1k_to_8k_ckpt {growth('student', 'chunked+ckpt'):.3f}")
+    if ("student", "chunked+ckpt", mid) in rows:
+        print(f"RESULT student_peak_gib_ckpt {rows['student', 'chunked+ckpt', mid][0] / GIB:.3f}")
+    print(f"RESULT teacher_growth_1k_to_8k {growth('teacher'):.3f}")
+    print(f"RESULT student_growth_1k_to_8k_no_ckpt {growth('student'):.3f}")
+    worst = max(growth("teacher"), growth("student", "chunked+ckpt"))
+    print(f"RESULT peak_growth_1k_to_8k {worst:.3f}")
 
 
 if __name__ == "__main__":

@@ -294,6 +294,7 @@ class TrainLoop:
         next_submit, step = start, start
         progress = Progress(train.steps, start, train.log_every)
         tokens_total, t_begin, last = 0.0, time.perf_counter(), time.perf_counter()
+        last_cpu = time.process_time()
         with _StopFlag() as stop:
             while True:
                 while next_submit < end and len(queued) < QUEUED_STEPS and not stop.set:
@@ -309,7 +310,8 @@ class TrainLoop:
                 per_rank = ray.get(item.metrics)
                 now = time.perf_counter()
                 metrics = self._aggregate(per_rank, now - last, len(self._window))
-                last, step = now, item.step + 1
+                metrics["driver_cpu_s"] = time.process_time() - last_cpu  # incl. its threads
+                last, last_cpu, step = now, time.process_time(), item.step + 1
                 tokens_total += metrics["tokens"]
                 self.tracker.log_metrics(step, metrics)  # written by a background thread
                 progress.update(metrics["loss"], metrics["kl"], metrics["tokens_per_s"])
