@@ -45,7 +45,7 @@ class LossSpec:
 
 def chunk_positions(vocab: int, teachers: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     """Positions per chunk so that the chunk's fp32 [chunk, vocab] buffers (logits, scaled
-    logits, CE, one scattered copy per teacher, their gradients) fit the budget."""
+    logits, log-softmax, one scattered copy and its gradient per teacher) fit the budget."""
     buffers = 4 + 2 * teachers
     return max(1, budget_bytes // (4 * vocab * buffers))
 

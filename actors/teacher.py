@@ -24,6 +24,7 @@ from actors.models import (
     pick_dtype,
     tokenizer_hash,
 )
+from actors.objective import chunk_positions
 from actors.signal import TeacherSignal, topk_signal
 
 
@@ -48,8 +49,7 @@ class TeacherActor:
         self.device = pick_device(want_gpu=True)
         self.model = load_causal_lm(model, pick_dtype(dtype, self.device), self.device).eval()
         self.vocab_size = int(self.model.config.vocab_size)
-        # positions per chunk: logits, scaled logits and log-softmax, fp32, within the budget
-        self.chunk = max(1, chunk_bytes // (3 * 4 * self.vocab_size))
+        self.chunk = chunk_positions(self.vocab_size, 0, chunk_bytes)  # no gradients here
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
         except (OSError, ValueError):

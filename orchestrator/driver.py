@@ -141,8 +141,7 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
         dataset = build_dataset(recipe, pools)
         students = StudentGroup(recipe)
         tracker.log_params({"student.num_params": str(students.num_params)})
-        loop = TrainLoop(recipe, run_dir, pools, students, dataset, tracker)
-        loop.identity = identity
+        loop = TrainLoop(recipe, run_dir, pools, students, dataset, tracker, identity)
         result = loop.run(ledger, stop_after)
         status = "FINISHED" if result.finished else "KILLED"  # KILLED: stopped, resumable
         return result
@@ -212,11 +211,12 @@ class TrainLoop:
         students: StudentGroup,
         dataset: Dataset,
         tracker: Tracker,
+        identity: dict[str, Any],
     ) -> None:
         self.recipe, self.run_dir, self.pools = recipe, run_dir, pools
         self.students, self.dataset, self.tracker = students, dataset, tracker
         self.world = len(students)
-        self.identity: dict[str, Any] = {}  # recorded in every ledger, checked on resume
+        self.identity = identity  # recorded in every ledger, checked on resume
         self._heldout = self._put_heldout(dataset.heldout)
 
     # -- submitting work ------------------------------------------------------------------
