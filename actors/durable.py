@@ -22,14 +22,19 @@ def fsync_dir(path: Path) -> None:
 
 
 def fsync_tree(path: str | Path) -> None:
-    """Flush every file and directory under `path` (and its entry in the parent) to disk."""
+    """Flush every file and directory under `path` (and its entry in the parent) to disk.
+    Every rank calls it on the shared checkpoint folder, and the driver once more after all
+    ranks are done, so a file renamed while it is walked is synced by a later call."""
     root = Path(path)
     for dirpath, _dirs, files in os.walk(root, topdown=False):
         for name in files:
             file = Path(dirpath) / name
             if file.is_symlink():
                 continue
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
+            try:
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+            except FileNotFoundError:
+                continue  # another rank's temp file, renamed meanwhile: its writer syncs it
         fsync_dir(Path(dirpath))
     fsync_dir(root.parent)

@@ -324,3 +324,18 @@ def test_kill_before_ledger_then_resume(ray_session, tiny_models, tmp_path, caps
     steps = {m.step for m in client.get_metric_history(run_id, "loss")}
     assert steps == set(range(1, 13))
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_fsync_tree_skips_a_file_renamed_while_it_walks(tmp_path, monkeypatch):
+    """Ranks sync the shared tag folder while another rank renames its temp files."""
+    import actors.durable as durable
+
+    (tmp_path / "kept.pt").write_bytes(b"x")
+    real_walk = durable.os.walk
+
+    def walk(root, topdown=True):
+        for dirpath, dirs, files in real_walk(root, topdown=topdown):
+            yield dirpath, dirs, [*files, ".tmp_gone"]
+
+    monkeypatch.setattr(durable.os, "walk", walk)
+    durable.fsync_tree(tmp_path)  # no FileNotFoundError
