@@ -22,7 +22,15 @@ from pathlib import Path
 from common import history, median, models, run_recipe
 
 
-def setup(m: dict[str, str], root: Path, name: str, ranks: int, teachers: list[int], steps: int):
+def setup(
+    m: dict[str, str],
+    root: Path,
+    name: str,
+    ranks: int,
+    teachers: list[int],
+    steps: int,
+    depth: int,
+):
     share = round(2.0 / (ranks + sum(teachers)), 2)  # fractional CPUs: everything fits
     return {
         "run": {"name": name, "output_dir": str(root / "runs")},
@@ -37,7 +45,7 @@ def setup(m: dict[str, str], root: Path, name: str, ranks: int, teachers: list[i
             "heldout": 4,
             "synthetic": {"num_sequences": 256},
         },
-        "distill": {"top_k": 64, "prefetch_depth": 2},
+        "distill": {"top_k": 64, "prefetch_depth": depth},
         "train": {"steps": steps, "batch_size": 4, "micro_batch_size": 2, "log_every": 20},
         "checkpoint": {"every": 0},
         "cluster": {"num_cpus": os.cpu_count()},
@@ -73,13 +81,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--prefetch-depth", type=int, default=2)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="rd-bench-"))
     m = models(root / "models", args.vocab, teacher_hidden=256, student_hidden=128)
     cores = os.cpu_count() or 1
     results = {}
     for name, ranks, teachers in (("1x1", 1, [1]), ("2x2x2", 2, [2, 1])):
-        raw = setup(m, root, f"overhead-{name}", ranks, teachers, args.steps)
+        raw = setup(m, root, f"overhead-{name}", ranks, teachers, args.steps, args.prefetch_depth)
         results[name] = measure(run_recipe(root / f"{name}.yaml", raw), len(teachers), cores)
     print(f"\n{'':34}{'1x1':>12}{'2x2x2':>12}")
     for key in results["1x1"]:

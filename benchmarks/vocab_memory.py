@@ -9,6 +9,7 @@ at 2048 positions (one fp32 [8192, 151936] tensor alone is 5 GB). The student is
 as the recipe's defaults run it and with `student.gradient_checkpointing`; the decoder's own
 activations (positions x hidden x layers, not x vocab) are what still grows without it.
 RESULT peak_growth_1k_to_8k is the larger of the teacher's and the checkpointed student's.
+Run it with MALLOC_MMAP_THRESHOLD_=1048576 to see RSS follow live tensors (README: both).
 
 Usage: python benchmarks/vocab_memory.py [--vocab 151936] [--positions 1024 2048 4096 8192]
 """
