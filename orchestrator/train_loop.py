@@ -1,0 +1,286 @@
+"""The training loop of one run: teachers d steps ahead, two steps queued on the students.
+
+Each step's token batch is split into one shard per student rank and put once; every
+teacher scores every shard; the workers train on the shard plus one signal per teacher.
+A bounded window of batches stays in flight, so teachers score steps t+1..t+d while the
+students train on step t, and memory stays bounded however long the run.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import ray
+
+from actors.batch import TokenBatch
+from orchestrator.checkpoint import commit_checkpoint, tag_for, write_json
+from orchestrator.data import Dataset
+from orchestrator.plots import plot_curves
+from orchestrator.progress import Progress
+from orchestrator.recipe import Recipe
+from orchestrator.students import StudentGroup
+from orchestrator.teachers import TeacherPool
+from orchestrator.tracking import Tracker
+
+QUEUED_STEPS = 2  # train steps queued on the students: the next is ready when one ends
+
+
+@dataclass
+class InFlight:
+    """A step whose shards are in the object store and whose teachers are scoring them."""
+
+    step: int
+    shards: list[ray.ObjectRef]
+    signals: list[list[ray.ObjectRef]]  # [rank][teacher]
+    tokens: int  # loss tokens of the whole step, all ranks
+
+
+@dataclass
+class Queued:
+    """A step queued on the students, with what is queued right behind it."""
+
+    step: int
+    metrics: list[ray.ObjectRef]
+    evaluation: list[ray.ObjectRef] | None = None
+    save: list[ray.ObjectRef] | None = None
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps_done: int
+    finished: bool
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask for a checkpoint and a clean stop at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        print("stop requested: finishing this step and checkpointing", flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class TrainLoop:
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: Path,
+        pools: list[TeacherPool],
+        students: StudentGroup,
+        dataset: Dataset,
+        tracker: Tracker,
+        identity: dict[str, Any],
+    ) -> None:
+        self.recipe, self.run_dir, self.pools = recipe, run_dir, pools
+        self.students, self.dataset, self.tracker = students, dataset, tracker
+        self.world = len(students)
+        self.identity = identity  # recorded in every ledger, checked on resume
+        self._heldout = self._put_heldout(dataset.heldout)
+
+    # -- submitting work ------------------------------------------------------------------
+
+    def _signals_for(self, shards: list[ray.ObjectRef]) -> list[list[ray.ObjectRef]]:
+        return [[pool.score(shard) for pool in self.pools] for shard in shards]
+
+    def _issue(self, step: int) -> InFlight:
+        batch = self.dataset.batch_for_step(step, self.recipe.train.batch_size).trimmed()
+        shards = [ray.put(s) for s in batch.shard(self.world)]
+        return InFlight(step, shards, self._signals_for(shards), batch.num_tokens)
+
+    def _put_heldout(self, heldout: TokenBatch) -> InFlight:
+        parts = np.array_split(np.arange(len(heldout)), self.world)
+        shards = [ray.put(heldout.rows(int(p[0]), int(p[-1]) + 1).trimmed()) for p in parts]
+        return InFlight(-1, shards, self._signals_for(shards), heldout.num_tokens)
+
+    def _submit(self, step: int, end: int) -> Queued:
+        """Queue step's train_step on every rank (teachers already d steps ahead), followed,
+        in the same actor queues, by the evaluation and checkpoint that belong after it, so
+        they see exactly this step's weights even though the next step is queued too."""
+        while self._next_issue <= min(step + self.recipe.distill.prefetch_depth, end - 1):
+            self._window.append(self._issue(self._next_issue))
+            self._next_issue += 1
+        item = self._window.popleft()
+        assert item.step == step, (item.step, step)
+        done, train = step + 1, self.recipe.train
+        queued = Queued(step, self.students.train_step(item.shards, item.signals, item.tokens))
+        if train.eval_every and done % train.eval_every == 0 and done < train.steps:
+            queued.evaluation = self._submit_eval()
+        every = self.recipe.checkpoint.every
+        if done == end or (every and done % every == 0):
+            queued.save = self.students.save(str(self.run_dir / "checkpoints"), tag_for(done))
+        return queued
+
+    # -- evaluation -----------------------------------------------------------------------
+
+    def _submit_eval(self) -> list[ray.ObjectRef]:
+        return self.students.evaluate(self._heldout.shards, self._heldout.signals)
+
+    @staticmethod
+    def _pool_eval(parts: list[dict[str, float]]) -> dict[str, float]:
+        """Held-out KL(teacher||student) per teacher and perplexity on the gold tokens."""
+        tokens = sum(p["tokens"] for p in parts)
+        out: dict[str, float] = {}
+        for key in parts[0]:
+            if key != "tokens":
+                out[key] = sum(p.get(key, 0.0) for p in parts) / max(tokens, 1)
+        out["ppl"] = math.exp(min(out["ce"], 50.0))
+        out["kl"] = float(np.mean([v for k, v in out.items() if k.startswith("kl/")]))
+        return out
+
+    def evaluate(self) -> dict[str, float]:
+        return self._pool_eval(ray.get(self._submit_eval()))
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self, ledger: dict[str, Any] | None, stop_after: int | None) -> RunResult:
+        """Keep QUEUED_STEPS train steps queued on the students, so a rank never waits for
+        the driver to read metrics, log or checkpoint between steps."""
+        train = self.recipe.train
+        start = 0
+        summary: dict[str, Any] = {}
+        if ledger is not None:
+            self.students.load(str(self.run_dir / "checkpoints"), ledger["tag"])
+            start = int(ledger["step"])
+            summary = dict(ledger.get("summary", {}))
+            print(f"resumed from checkpoint at step {start}", flush=True)
+        if "eval_before" not in summary:
+            summary["eval_before"] = self.evaluate()
+            self.tracker.log_metrics(0, {f"eval/{k}": v for k, v in summary["eval_before"].items()})
+        end = train.steps if stop_after is None else min(train.steps, start + stop_after)
+        self._window, self._next_issue = deque(), start
+        queued: deque[Queued] = deque()
+        next_submit, step = start, start
+        progress = Progress(train.steps, start, train.log_every)
+        tokens_total, t_begin, last = 0.0, time.perf_counter(), time.perf_counter()
+        last_cpu = time.process_time()
+        with _StopFlag() as stop:
+            while True:
+                while next_submit < end and len(queued) < QUEUED_STEPS and not stop.set:
+                    queued.append(self._submit(next_submit, end))
+                    next_submit += 1
+                if stop.set and queued and queued[-1].save is None:  # checkpoint, then stop
+                    queued[-1].save = self.students.save(
+                        str(self.run_dir / "checkpoints"), tag_for(queued[-1].step + 1)
+                    )
+                if not queued:
+                    break
+                item = queued.popleft()
+                per_rank = ray.get(item.metrics)
+                now = time.perf_counter()
+                metrics = self._aggregate(per_rank, now - last, len(self._window))
+                metrics["driver_cpu_s"] = time.process_time() - last_cpu  # incl. its threads
+                last, last_cpu, step = now, time.process_time(), item.step + 1
+                tokens_total += metrics["tokens"]
+                self.tracker.log_metrics(step, metrics)  # written by a background thread
+                progress.update(metrics["loss"], metrics["kl"], metrics["tokens_per_s"])
+                if item.evaluation is not None:
+                    ev = self._pool_eval(ray.get(item.evaluation))
+                    self.tracker.log_metrics(step, {f"eval/{k}": v for k, v in ev.items()})
+                if item.save is None and stop.set and not queued:
+                    item.save = self.students.save(str(self.run_dir / "checkpoints"), tag_for(step))
+                if item.save is not None:
+                    self._checkpoint(step, summary, item.save)
+        progress.close()
+        elapsed = time.perf_counter() - t_begin
+        finished = step >= train.steps
+        if finished:
+            summary.update(self._finish(tokens_total, elapsed))
+            write_json(self.run_dir / "summary.json", summary)
+            self.tracker.log_artifact(self.run_dir / "summary.json")
+        return RunResult(self.run_dir, step, finished, summary)
+
+    def _aggregate(self, per_rank: list[dict[str, float]], wall: float, depth: int) -> dict:
+        """Token-weighted loss terms; busy times per stage. A teacher's busy time is spread
+        over its replicas and the slowest teacher is the critical path; `*_cpu_s` is CPU
+        time (on a machine with fewer cores than actors, wall busy time includes waiting)."""
+        tokens = sum(m["tokens"] for m in per_rank)
+        out: dict[str, float] = {}
+        for key in per_rank[0]:
+            if key in {"loss", "ce", "kd"} or key.startswith("kl/"):
+                out[key] = sum(m[key] * m["tokens"] for m in per_rank) / max(tokens, 1)
+        out["kl"] = float(np.mean([v for k, v in out.items() if k.startswith("kl/")]))
+        cpu_total = sum(m["student_cpu_s"] for m in per_rank)
+        for pool in self.pools:
+            for kind in ("teacher_busy_s", "teacher_cpu_s"):
+                total = sum(m.get(f"{kind}/{pool.name}", 0.0) for m in per_rank)
+                out[f"{kind}/{pool.name}"] = total / len(pool.replicas)
+                if kind == "teacher_cpu_s":
+                    cpu_total += total
+        out.update(
+            tokens=tokens,
+            tokens_per_s=tokens / max(wall, 1e-9),
+            step_time_s=wall,
+            student_busy_s=max(m["student_busy_s"] for m in per_rank),
+            student_cpu_s=max(m["student_cpu_s"] for m in per_rank),
+            teacher_busy_s=max(out[f"teacher_busy_s/{p.name}"] for p in self.pools),
+            teacher_cpu_s=max(out[f"teacher_cpu_s/{p.name}"] for p in self.pools),
+            actors_cpu_s=cpu_total,
+            signal_wait_s=max(m["signal_wait_s"] for m in per_rank),
+            bytes_moved=sum(m["signal_bytes"] + m["batch_bytes"] for m in per_rank),
+            signal_bytes_per_token=sum(m["signal_bytes"] for m in per_rank) / max(tokens, 1),
+            inflight_depth=float(depth),
+            driver_rss_mb=psutil.Process().memory_info().rss / 2**20,
+            lr=per_rank[0]["lr"],
+            grad_norm=per_rank[0]["grad_norm"],
+        )
+        return out
+
+    def _checkpoint(self, step: int, summary: dict[str, Any], saved: list[ray.ObjectRef]) -> None:
+        """Shards (fsynced by the ranks), then this step's metrics in MLflow, then the ledger:
+        a committed step is never lost from either. The ledger records the run's identity
+        for resume checks."""
+        ray.get(saved)
+        self.tracker.flush()
+        extra = {"summary": summary, "identity": self.identity}
+        commit_checkpoint(self.run_dir, step, extra, self.recipe.checkpoint.keep)
+
+    def _finish(self, tokens_total: float, elapsed: float) -> dict[str, Any]:
+        after = self.evaluate()
+        self.tracker.log_metrics(
+            self.recipe.train.steps, {f"eval/{k}": v for k, v in after.items()}
+        )
+        self.tracker.flush()
+        kl_keys = [f"kl/{p.name}" for p in self.pools]
+        runs = {self.run_dir.name: (self.tracker.client, self.tracker.run_id)}
+        curves = plot_curves(runs, ["loss", *kl_keys, "tokens_per_s"], self.run_dir / "curves.png")
+        self.tracker.log_artifact(curves)
+        export_dir = self.run_dir / "student"
+        self.students.export(str(export_dir), self.recipe.student.model)
+        self.tracker.log_artifact(export_dir, "student")
+        infos = [p.info() for p in self.pools]
+        return {
+            "eval_after": after,
+            "teacher_params": {i["name"]: i["num_params"] for i in infos},
+            "student_params": self.students.num_params,
+            "tokens_per_s": tokens_total / max(elapsed, 1e-9),
+            "student_dir": str(export_dir),
+            "mlflow_run_id": self.tracker.run_id,
+            "tracking_uri": self.tracker.uri,
+        }
