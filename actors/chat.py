@@ -91,7 +91,7 @@ def encode_chat(
         elif tok.eos_token_id is not None:
             tail = [tok.eos_token_id]  # nothing marks the end of the turn: EOS does
     ids = encode_text(tok, full[:end], add) + tail
-    prompt_ids = render_prompt_ids(tok, prompt, add)
+    prompt_ids = encode_text(tok, prompt_text, add)
     if ids[: len(prompt_ids)] != prompt_ids:
         raise ChatEncodingError("the prompt's tokens are not a prefix of the conversation's")
     return ids, len(prompt_ids)

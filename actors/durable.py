@@ -23,8 +23,8 @@ def fsync_dir(path: Path) -> None:
 
 def fsync_tree(path: str | Path) -> None:
     """Flush every file and directory under `path` (and its entry in the parent) to disk.
-    Every rank calls it on the shared checkpoint folder, and the driver once more after all
-    ranks are done, so a file renamed while it is walked is synced by a later call."""
+    A file that disappears while it is walked (a writer's temp file, renamed) is skipped:
+    its new name is walked too."""
     root = Path(path)
     for dirpath, _dirs, files in os.walk(root, topdown=False):
         for name in files:
@@ -35,6 +35,6 @@ def fsync_tree(path: str | Path) -> None:
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
             except FileNotFoundError:
-                continue  # another rank's temp file, renamed meanwhile: its writer syncs it
+                continue
         fsync_dir(Path(dirpath))
     fsync_dir(root.parent)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -92,21 +92,19 @@ def build_student(
     config = cut_config(AutoConfig.from_pretrained(path), layers)
     with init_context or nullcontext():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    files = _weight_files(path)
-    where: dict[str, Path] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            where.update({k: f for k in handle.keys()})
-    for name, param in model.named_parameters():  # tied weights appear once
-        key = _source_key(name, layers)
-        if key not in where:
-            raise ValueError(f"{path}: checkpoint has no tensor {key!r} for {name!r}")
-        with gather(param) if gather else nullcontext():
-            if is_writer:
-                with safe_open(str(where[key]), framework="pt") as handle:
-                    tensor = handle.get_tensor(key)
-                with torch.no_grad():
-                    param.data.copy_(tensor.to(param.dtype))
+    with ExitStack() as stack:
+        where = {}  # tensor name -> the open file holding it
+        for f in _weight_files(path):
+            handle = stack.enter_context(safe_open(str(f), framework="pt"))
+            where.update({k: handle for k in handle.keys()})
+        for name, param in model.named_parameters():  # tied weights appear once
+            key = _source_key(name, layers)
+            if key not in where:
+                raise ValueError(f"{path}: checkpoint has no tensor {key!r} for {name!r}")
+            with gather(param) if gather else nullcontext():
+                if is_writer:
+                    with torch.no_grad():
+                        param.data.copy_(where[key].get_tensor(key).to(param.dtype))
     return model
 
 

@@ -73,7 +73,7 @@ def objective_sums(
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     grad = torch.is_grad_enabled()
     total = features.new_zeros((), dtype=torch.promote_types(features.dtype, torch.float32))
-    metrics = torch.zeros(3 + len(targets), dtype=torch.float64)
+    metrics = features.new_zeros(3 + len(targets), dtype=torch.float64)  # stays on device
 
     def one_chunk(f: torch.Tensor, y: torch.Tensor, *tgt: torch.Tensor):
         logits = head(f)
@@ -111,5 +111,5 @@ def objective_sums(
         else:
             loss, stats = one_chunk(*args)
         total = total + loss
-        metrics += stats.double().cpu()
-    return total, dict(zip(metric_names(targets), metrics.unbind(), strict=True))
+        metrics += stats.double()
+    return total, dict(zip(metric_names(targets), metrics.cpu().unbind(), strict=True))

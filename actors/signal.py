@@ -71,11 +71,12 @@ def topk_signal(
     the teacher's device: at most one [chunk, vocab] buffer exists at a time and only [P, k]
     reaches host memory."""
     n = features.shape[0]
-    ids = np.empty((n, k), dtype=id_dtype(vocab_size))
-    logprobs = np.empty((n, k), dtype=np.float16)
-    for a in range(0, n, chunk):
+    top_ids = torch.empty((n, k), dtype=torch.long, device=features.device)
+    top_lp = torch.empty((n, k), dtype=torch.float16, device=features.device)
+    for a in range(0, n, chunk):  # on the device; one copy to the host at the end
         logits = head(features[a : a + chunk])[:, :vocab_size].float()
-        top_lp, top_ids = torch.topk(torch.log_softmax(logits / temperature, dim=-1), k, dim=-1)
-        ids[a : a + chunk] = top_ids.cpu().numpy()
-        logprobs[a : a + chunk] = top_lp.cpu().numpy()
+        lp, ix = torch.topk(torch.log_softmax(logits / temperature, dim=-1), k, dim=-1)
+        top_lp[a : a + chunk], top_ids[a : a + chunk] = lp, ix
+    ids = top_ids.cpu().numpy().astype(id_dtype(vocab_size))
+    logprobs = top_lp.cpu().numpy()
     return TeacherSignal(teacher=teacher, ids=ids, logprobs=logprobs, temperature=temperature)

@@ -27,7 +27,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from actors.batch import TokenBatch
-from actors.durable import fsync_tree
 from actors.models import backbone, build_student, output_head, pick_device, pick_dtype
 from actors.objective import LossSpec, SparseTarget, chunk_positions, objective_sums
 from actors.signal import TeacherSignal
@@ -87,6 +86,8 @@ class DistillStudent(torch.nn.Module):
         self.lm = lm
         self.spec = spec
         self.chunk_bytes = chunk_bytes
+        self.head = output_head(lm)
+        self.vocab = int(lm.config.get_text_config().vocab_size)
 
     def forward(
         self,
@@ -98,11 +99,8 @@ class DistillStudent(torch.nn.Module):
         hidden = backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask)
         features = hidden.last_hidden_state[loss_mask]
         labels = torch.roll(input_ids, shifts=-1, dims=1)[loss_mask]
-        vocab = int(self.lm.config.get_text_config().vocab_size)
-        chunk = chunk_positions(vocab, len(targets), self.chunk_bytes)
-        return objective_sums(
-            features, output_head(self.lm), labels, targets, self.spec, chunk=chunk
-        )
+        chunk = chunk_positions(self.vocab, len(targets), self.chunk_bytes)
+        return objective_sums(features, self.head, labels, targets, self.spec, chunk=chunk)
 
 
 class StudentWorker:
@@ -159,7 +157,7 @@ class StudentWorker:
             else None,
             is_writer=self.rank == 0 or not self.zero3,
         )
-        if spec.get("gradient_checkpointing"):
+        if spec["gradient_checkpointing"]:
             lm.gradient_checkpointing_enable({"use_reentrant": False})
         self.vocab_size = int(lm.config.get_text_config().vocab_size)
         self.num_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in lm.parameters())
@@ -170,8 +168,8 @@ class StudentWorker:
             beta=float(spec["beta"]),
             skew=float(spec["skew"]),
         )
-        model = DistillStudent(lm, self.loss_spec, int(spec.get("chunk_bytes", 256 * 2**20)))
-        if spec.get("optimizer", "adamw") == "sgd":
+        model = DistillStudent(lm, self.loss_spec, int(spec["chunk_bytes"]))
+        if spec["optimizer"] == "sgd":
             optimizer = torch.optim.SGD(
                 model.parameters(), lr=float(spec["lr"]), weight_decay=float(spec["weight_decay"])
             )
@@ -267,12 +265,11 @@ class StudentWorker:
     # -- state ----------------------------------------------------------------------------
 
     def save_checkpoint(self, directory: str, tag: str) -> None:
-        """DeepSpeed state (weights, optimizer, scheduler) plus this rank's RNG state, all
-        fsynced before returning."""
+        """DeepSpeed state (weights, optimizer, scheduler) plus this rank's RNG state; the
+        driver fsyncs the folder once every rank is done, before the ledger names it."""
         self.engine.save_checkpoint(directory, tag=tag)
         tensors, meta = rng_state_tensors()
         save_file(tensors, str(Path(directory) / tag / f"rng_rank{self.rank}.safetensors"), meta)
-        fsync_tree(Path(directory) / tag)
 
     def load_checkpoint(self, directory: str, tag: str) -> None:
         self.engine.load_checkpoint(directory, tag=tag)

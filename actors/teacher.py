@@ -24,7 +24,7 @@ from actors.models import (
     pick_dtype,
     tokenizer_hash,
 )
-from actors.objective import chunk_positions
+from actors.objective import DEFAULT_CHUNK_BYTES, chunk_positions
 from actors.signal import TeacherSignal, topk_signal
 
 
@@ -39,7 +39,7 @@ class TeacherActor:
         dtype: str = "auto",
         threads: int = 1,
         hidden_layers: tuple[int, ...] = (),
-        chunk_bytes: int = 256 * 2**20,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         torch.set_num_threads(threads)
         self.name = name

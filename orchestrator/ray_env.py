@@ -26,10 +26,6 @@ def actor_env(threads: int) -> dict[str, str]:
     }
     if not _has_cuda():
         env["DS_ACCELERATOR"] = "cpu"
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        # glibc: blocks above it are mmapped and returned on free, so RSS follows live
-        # tensors (README: leaner, but measured 20-60% slower on CPU); opt-in only
-        env["MALLOC_MMAP_THRESHOLD_"] = os.environ["MALLOC_MMAP_THRESHOLD_"]
     return env
 
 

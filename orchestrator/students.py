@@ -75,7 +75,7 @@ class StudentGroup:
 
     def save(self, directory: str, tag: str) -> list[ray.ObjectRef]:
         """Queued behind the ranks' current work: it saves the weights of the last queued
-        step. The refs resolve when every rank's files are written and fsynced."""
+        step. The refs resolve when every rank's files are written."""
         return [w.save_checkpoint.remote(directory, tag) for w in self.workers]
 
     def load(self, directory: str, tag: str) -> None:

@@ -102,6 +102,7 @@ class TrainLoop:
         self.students, self.dataset, self.tracker = students, dataset, tracker
         self.world = len(students)
         self.identity = identity  # recorded in every ledger, checked on resume
+        self._process = psutil.Process()
         self._heldout = self._put_heldout(dataset.heldout)
 
     # -- submitting work ------------------------------------------------------------------
@@ -134,8 +135,12 @@ class TrainLoop:
             queued.evaluation = self._submit_eval()
         every = self.recipe.checkpoint.every
         if done == end or (every and done % every == 0):
-            queued.save = self.students.save(str(self.run_dir / "checkpoints"), tag_for(done))
+            queued.save = self._save_after(step)
         return queued
+
+    def _save_after(self, step: int) -> list[ray.ObjectRef]:
+        """A checkpoint of the weights after `step`, queued behind it on every rank."""
+        return self.students.save(str(self.run_dir / "checkpoints"), tag_for(step + 1))
 
     # -- evaluation -----------------------------------------------------------------------
 
@@ -186,9 +191,7 @@ class TrainLoop:
                     queued.append(self._submit(next_submit, end))
                     next_submit += 1
                 if stop.set and queued and queued[-1].save is None:  # checkpoint, then stop
-                    queued[-1].save = self.students.save(
-                        str(self.run_dir / "checkpoints"), tag_for(queued[-1].step + 1)
-                    )
+                    queued[-1].save = self._save_after(queued[-1].step)
                 if not queued:
                     break
                 item = queued.popleft()
@@ -204,7 +207,7 @@ class TrainLoop:
                     ev = self._pool_eval(ray.get(item.evaluation))
                     self.tracker.log_metrics(step, {f"eval/{k}": v for k, v in ev.items()})
                 if item.save is None and stop.set and not queued:
-                    item.save = self.students.save(str(self.run_dir / "checkpoints"), tag_for(step))
+                    item.save = self._save_after(item.step)
                 if item.save is not None:
                     self._checkpoint(step, summary, item.save)
         progress.close()
@@ -246,16 +249,16 @@ class TrainLoop:
             bytes_moved=sum(m["signal_bytes"] + m["batch_bytes"] for m in per_rank),
             signal_bytes_per_token=sum(m["signal_bytes"] for m in per_rank) / max(tokens, 1),
             inflight_depth=float(depth),
-            driver_rss_mb=psutil.Process().memory_info().rss / 2**20,
+            driver_rss_mb=self._process.memory_info().rss / 2**20,
             lr=per_rank[0]["lr"],
             grad_norm=per_rank[0]["grad_norm"],
         )
         return out
 
     def _checkpoint(self, step: int, summary: dict[str, Any], saved: list[ray.ObjectRef]) -> None:
-        """Shards (fsynced by the ranks), then this step's metrics in MLflow, then the ledger:
-        a committed step is never lost from either. The ledger records the run's identity
-        for resume checks."""
+        """Shards (fsynced by `commit_checkpoint`), then this step's metrics in MLflow, then
+        the ledger: a committed step is never lost from either. The ledger records the run's
+        identity for resume checks."""
         ray.get(saved)
         self.tracker.flush()
         extra = {"summary": summary, "identity": self.identity}
