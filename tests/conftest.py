@@ -10,6 +10,10 @@ import pytest
 import yaml
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Everything on loopback: Ray reads this when it is imported (not yet: conftest comes first)
+# and then gives the local node 127.0.0.1; the students' gloo group binds to `lo`.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
