@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 from actors.batch import TokenBatch
 from actors.models import backbone, build_student, output_head, pick_device, pick_dtype
 from actors.objective import LossSpec, SparseTarget, chunk_positions, objective_sums
-from actors.signal import TeacherSignal
+from actors.signal import TeacherSignal, topk_signal
+from actors.weights import WeightSnapshot
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -212,14 +213,24 @@ class StudentWorker:
         ids, attn, mask = part.to_torch(self.device)
         return self.engine(ids, attn, mask, self._targets(signals))
 
+    def _step_tokens(self, batch: TokenBatch) -> int:
+        """The loss tokens of the whole step, summed over the ranks (for shards the driver
+        never saw, such as the rollout engines' samples)."""
+        count = torch.tensor([batch.num_tokens], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(count)
+        return int(count.item())
+
     def train_step(
-        self, batch: TokenBatch, signal_refs: list[ray.ObjectRef], step_tokens: int
+        self, batch: TokenBatch, signal_refs: list[ray.ObjectRef], step_tokens: int | None
     ) -> dict[str, float]:
         """One optimizer step over this rank's shard. `step_tokens` is the loss-token count
-        of the whole step (all ranks): the objective is sum over the step / step_tokens."""
+        of the whole step (all ranks; None: counted here with one all-reduce): the
+        objective is sum over the step / step_tokens."""
         wait_start = time.perf_counter()
         signals: list[TeacherSignal] = ray.get(signal_refs)
         start, cpu_start = time.perf_counter(), time.process_time()
+        if step_tokens is None:
+            step_tokens = self._step_tokens(batch)
         self.engine.train()
         scale = self.world_size / max(int(step_tokens), 1)  # DeepSpeed averages over ranks
         sums: dict[str, float] = {}
@@ -261,6 +272,56 @@ class StudentWorker:
                 if key == "ce" or key.startswith("kl/"):
                     out[key] = out.get(key, 0.0) + float(value)
         return out
+
+    # -- what the student shows others ---------------------------------------------------
+
+    def weights_snapshot(self) -> WeightSnapshot | None:
+        """The current weights for the rollout engines, from rank 0 (under ZeRO-3 every
+        rank takes part in gathering them). Queued behind a train step, it holds exactly
+        that step's weights; its version is the optimizer steps taken."""
+        start = time.perf_counter()
+        if self.zero3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # None off rank 0
+        else:
+            state = self.engine.module.state_dict() if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        state = {k.removeprefix("lm."): v for k, v in state.items()}
+        return WeightSnapshot.of(state, int(self.engine.global_steps), time.perf_counter() - start)
+
+    @torch.no_grad()
+    def token_logprobs(self, batch: TokenBatch) -> np.ndarray:
+        """log p(next token) at the loss positions (checks a sync against an engine);
+        under ZeRO-3 every rank must be called (the forward gathers parameters)."""
+        self.engine.eval()
+        ids, attn, mask = batch.to_torch(self.device)
+        logits = self.engine.module.lm(input_ids=ids, attention_mask=attn).logits.float()
+        logp = torch.log_softmax(logits, -1)
+        nxt = torch.roll(ids, -1, dims=1)
+        return logp.gather(-1, nxt[..., None])[..., 0][mask].cpu().numpy()
+
+    @torch.no_grad()
+    def score(self, batch: TokenBatch) -> TeacherSignal:
+        """This student's own top-k at the shard's loss positions, for its peers (mutual
+        distillation): the same contract as a teacher's signal, from the weights before
+        this step's update. Under ZeRO-3 every rank of the group must be called."""
+        start, cpu_start = time.perf_counter(), time.process_time()
+        self.engine.eval()
+        ids, attn, mask = batch.to_torch(self.device)
+        hidden = backbone(self.engine.module.lm)(input_ids=ids, attention_mask=attn)
+        spec = self.loss_spec
+        signal = topk_signal(
+            hidden.last_hidden_state[mask],
+            self.engine.module.head,
+            k=int(self.spec["top_k"]),
+            temperature=spec.temperature,
+            teacher=str(self.spec["name"]),
+            vocab_size=self.vocab_size,
+            chunk=chunk_positions(self.vocab_size, 0, int(self.spec["chunk_bytes"])),
+        )
+        signal.busy_s = time.perf_counter() - start
+        signal.cpu_s = time.process_time() - cpu_start
+        return signal
 
     # -- state ----------------------------------------------------------------------------
 

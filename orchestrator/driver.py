@@ -13,6 +13,7 @@ from typing import Any
 import ray
 from transformers import AutoTokenizer
 
+from actors.models import vocab_size_of
 from orchestrator.checkpoint import (
     prune_uncommitted,
     read_ledger,
@@ -26,6 +27,19 @@ from orchestrator.students import StudentGroup
 from orchestrator.teachers import TeacherPool
 from orchestrator.tracking import Tracker, default_tracking_uri, flatten
 from orchestrator.train_loop import RunResult, TrainLoop
+
+
+def loop_class(mode: str) -> type[TrainLoop]:
+    """Each mode is its own module; the driver only picks one."""
+    if mode == "on_policy":
+        from orchestrator.on_policy import OnPolicyLoop
+
+        return OnPolicyLoop
+    if mode == "mutual":
+        from orchestrator.mutual import MutualLoop
+
+        return MutualLoop
+    return TrainLoop
 
 
 def new_run_dir(recipe: Recipe) -> Path:
@@ -50,10 +64,11 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
     write_json(state_path, {**state, "run_id": tracker.run_id, "tracking_uri": uri})
     pools: list[TeacherPool] = []
     students: StudentGroup | None = None
+    loop: TrainLoop | None = None
     status = "FAILED"
     try:
         if ledger is None:
-            tracker.log_params(flatten(recipe.model_dump(mode="json")))
+            tracker.log_params(flatten(recipe.model_dump(mode="json", by_alias=True)))
             tracker.log_artifact(run_dir / "recipe.yaml")
         pools = [TeacherPool(t, recipe.distill) for t in recipe.teachers]
         infos = [p.info() for p in pools]
@@ -71,12 +86,16 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
         dataset = build_dataset(recipe, pools)
         students = StudentGroup(recipe)
         tracker.log_params({"student.num_params": str(students.num_params)})
-        loop = TrainLoop(recipe, run_dir, pools, students, dataset, tracker, identity)
+        loop = loop_class(recipe.distill.mode)(
+            recipe, run_dir, pools, students, dataset, tracker, identity
+        )
         result = loop.run(ledger, stop_after)
         status = "FINISHED" if result.finished else "KILLED"  # KILLED: stopped, resumable
         return result
     finally:
         tracker.finish(status)
+        if loop is not None:
+            loop.shutdown()
         if students is not None:
             students.shutdown()
         for pool in pools:
@@ -98,9 +117,10 @@ def _check_teachers(infos: list[dict[str, Any]]) -> None:
 def build_dataset(recipe: Recipe, pools: list[TeacherPool]) -> Dataset:
     data = recipe.data
     if data.source == "synthetic":
-        return synthetic_dataset(data, pools[0].info()["vocab_size"], recipe.run.seed)
+        vocab = pools[0].info()["vocab_size"] if pools else vocab_size_of(recipe.student.model)
+        return synthetic_dataset(data, vocab, recipe.run.seed)
     tokenizer = AutoTokenizer.from_pretrained(recipe.student.model)
-    writer = pools[0]
+    writer = pools[0] if pools else None
     gen = data.generation
     written = [0]
 

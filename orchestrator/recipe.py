@@ -36,7 +36,9 @@ class RunConfig(_Strict):
 class TeacherConfig(_Strict):
     name: str
     model: str = Field(description="local HF folder, known model name, or hub name")
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="vllm: scores through prompt log-probs (extra `raydistill[vllm]`)"
+    )
     replicas: int = Field(1, ge=1)
     weight: float = Field(1.0, gt=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -93,7 +95,24 @@ class DataConfig(_Strict):
         return self
 
 
+MODES = ("off_policy", "on_policy", "mutual")
+
+
 class DistillConfig(_Strict):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    mode: Literal[MODES] = Field(  # type: ignore[valid-type]
+        "off_policy",
+        description="off_policy: fixed text; on_policy: the student's own samples (GKD); "
+        "mutual: students distill from each other",
+    )
+    lmbda: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        alias="lambda",
+        description="on_policy: probability that a step's batch is the student's own samples",
+    )
     loss: Literal[LOSS_KINDS] = "forward_kl"  # type: ignore[valid-type]
     alpha: float = Field(0.0, ge=0, le=1, description="weight of hard-label CE")
     temperature: float = Field(1.0, gt=0)
@@ -106,6 +125,36 @@ class DistillConfig(_Strict):
     chunk_mb: int = Field(
         256, ge=1, description="memory for [positions, vocab] buffers in teacher and student"
     )
+
+
+class RolloutConfig(_Strict):
+    """The engines that write the student's samples (distill.mode: on_policy)."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    threads: int = Field(1, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    temperature: float = Field(1.0, ge=0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)
+    samples_per_prompt: int = Field(1, ge=1)
+    sync_every: int = Field(1, ge=1, description="optimizer steps between weight syncs")
+    max_staleness: int = Field(
+        0, ge=0, description="0: strictly on-policy; 1: one-step-off (generation overlaps training)"
+    )
+
+
+class PeerConfig(StudentConfig):
+    """Another student of a mutual run: its own DeepSpeed group, model and size."""
+
+    name: str
+
+
+class MutualConfig(_Strict):
+    peers: list[PeerConfig] = Field(default_factory=list)
+    peer_weight: float = Field(1.0, gt=0, description="weight of each peer's divergence")
 
 
 class TrainConfig(_Strict):
@@ -139,10 +188,12 @@ class ClusterConfig(_Strict):
 
 class Recipe(_Strict):
     run: RunConfig = RunConfig()
-    teachers: list[TeacherConfig] = Field(min_length=1)
+    teachers: list[TeacherConfig] = Field(default_factory=list)
     student: StudentConfig
     data: DataConfig = DataConfig()
     distill: DistillConfig = DistillConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    mutual: MutualConfig = MutualConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -153,6 +204,7 @@ class Recipe(_Strict):
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"teachers: names must be unique, got {names}")
+        self._check_mode()
         if self.data.heldout < self.student.world_size:
             raise ValueError(
                 f"data.heldout: {self.data.heldout} gives some of the "
@@ -173,6 +225,40 @@ class Recipe(_Strict):
                 f"per-rank batch {per_rank}"
             )
         return self
+
+    def _check_mode(self) -> None:
+        mode, peers = self.distill.mode, self.mutual.peers
+        if not self.teachers and mode != "mutual":
+            raise ValueError("teachers: at least one teacher is needed (or distill.mode: mutual)")
+        if not self.teachers and self.data.responses == "teacher":
+            raise ValueError("data.responses: 'teacher' needs a teacher in `teachers`")
+        if mode == "mutual":
+            if not peers:
+                raise ValueError("mutual.peers: distill.mode 'mutual' needs at least one peer")
+            names = ["student", *(p.name for p in peers), *(t.name for t in self.teachers)]
+            if len(set(names)) != len(names):
+                raise ValueError(f"mutual.peers: names must be unique and not 'student': {names}")
+            for i, p in enumerate(peers):
+                if p.world_size != self.student.world_size:
+                    raise ValueError(
+                        f"mutual.peers.{i}.world_size: {p.world_size} differs from "
+                        f"student.world_size={self.student.world_size}; peers train on the "
+                        f"same shards"
+                    )
+        if mode != "on_policy":
+            return
+        r = self.rollout
+        if r.sync_every > r.max_staleness + 1:
+            raise ValueError(
+                f"rollout.sync_every: {r.sync_every} with max_staleness={r.max_staleness} "
+                f"would write samples more than {r.max_staleness} steps stale"
+            )
+        per_rank = self.train.batch_size // max(self.student.world_size, 1)
+        if per_rank % r.samples_per_prompt:
+            raise ValueError(
+                f"rollout.samples_per_prompt: {r.samples_per_prompt} does not divide the "
+                f"per-rank batch {per_rank} (a prompt's samples stay on one rank)"
+            )
 
     @property
     def grad_accum(self) -> int:
@@ -244,7 +330,7 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         candidate = base / recipe.data.path
         if candidate.exists() or not Path(recipe.data.path).exists():
             recipe.data.path = str(candidate.resolve())
-    for model_holder in [*recipe.teachers, recipe.student]:
+    for model_holder in [*recipe.teachers, recipe.student, *recipe.mutual.peers]:
         spec = model_holder.model
         if spec.startswith(("./", "../")) and (base / spec).exists():
             model_holder.model = str((base / spec).resolve())
@@ -252,4 +338,4 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
 
 
 def to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)

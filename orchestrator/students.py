@@ -8,14 +8,24 @@ import ray
 
 from actors.student import StudentWorker
 from orchestrator.ray_env import actor_options
-from orchestrator.recipe import Recipe
+from orchestrator.recipe import Recipe, StudentConfig
 
 
-def worker_spec(recipe: Recipe) -> dict[str, Any]:
-    """The plain dict a worker needs: actors know nothing of recipes."""
-    s, t, d = recipe.student, recipe.train, recipe.distill
-    total = sum(x.weight for x in recipe.teachers)
+def worker_spec(
+    recipe: Recipe,
+    student: StudentConfig | None = None,
+    name: str = "student",
+    target_weights: list[float] | None = None,
+) -> dict[str, Any]:
+    """The plain dict a worker needs: actors know nothing of recipes. `target_weights`: one
+    per signal the worker trains on (default: the teachers' weights, normalised)."""
+    s, t, d = student or recipe.student, recipe.train, recipe.distill
+    if target_weights is None:
+        total = sum(x.weight for x in recipe.teachers)
+        target_weights = [x.weight / total for x in recipe.teachers]
     return {
+        "name": name,
+        "top_k": d.top_k,
         "model": s.model,
         "layers": s.layers,
         "zero_stage": s.zero_stage,
@@ -38,20 +48,30 @@ def worker_spec(recipe: Recipe) -> dict[str, Any]:
         "temperature": d.temperature,
         "beta": d.beta,
         "skew": d.skew,
-        "teacher_weights": [x.weight / total for x in recipe.teachers],
+        "teacher_weights": target_weights,
     }
 
 
 class StudentGroup:
-    def __init__(self, recipe: Recipe) -> None:
-        s = recipe.student
+    def __init__(
+        self,
+        recipe: Recipe,
+        student: StudentConfig | None = None,
+        spec: dict[str, Any] | None = None,
+    ) -> None:
+        s = student or recipe.student
+        spec = spec or worker_spec(recipe, s)
+        self.name = str(spec["name"])
         remote = ray.remote(StudentWorker).options(
             **actor_options(s.num_cpus, s.num_gpus, s.threads)
         )
-        spec = worker_spec(recipe)
         self.workers = [remote.remote(r, s.world_size, spec) for r in range(s.world_size)]
-        addr, port = ray.get(self.workers[0].rendezvous.remote())
-        infos = ray.get([w.setup.remote(addr, port) for w in self.workers])
+        try:
+            addr, port = ray.get(self.workers[0].rendezvous.remote())
+            infos = ray.get([w.setup.remote(addr, port) for w in self.workers])
+        except BaseException:
+            self.shutdown()  # a group that failed to form leaves no actor behind
+            raise
         self.num_params = int(infos[0]["num_params"])
 
     def __len__(self) -> int:
@@ -72,6 +92,17 @@ class StudentGroup:
             w.evaluate.remote(shard, sigs)
             for w, shard, sigs in zip(self.workers, shards, signals, strict=True)
         ]
+
+    def snapshot(self) -> ray.ObjectRef:
+        """Ref of the WeightSnapshot taken after the work queued so far (rank 0's)."""
+        return [w.weights_snapshot.remote() for w in self.workers][0]
+
+    def token_logprobs(self, shard: ray.ObjectRef) -> ray.ObjectRef:
+        return [w.token_logprobs.remote(shard) for w in self.workers][0]
+
+    def score(self, shards: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
+        """Each rank's own top-k on its shard, before its next update (for peers)."""
+        return [w.score.remote(shard) for w, shard in zip(self.workers, shards, strict=True)]
 
     def save(self, directory: str, tag: str) -> list[ray.ObjectRef]:
         """Queued behind the ranks' current work: it saves the weights of the last queued

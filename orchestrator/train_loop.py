@@ -40,7 +40,8 @@ class InFlight:
     step: int
     shards: list[ray.ObjectRef]
     signals: list[list[ray.ObjectRef]]  # [rank][teacher]
-    tokens: int  # loss tokens of the whole step, all ranks
+    tokens: int | None  # loss tokens of the whole step, all ranks (None: the ranks count)
+    meta: list[ray.ObjectRef] = field(default_factory=list)  # what wrote the shards, if any
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Queued:
 
     step: int
     metrics: list[ray.ObjectRef]
+    meta: list[ray.ObjectRef] = field(default_factory=list)
     evaluation: list[ray.ObjectRef] | None = None
     save: list[ray.ObjectRef] | None = None
 
@@ -124,19 +126,48 @@ class TrainLoop:
         """Queue step's train_step on every rank (teachers already d steps ahead), followed,
         in the same actor queues, by the evaluation and checkpoint that belong after it, so
         they see exactly this step's weights even though the next step is queued too."""
-        while self._next_issue <= min(step + self.recipe.distill.prefetch_depth, end - 1):
-            self._window.append(self._issue(self._next_issue))
-            self._next_issue += 1
+        self._issue_ahead(step, end)
         item = self._window.popleft()
         assert item.step == step, (item.step, step)
         done, train = step + 1, self.recipe.train
-        queued = Queued(step, self.students.train_step(item.shards, item.signals, item.tokens))
+        queued = Queued(step, self._train(item), item.meta)
+        self._after_train(step, end)
+        self._issue_ahead(step, end)
         if train.eval_every and done % train.eval_every == 0 and done < train.steps:
             queued.evaluation = self._submit_eval()
         every = self.recipe.checkpoint.every
         if done == end or (every and done % every == 0):
             queued.save = self._save_after(step)
         return queued
+
+    def _issue_ahead(self, step: int, end: int) -> None:
+        """Issue the steps up to `prefetch_depth` ahead that can be issued now."""
+        while self._next_issue <= min(step + self.recipe.distill.prefetch_depth, end - 1):
+            if not self._can_issue(self._next_issue):
+                break
+            self._window.append(self._issue(self._next_issue))
+            self._next_issue += 1
+
+    # hooks of the modes that extend this loop (on_policy, mutual)
+
+    def _can_issue(self, step: int) -> bool:
+        return True
+
+    def _train(self, item: InFlight) -> list[ray.ObjectRef]:
+        return self.students.train_step(item.shards, item.signals, item.tokens)
+
+    def _after_train(self, step: int, end: int) -> None:
+        """Work queued on the students right behind train step `step`."""
+
+    def _started(self, start: int) -> None:
+        """Called once the students hold the weights of step `start`."""
+
+    def _step_metrics(self, item: Queued, metrics: dict[str, float]) -> None:
+        """Add a mode's own metrics for a finished step."""
+
+    def shutdown(self) -> None:
+        """Stop the actors a mode started for itself (teachers and students are the
+        driver's)."""
 
     def _save_after(self, step: int) -> list[ray.ObjectRef]:
         """A checkpoint of the weights after `step`, queued behind it on every rank."""
@@ -175,6 +206,7 @@ class TrainLoop:
             start = int(ledger["step"])
             summary = dict(ledger.get("summary", {}))
             print(f"resumed from checkpoint at step {start}", flush=True)
+        self._started(start)
         if "eval_before" not in summary:
             summary["eval_before"] = self.evaluate()
             self.tracker.log_metrics(0, {f"eval/{k}": v for k, v in summary["eval_before"].items()})
@@ -199,6 +231,7 @@ class TrainLoop:
                 now = time.perf_counter()
                 metrics = self._aggregate(per_rank, now - last, len(self._window))
                 metrics["driver_cpu_s"] = time.process_time() - last_cpu  # incl. its threads
+                self._step_metrics(item, metrics)
                 last, last_cpu, step = now, time.process_time(), item.step + 1
                 tokens_total += metrics["tokens"]
                 self.tracker.log_metrics(step, metrics)  # written by a background thread

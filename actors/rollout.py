@@ -1,0 +1,230 @@
+"""RolloutEngine: a copy of the student in its own Ray actor that writes the student's samples.
+
+The driver hands it the prompts of one step (token ids, already rendered with the chat
+template) and the ref of the weight snapshot that step must be written with. An engine
+whose weights are older than that snapshot loads it first, so syncing is part of the call
+and a restarted engine re-syncs before it serves. Every sample records the weight version
+it was written with.
+
+Sampling (temperature, top-p, max new tokens, stop at end of turn) is batched; each row has
+its own seed (from the run seed, the step and the row), so a step's samples do not depend
+on how rows were batched or on what ran before: a resumed run writes the same samples.
+The engine returns the step's shards as TokenBatches: prompt + response, the loss on the
+response tokens only, the end-of-turn token kept as the last target when the sample ended
+and nothing appended when `max_new_tokens` cut it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from actors.batch import TokenBatch
+from actors.chat import LENGTH, STOP
+from actors.models import build_student, pick_device, pick_dtype
+from actors.weights import WeightSnapshot
+
+
+@dataclass
+class Sample:
+    response: list[int]  # sampled ids, the stop id included when the sample ended
+    logprobs: list[float]  # log-prob of each sampled id under the sampling distribution
+    finish_reason: str  # "stop" | "length"
+
+
+def request_seed(seed: int, step: int, row: int) -> int:
+    """The seed of one sample: the same (seed, step, row) always draws the same sample."""
+    return int(np.random.SeedSequence([seed, step, row]).generate_state(1)[0])
+
+
+def assemble(prompts: list[np.ndarray], samples: list[Sample], pad: int) -> TokenBatch:
+    """Prompt + response rows, right-padded; the loss on the response tokens only."""
+    lengths = [len(p) + len(s.response) for p, s in zip(prompts, samples, strict=True)]
+    width = max(max(lengths), 2)
+    ids = np.full((len(prompts), width), pad, dtype=np.int32)
+    attn = np.zeros((len(prompts), width), dtype=np.int8)
+    loss = np.zeros((len(prompts), width), dtype=bool)
+    for i, (p, s) in enumerate(zip(prompts, samples, strict=True)):
+        n = len(p) + len(s.response)
+        ids[i, : len(p)] = p
+        ids[i, len(p) : n] = s.response
+        attn[i, :n] = 1
+        loss[i, len(p) - 1 : n - 1] = True  # position t predicts token t+1
+    return TokenBatch(ids, attn, loss)
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose mass reaches top_p (renormalised)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above
+    sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return filtered / filtered.sum(-1, keepdim=True)
+
+
+class HFSampler:
+    """Batched sampling with a transformers model and a KV cache, one generator per row."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model, self.device = model, device
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        prompts: list[np.ndarray],
+        seeds: list[int],
+        sampling: dict[str, Any],
+        stop_ids: list[int],
+        pad: int,
+    ) -> list[Sample]:
+        temperature = float(sampling["temperature"])
+        top_p, max_new = float(sampling["top_p"]), int(sampling["max_new_tokens"])
+        n, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        attn = torch.zeros((n, width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every row continues at the end
+            ids[i, width - len(p) :] = torch.from_numpy(np.asarray(p, dtype=np.int64))
+            attn[i, width - len(p) :] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        stops = torch.tensor(stop_ids or [-1], device=self.device)
+        out = self.model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1
+        )
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        tokens, logps = [], []
+        for _ in range(max_new):
+            logits = out.logits[:, -1].float()
+            if temperature == 0:
+                logp = torch.log_softmax(logits, -1)
+                tok = logits.argmax(-1)
+            else:
+                probs = _top_p_filter(torch.softmax(logits / temperature, -1), top_p)
+                logp = torch.log(probs)
+                tok = torch.stack(
+                    [torch.multinomial(probs[i], 1, generator=gens[i])[0] for i in range(n)]
+                )
+            tok = torch.where(done, torch.full_like(tok, pad), tok)
+            tokens.append(tok)
+            logps.append(logp.gather(-1, tok[:, None])[:, 0])
+            done = done | torch.isin(tok, stops)
+            if bool(done.all()):
+                break
+            attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=attn.device)], 1)
+            pos = pos[:, -1:] + 1
+            out = self.model(
+                input_ids=tok[:, None],
+                attention_mask=attn,
+                position_ids=pos,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+        new = torch.stack(tokens, 1).cpu().tolist()
+        lps = torch.stack(logps, 1).cpu().tolist()
+        stop_set = set(stop_ids)
+        samples = []
+        for row, lp in zip(new, lps, strict=True):
+            end = next((j + 1 for j, t in enumerate(row) if t in stop_set), None)
+            reason = STOP if end is not None else LENGTH
+            end = end if end is not None else len(row)
+            samples.append(Sample(row[:end], lp[:end], reason))
+        return samples
+
+    def load(self, snapshot: WeightSnapshot) -> None:
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in snapshot.tensors():
+                state[name].copy_(tensor)
+
+    @torch.inference_mode()
+    def token_logprobs(self, batch: TokenBatch) -> np.ndarray:
+        """log p(next token) at the batch's loss positions, row-major."""
+        ids, attn, mask = batch.to_torch(self.device)
+        logits = self.model(input_ids=ids, attention_mask=attn).logits.float()
+        logp = torch.log_softmax(logits, -1)
+        nxt = torch.roll(ids, -1, dims=1)
+        return logp.gather(-1, nxt[..., None])[..., 0][mask].cpu().numpy()
+
+
+class RolloutEngine:
+    """One rollout replica. `spec`: model, layers, backend, dtype, threads, stop_ids, pad."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        torch.set_num_threads(int(spec.get("threads", 1)))
+        self.spec = spec
+        self.version = -1  # no snapshot loaded yet: the first call loads one
+        self.stop_ids = [int(i) for i in spec.get("stop_ids", [])]
+        self.pad = int(spec.get("pad", 0))
+        if spec.get("backend", "hf") == "vllm":
+            from actors.vllm_backend import VLLMSampler
+
+            self.sampler = VLLMSampler(spec)
+        else:
+            device = pick_device(want_gpu=True)
+            model = build_student(spec["model"], spec.get("layers"))
+            model = model.to(device=device, dtype=pick_dtype(spec.get("dtype", "auto"), device))
+            self.sampler = HFSampler(model.eval(), device)
+
+    def _sync(self, snapshot_ref: list[ray.ObjectRef]) -> dict[str, float]:
+        """Load the snapshot unless this engine already holds its version."""
+        wanted: WeightSnapshot | None = None
+        start = time.perf_counter()
+        if snapshot_ref:
+            wanted = ray.get(snapshot_ref[0])
+        if wanted is None or wanted.version == self.version:
+            return {}
+        self.sampler.load(wanted)
+        self.version = wanted.version
+        return {
+            "sync_load_s": time.perf_counter() - start,
+            "sync_gather_s": wanted.gather_s,
+            "sync_bytes": float(wanted.nbytes),
+        }
+
+    def generate(
+        self,
+        shards: list[list[np.ndarray]],
+        seeds: list[list[int]],
+        sampling: dict[str, Any],
+        snapshot_ref: list[ray.ObjectRef],
+    ) -> tuple[Any, ...]:
+        """Samples for each shard's prompts, as one TokenBatch per shard, then a meta dict
+        (weight version, timings, and the sampled ids for the record)."""
+        sync = self._sync(snapshot_ref)
+        start, cpu = time.perf_counter(), time.process_time()
+        flat = [p for shard in shards for p in shard]
+        flat_seeds = [s for shard in seeds for s in shard]
+        samples = self.sampler.sample(flat, flat_seeds, sampling, self.stop_ids, self.pad)
+        batches, at = [], 0
+        for shard in shards:
+            batches.append(assemble(shard, samples[at : at + len(shard)], self.pad))
+            at += len(shard)
+        meta = {
+            "version": self.version,
+            "busy_s": time.perf_counter() - start,
+            "cpu_s": time.process_time() - cpu,
+            "new_tokens": sum(len(s.response) for s in samples),
+            "responses": [s.response for s in samples],
+            "logprobs": [s.logprobs for s in samples],
+            "finish_reasons": [s.finish_reason for s in samples],
+            **sync,
+        }
+        return (*batches, meta)
+
+    def token_logprobs(
+        self, batch: TokenBatch, snapshot_ref: list[ray.ObjectRef] | None = None
+    ) -> np.ndarray:
+        """The engine's log-probs of fixed text (to check a sync against the ranks)."""
+        self._sync(snapshot_ref or [])
+        return self.sampler.token_logprobs(batch)
+
+    def get_version(self) -> int:
+        return self.version

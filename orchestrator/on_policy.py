@@ -1,0 +1,164 @@
+"""distill.mode: on_policy — the student learns on its own samples, scored by the teachers.
+
+Each step draws, from the run seed and the step alone, whether its batch is the student's
+own samples (probability `distill.lambda`, as in GKD) or the data's text as off-policy. An
+on-policy step takes the prompts of the first batch_size / samples_per_prompt rows of the
+step's data batch (a row's prompt is everything before its first target token), has the
+rollout engines write `samples_per_prompt` samples for each, and sends the samples through
+the same path as data: teachers score them, the ranks train on the sampled tokens.
+
+Weights and staleness. The ranks publish a WeightSnapshot every `sync_every` steps, queued
+right behind the train step it follows, so it holds exactly that step's weights; the
+engines load it from the object store on their next call. Step t's samples are written
+with version v(t) = the oldest synced version that keeps staleness t - v(t) within
+`max_staleness`: with 0 every step waits for the previous update (strictly on-policy);
+with 1 the samples of step t+1 are written with step t-1's result while step t trains.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from actors.batch import TokenBatch
+from actors.rollout import request_seed
+from orchestrator.rollouts import RolloutPool
+from orchestrator.train_loop import InFlight, Queued, TrainLoop
+
+_LAMBDA_STREAM = 0x6F6E  # keeps the lambda draws apart from other seeded streams
+
+
+def is_on_policy_step(seed: int, step: int, lmbda: float) -> bool:
+    """GKD's lambda: each step is the student's own samples with probability lambda,
+    drawn from (seed, step) alone, so a resumed run draws the same."""
+    if lmbda >= 1:
+        return True
+    if lmbda <= 0:
+        return False
+    return bool(np.random.default_rng([seed, step, _LAMBDA_STREAM]).random() < lmbda)
+
+
+def prompt_ids(batch: TokenBatch, row: int) -> np.ndarray:
+    """The row's prompt: its tokens up to and including the one before the first target."""
+    first = int(np.argmax(batch.loss_mask[row]))
+    return batch.input_ids[row, : first + 1].copy()
+
+
+class OnPolicyLoop(TrainLoop):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rollouts = RolloutPool(self.recipe)
+        self._snapshots: dict[int, ray.ObjectRef] = {}
+        self._start = 0
+
+    # -- versions -------------------------------------------------------------------------
+
+    def version_for(self, step: int) -> int:
+        """The weight version step's samples are written with (see module docstring)."""
+        r = self.recipe.rollout
+        oldest = r.sync_every * math.ceil(max(step - r.max_staleness, 0) / r.sync_every)
+        return max(oldest, self._start)
+
+    def _started(self, start: int) -> None:
+        self._start = start  # the checkpoint's weights: what a resumed run starts from
+        self._snapshots = {start: self.students.snapshot()}
+
+    def _after_train(self, step: int, end: int) -> None:
+        done = step + 1
+        if done < end and done % self.recipe.rollout.sync_every == 0:
+            self._snapshots[done] = self.students.snapshot()
+
+    def _can_issue(self, step: int) -> bool:
+        return not self._on_policy(step) or self.version_for(step) in self._snapshots
+
+    def _on_policy(self, step: int) -> bool:
+        return is_on_policy_step(self.recipe.run.seed, step, self.recipe.distill.lmbda)
+
+    # -- batches --------------------------------------------------------------------------
+
+    def _issue(self, step: int) -> InFlight:
+        if not self._on_policy(step):
+            return super()._issue(step)
+        train, r = self.recipe.train, self.recipe.rollout
+        batch = self.dataset.batch_for_step(step, train.batch_size)
+        prompts = [prompt_ids(batch, i) for i in range(train.batch_size // r.samples_per_prompt)]
+        rows = [p for p in prompts for _ in range(r.samples_per_prompt)]  # a prompt's K adjacent
+        per_rank = len(rows) // self.world
+        shards = [rows[i * per_rank : (i + 1) * per_rank] for i in range(self.world)]
+        seeds = [
+            [request_seed(self.recipe.run.seed, step, i * per_rank + j) for j in range(per_rank)]
+            for i in range(self.world)
+        ]
+        version = self.version_for(step)
+        for old in [v for v in self._snapshots if v < version]:
+            del self._snapshots[old]  # later steps never use an older version
+        refs, metas = self.rollouts.generate(shards, seeds, self._snapshots[version])
+        return InFlight(step, refs, self._signals_for(refs), None, metas)
+
+    # -- what a step reports --------------------------------------------------------------
+
+    def _step_metrics(self, item: Queued, metrics: dict[str, float]) -> None:
+        metrics["on_policy"] = float(bool(item.meta))
+        if not item.meta:
+            return
+        metas = ray.get(item.meta)
+        step = item.step
+        staleness = [step - m["version"] for m in metas]
+        if max(staleness) > self.recipe.rollout.max_staleness or min(staleness) < 0:
+            raise RuntimeError(f"step {step}: samples of versions {staleness} steps old")
+        responses = [r for m in metas for r in m["responses"]]
+        reasons = [f for m in metas for f in m["finish_reasons"]]
+        busy = max(m["busy_s"] for m in metas)
+        new_tokens = sum(m["new_tokens"] for m in metas)
+        cpu = sum(m["cpu_s"] for m in metas)
+        metrics.update(
+            {
+                "rollout/staleness": float(max(staleness)),
+                "rollout/version": float(min(m["version"] for m in metas)),
+                "rollout/busy_s": busy,
+                "rollout/cpu_s": cpu,
+                "rollout/new_tokens": float(new_tokens),
+                "rollout/tokens_per_s": new_tokens / max(busy, 1e-9),
+                "rollout/response_len": float(np.mean([len(r) for r in responses])),
+                "rollout/truncated_frac": float(np.mean([f == "length" for f in reasons])),
+            }
+        )
+        metrics["actors_cpu_s"] = metrics.get("actors_cpu_s", 0.0) + cpu
+        synced = [m for m in metas if "sync_bytes" in m]
+        if synced:
+            metrics["sync/time_s"] = synced[0]["sync_gather_s"] + max(
+                m["sync_load_s"] for m in synced
+            )
+            metrics["sync/bytes"] = float(synced[0]["sync_bytes"])
+        self._record(step, metas)
+
+    def _record(self, step: int, metas: list[dict[str, Any]]) -> None:
+        """rollouts/step_XXXXXX.parquet: every sample with the version that wrote it."""
+        table = pa.table(
+            {
+                "step": pa.array([step] * sum(len(m["responses"]) for m in metas), pa.int64()),
+                "version": [m["version"] for m in metas for _ in m["responses"]],
+                "finish_reason": [f for m in metas for f in m["finish_reasons"]],
+                "response": pa.array(
+                    [r for m in metas for r in m["responses"]], pa.list_(pa.int32())
+                ),
+                "logprobs": pa.array(
+                    [lp for m in metas for lp in m["logprobs"]], pa.list_(pa.float32())
+                ),
+            }
+        )
+        folder = self.run_dir / "rollouts"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"step_{step + 1:06d}.parquet"
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+
+    def shutdown(self) -> None:
+        self.rollouts.shutdown()

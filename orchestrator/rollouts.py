@@ -1,0 +1,95 @@
+"""RolloutPool: the rollout engines of a run, behind one handle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+
+from actors.rollout import RolloutEngine
+from orchestrator.ray_env import actor_options
+from orchestrator.recipe import Recipe
+
+
+def stop_and_pad(recipe: Recipe) -> tuple[list[int], int]:
+    """The ids that end a student's turn and its pad id. Token-only data (synthetic, no
+    tokenizer) has no end of turn: every sample runs to max_new_tokens."""
+    if recipe.data.source == "synthetic":
+        return [], 0
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from actors.chat import stop_token_ids
+
+    path = recipe.student.model
+    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:
+        eos = None
+    stops = stop_token_ids(eos, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (stops or [0])[0]
+    return stops, int(pad)
+
+
+def engine_spec(recipe: Recipe) -> dict[str, Any]:
+    r, s = recipe.rollout, recipe.student
+    stops, pad = stop_and_pad(recipe)
+    return {
+        "model": s.model,
+        "layers": s.layers,
+        "backend": r.backend,
+        "dtype": r.dtype,
+        "threads": r.threads,
+        "stop_ids": stops,
+        "pad": pad,
+        "seed": recipe.run.seed,
+        "max_model_len": recipe.data.seq_len + r.max_new_tokens,
+    }
+
+
+class RolloutPool:
+    def __init__(self, recipe: Recipe) -> None:
+        r = recipe.rollout
+        remote = ray.remote(RolloutEngine).options(
+            **actor_options(r.num_cpus, r.num_gpus, r.threads),
+            max_restarts=2,  # a restarted engine loads the snapshot of its next call
+            max_task_retries=2,  # generate is idempotent: per-row seeds, a given snapshot
+        )
+        spec = engine_spec(recipe)
+        self.replicas = [remote.remote(spec) for _ in range(r.replicas)]
+        self.sampling = {
+            "temperature": r.temperature,
+            "top_p": r.top_p,
+            "max_new_tokens": r.max_new_tokens,
+        }
+
+    def generate(
+        self,
+        shards: list[list[np.ndarray]],
+        seeds: list[list[int]],
+        snapshot: ray.ObjectRef,
+    ) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
+        """(one TokenBatch ref per shard, in order; one meta ref per engine called). Shard r
+        goes to engine r mod replicas; each engine writes all of its shards in one batch."""
+        n = len(self.replicas)
+        out: list[ray.ObjectRef | None] = [None] * len(shards)
+        metas = []
+        for e, engine in enumerate(self.replicas):
+            mine = list(range(e, len(shards), n))
+            if not mine:
+                continue
+            refs = engine.generate.options(num_returns=len(mine) + 1).remote(
+                [shards[i] for i in mine], [seeds[i] for i in mine], self.sampling, [snapshot]
+            )
+            for i, ref in zip(mine, refs[:-1], strict=True):
+                out[i] = ref
+            metas.append(refs[-1])
+        return [r for r in out if r is not None], metas
+
+    def token_logprobs(self, shard: ray.ObjectRef, snapshot: ray.ObjectRef | None = None):
+        return [e.token_logprobs.remote(shard, [snapshot] if snapshot else []) for e in self.replicas]
+
+    def shutdown(self) -> None:
+        for engine in self.replicas:
+            ray.kill(engine)
