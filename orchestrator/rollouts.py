@@ -88,7 +88,9 @@ class RolloutPool:
         return [r for r in out if r is not None], metas
 
     def token_logprobs(self, shard: ray.ObjectRef, snapshot: ray.ObjectRef | None = None):
-        return [e.token_logprobs.remote(shard, [snapshot] if snapshot else []) for e in self.replicas]
+        return [
+            e.token_logprobs.remote(shard, [snapshot] if snapshot else []) for e in self.replicas
+        ]
 
     def shutdown(self) -> None:
         for engine in self.replicas:

@@ -103,8 +103,10 @@ def test_sync_gives_the_engine_the_ranks_weights(ray_session, tiny_models, tmp_p
     )
     recipe = Recipe.model_validate(raw)
     teacher = TeacherActor("tiny", tiny_models["teacher"], top_k=16, temperature=1.0)
-    engine = ray.remote(RolloutEngine).options(num_cpus=0.25).remote(
-        {"model": tiny_models["student"], "layers": None, "stop_ids": [], "pad": 0}
+    engine = (
+        ray.remote(RolloutEngine)
+        .options(num_cpus=0.25)
+        .remote({"model": tiny_models["student"], "layers": None, "stop_ids": [], "pad": 0})
     )
     group = StudentGroup(recipe)
     try:

@@ -69,7 +69,9 @@ def test_lambda_draws_depend_on_seed_and_step_only():
 def test_lambda_zero_is_the_off_policy_run(ray_session, tiny_models, tmp_path):
     raw = _raw(tmp_path, tiny_models)
     off = _run(tmp_path, raw, "off")
-    zero = _run(tmp_path, {**raw, "distill": {**raw["distill"], "mode": "on_policy", "lambda": 0}}, "zero")
+    zero = _run(
+        tmp_path, {**raw, "distill": {**raw["distill"], "mode": "on_policy", "lambda": 0}}, "zero"
+    )
     a, b = _weights(off), _weights(zero)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (zero / "rollouts").exists()  # no step drew the student's samples
