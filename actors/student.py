@@ -192,9 +192,12 @@ class StudentWorker:
 
     # -- training -------------------------------------------------------------------------
 
-    def _targets(self, signals: list[TeacherSignal]) -> list[SparseTarget]:
+    def _targets(self, signals: list[TeacherSignal], train: bool = True) -> list[SparseTarget]:
+        """Training signals carry the recipe's weights; evaluation (held-out teachers only,
+        no peers) reads only the per-signal KL sums, so weights do not matter there."""
+        weights = self.spec["teacher_weights"] if train else [1.0] * len(signals)
         out = []
-        for weight, sig in zip(self.spec["teacher_weights"], signals, strict=True):
+        for weight, sig in zip(weights, signals, strict=True):
             ids, logprobs = (x.to(self.device) for x in sig.torch_targets())
             out.append(SparseTarget(sig.teacher, ids, logprobs, float(weight)))
         return out
@@ -209,9 +212,9 @@ class StudentWorker:
             part = batch.rows(a, b).trimmed()
             yield part, [s.rows(int(offsets[a]), int(offsets[b])) for s in signals]
 
-    def _forward(self, part: TokenBatch, signals: list[TeacherSignal]):
+    def _forward(self, part: TokenBatch, signals: list[TeacherSignal], train: bool = True):
         ids, attn, mask = part.to_torch(self.device)
-        return self.engine(ids, attn, mask, self._targets(signals))
+        return self.engine(ids, attn, mask, self._targets(signals, train))
 
     def _step_tokens(self, batch: TokenBatch) -> int:
         """The loss tokens of the whole step, summed over the ranks (for shards the driver
@@ -267,7 +270,7 @@ class StudentWorker:
         n = max(1, math.ceil(len(batch) / int(self.spec["micro_batch_size"])))
         out: dict[str, float] = {"tokens": float(batch.num_tokens)}
         for part, part_signals in self._micro_batches(batch, signals, n):
-            _, terms = self._forward(part, part_signals)
+            _, terms = self._forward(part, part_signals, train=False)
             for key, value in terms.items():
                 if key == "ce" or key.startswith("kl/"):
                     out[key] = out.get(key, 0.0) + float(value)

@@ -115,9 +115,12 @@ def summary_table(s: dict[str, Any], run_dir: Path) -> str:
     before, after = s["eval_before"], s["eval_after"]
     teachers = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in s["teacher_params"].items())
     rows = [
-        ("teacher params", teachers),
+        ("teacher params", teachers or "none"),
         ("student params", f"{s['student_params'] / 1e6:.1f}M"),
-        ("held-out KL(teacher||student)", f"{before['kl']:.4f} -> {after['kl']:.4f}"),
+    ]
+    if "kl" in before:  # no teacher (mutual), no KL to one
+        rows.append(("held-out KL(teacher||student)", f"{before['kl']:.4f} -> {after['kl']:.4f}"))
+    rows += [
         ("held-out perplexity", f"{before['ppl']:.2f} -> {after['ppl']:.2f}"),
         ("train tokens/s", f"{s['tokens_per_s']:.0f}"),
         ("MLflow", f"{s['tracking_uri']} (run {s['mlflow_run_id']})"),

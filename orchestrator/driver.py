@@ -84,11 +84,10 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
             {f"teacher.{i['name']}.{k}": str(v) for i in infos for k, v in i.items()}
         )
         dataset = build_dataset(recipe, pools)
-        students = StudentGroup(recipe)
+        mode = loop_class(recipe.distill.mode)
+        students = StudentGroup(recipe, spec=mode.student_spec(recipe))
         tracker.log_params({"student.num_params": str(students.num_params)})
-        loop = loop_class(recipe.distill.mode)(
-            recipe, run_dir, pools, students, dataset, tracker, identity
-        )
+        loop = mode(recipe, run_dir, pools, students, dataset, tracker, identity)
         result = loop.run(ledger, stop_after)
         status = "FINISHED" if result.finished else "KILLED"  # KILLED: stopped, resumable
         return result

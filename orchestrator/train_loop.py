@@ -26,7 +26,7 @@ from orchestrator.data import Dataset
 from orchestrator.plots import plot_curves
 from orchestrator.progress import Progress
 from orchestrator.recipe import Recipe
-from orchestrator.students import StudentGroup
+from orchestrator.students import StudentGroup, worker_spec
 from orchestrator.teachers import TeacherPool
 from orchestrator.tracking import Tracker
 
@@ -90,6 +90,11 @@ class _StopFlag:
 
 
 class TrainLoop:
+    @classmethod
+    def student_spec(cls, recipe: Recipe) -> dict[str, Any]:
+        """The worker spec of the run's (first) student group."""
+        return worker_spec(recipe)
+
     def __init__(
         self,
         recipe: Recipe,
@@ -187,11 +192,16 @@ class TrainLoop:
             if key != "tokens":
                 out[key] = sum(p.get(key, 0.0) for p in parts) / max(tokens, 1)
         out["ppl"] = math.exp(min(out["ce"], 50.0))
-        out["kl"] = float(np.mean([v for k, v in out.items() if k.startswith("kl/")]))
+        kls = [v for k, v in out.items() if k.startswith("kl/")]
+        if kls:
+            out["kl"] = float(np.mean(kls))
         return out
 
+    def _eval_result(self, refs: list[ray.ObjectRef]) -> dict[str, float]:
+        return self._pool_eval(ray.get(refs))
+
     def evaluate(self) -> dict[str, float]:
-        return self._pool_eval(ray.get(self._submit_eval()))
+        return self._eval_result(self._submit_eval())
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -237,7 +247,7 @@ class TrainLoop:
                 self.tracker.log_metrics(step, metrics)  # written by a background thread
                 progress.update(metrics["loss"], metrics["kl"], metrics["tokens_per_s"])
                 if item.evaluation is not None:
-                    ev = self._pool_eval(ray.get(item.evaluation))
+                    ev = self._eval_result(item.evaluation)
                     self.tracker.log_metrics(step, {f"eval/{k}": v for k, v in ev.items()})
                 if item.save is None and stop.set and not queued:
                     item.save = self._save_after(item.step)
@@ -261,7 +271,8 @@ class TrainLoop:
         for key in per_rank[0]:
             if key in {"loss", "ce", "kd"} or key.startswith("kl/"):
                 out[key] = sum(m[key] * m["tokens"] for m in per_rank) / max(tokens, 1)
-        out["kl"] = float(np.mean([v for k, v in out.items() if k.startswith("kl/")]))
+        kls = [v for k, v in out.items() if k.startswith("kl/")]
+        out["kl"] = float(np.mean(kls)) if kls else 0.0
         cpu_total = sum(m["student_cpu_s"] for m in per_rank)
         for pool in self.pools:
             for kind in ("teacher_busy_s", "teacher_cpu_s"):
@@ -275,8 +286,8 @@ class TrainLoop:
             step_time_s=wall,
             student_busy_s=max(m["student_busy_s"] for m in per_rank),
             student_cpu_s=max(m["student_cpu_s"] for m in per_rank),
-            teacher_busy_s=max(out[f"teacher_busy_s/{p.name}"] for p in self.pools),
-            teacher_cpu_s=max(out[f"teacher_cpu_s/{p.name}"] for p in self.pools),
+            teacher_busy_s=max((out[f"teacher_busy_s/{p.name}"] for p in self.pools), default=0),
+            teacher_cpu_s=max((out[f"teacher_cpu_s/{p.name}"] for p in self.pools), default=0),
             actors_cpu_s=cpu_total,
             signal_wait_s=max(m["signal_wait_s"] for m in per_rank),
             bytes_moved=sum(m["signal_bytes"] + m["batch_bytes"] for m in per_rank),
