@@ -173,14 +173,16 @@ class RolloutEngine:
             model = model.to(device=device, dtype=pick_dtype(spec.get("dtype", "auto"), device))
             self.sampler = HFSampler(model.eval(), device)
 
-    def _sync(self, snapshot_ref: list[ray.ObjectRef]) -> dict[str, float]:
-        """Load the snapshot unless this engine already holds its version."""
-        wanted: WeightSnapshot | None = None
-        start = time.perf_counter()
-        if snapshot_ref:
-            wanted = ray.get(snapshot_ref[0])
-        if wanted is None or wanted.version == self.version:
+    def _sync(self, version: int, snapshot_ref: list[ray.ObjectRef]) -> dict[str, float]:
+        """Load the snapshot of `version` unless this engine already holds it (then nothing
+        is fetched). Sync time = the ranks' gather + fetching and loading here."""
+        if version == self.version or not snapshot_ref:
             return {}
+        ray.wait(snapshot_ref, fetch_local=False)  # waiting for the train step is not sync
+        start = time.perf_counter()
+        wanted: WeightSnapshot = ray.get(snapshot_ref[0])
+        if wanted.version != version:
+            raise ValueError(f"snapshot holds version {wanted.version}, expected {version}")
         self.sampler.load(wanted)
         self.version = wanted.version
         return {
@@ -194,11 +196,13 @@ class RolloutEngine:
         shards: list[list[np.ndarray]],
         seeds: list[list[int]],
         sampling: dict[str, Any],
+        version: int,
         snapshot_ref: list[ray.ObjectRef],
     ) -> tuple[Any, ...]:
-        """Samples for each shard's prompts, as one TokenBatch per shard, then a meta dict
-        (weight version, timings, and the sampled ids for the record)."""
-        sync = self._sync(snapshot_ref)
+        """Samples for each shard's prompts with the weights of `version` (loaded from the
+        snapshot ref first if this engine holds another), as one TokenBatch per shard, then
+        a meta dict (weight version, timings, and the sampled ids for the record)."""
+        sync = self._sync(version, snapshot_ref)
         start, cpu = time.perf_counter(), time.process_time()
         flat = [p for shard in shards for p in shard]
         flat_seeds = [s for shard in seeds for s in shard]
@@ -220,10 +224,10 @@ class RolloutEngine:
         return (*batches, meta)
 
     def token_logprobs(
-        self, batch: TokenBatch, snapshot_ref: list[ray.ObjectRef] | None = None
+        self, batch: TokenBatch, version: int = -1, snapshot_ref: list | None = None
     ) -> np.ndarray:
         """The engine's log-probs of fixed text (to check a sync against the ranks)."""
-        self._sync(snapshot_ref or [])
+        self._sync(version, snapshot_ref or [])
         return self.sampler.token_logprobs(batch)
 
     def get_version(self) -> int:

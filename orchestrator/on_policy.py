@@ -98,7 +98,7 @@ class OnPolicyLoop(TrainLoop):
         version = self.version_for(step)
         for old in [v for v in self._snapshots if v < version]:
             del self._snapshots[old]  # later steps never use an older version
-        refs, metas = self.rollouts.generate(shards, seeds, self._snapshots[version])
+        refs, metas = self.rollouts.generate(shards, seeds, version, self._snapshots[version])
         return InFlight(step, refs, self._signals_for(refs), None, metas)
 
     # -- what a step reports --------------------------------------------------------------

@@ -68,6 +68,7 @@ class RolloutPool:
         self,
         shards: list[list[np.ndarray]],
         seeds: list[list[int]],
+        version: int,
         snapshot: ray.ObjectRef,
     ) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
         """(one TokenBatch ref per shard, in order; one meta ref per engine called). Shard r
@@ -80,17 +81,16 @@ class RolloutPool:
             if not mine:
                 continue
             refs = engine.generate.options(num_returns=len(mine) + 1).remote(
-                [shards[i] for i in mine], [seeds[i] for i in mine], self.sampling, [snapshot]
+                [shards[i] for i in mine],
+                [seeds[i] for i in mine],
+                self.sampling,
+                version,
+                [snapshot],
             )
             for i, ref in zip(mine, refs[:-1], strict=True):
                 out[i] = ref
             metas.append(refs[-1])
         return [r for r in out if r is not None], metas
-
-    def token_logprobs(self, shard: ray.ObjectRef, snapshot: ray.ObjectRef | None = None):
-        return [
-            e.token_logprobs.remote(shard, [snapshot] if snapshot else []) for e in self.replicas
-        ]
 
     def shutdown(self) -> None:
         for engine in self.replicas:

@@ -112,7 +112,7 @@ def test_sync_gives_the_engine_the_ranks_weights(ray_session, tiny_models, tmp_p
     try:
         text = ray.put(_fixed_text())
         initial = group.snapshot()
-        before = ray.get(engine.token_logprobs.remote(text, [initial]))
+        before = ray.get(engine.token_logprobs.remote(text, 0, [initial]))
         for step in range(3):  # N real training steps
             batch = _fixed_text()
             batch.input_ids[:] = (batch.input_ids + step + 1) % 96
@@ -121,7 +121,7 @@ def test_sync_gives_the_engine_the_ranks_weights(ray_session, tiny_models, tmp_p
             ray.get(group.train_step([ray.put(s) for s in shards], sigs, None))
         snapshot = group.snapshot()
         assert ray.get(snapshot).version == 3
-        after = ray.get(engine.token_logprobs.remote(text, [snapshot]))
+        after = ray.get(engine.token_logprobs.remote(text, 3, [snapshot]))
         ranks = ray.get(group.token_logprobs(text))
         assert ray.get(engine.get_version.remote()) == 3
         np.testing.assert_allclose(after, ranks, rtol=0, atol=1e-5)

@@ -1,0 +1,92 @@
+"""On-policy pipeline overhead, strictly on-policy vs one-step-off, side by side in one run.
+
+overhead = wall time per step / max(rollout CPU, teacher CPU, student CPU, all actors' CPU
+/ the cores Ray may use), per step, median over the steps after warm-up. The stages are the
+rollout engines (write the samples), the teachers (score them) and the student ranks
+(train). Strictly on-policy (max_staleness 0) runs them one after another, so its ratio is
+about (rollout + teacher + student) / the slowest; one-step-off (max_staleness 1) writes
+step t+1's samples while step t trains, so only the machine's cores bound it. Goal: one-
+step-off at most 1.15. Also: weight-sync time as a fraction of a step, and bytes per sync.
+
+Usage: python benchmarks/on_policy_overhead.py [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from common import history, median, models, run_recipe
+
+
+def recipe(m: dict[str, str], root: Path, name: str, staleness: int, steps: int) -> dict:
+    return {
+        "run": {"name": name, "output_dir": str(root / "runs")},
+        "teachers": [{"name": "t0", "model": m["teacher"], "num_cpus": 0.6}],
+        "student": {"model": m["student"], "world_size": 1, "num_cpus": 0.6},
+        "data": {"source": "synthetic", "seq_len": 16, "heldout": 4},
+        "distill": {"mode": "on_policy", "lambda": 1.0, "loss": "reverse_kl", "top_k": 64},
+        "rollout": {
+            "max_new_tokens": 48,
+            "samples_per_prompt": 2,
+            "max_staleness": staleness,
+            "num_cpus": 0.6,
+        },
+        "train": {"steps": steps, "batch_size": 8, "micro_batch_size": 4, "log_every": 10},
+        "checkpoint": {"every": 0},
+        "cluster": {"num_cpus": os.cpu_count()},
+    }
+
+
+def measure(result, cores: int) -> dict[str, float]:
+    wall = history(result, "step_time_s")
+    warm = max(wall) // 5
+    steps = [s for s in wall if s > warm]
+    keys = ["rollout/cpu_s", "teacher_cpu_s", "student_cpu_s"]
+    stages = {k: history(result, k) for k in keys}
+    total = history(result, "actors_cpu_s")
+    ratio = [wall[s] / max(*(stages[k][s] for k in keys), total[s] / cores) for s in steps]
+    sync = history(result, "sync/time_s")
+    synced = [s for s in steps if s in sync]
+    return {
+        "steps": len(steps),
+        "wall_ms": median([wall[s] for s in steps]) * 1e3,
+        "rollout_cpu_ms": median([stages["rollout/cpu_s"][s] for s in steps]) * 1e3,
+        "teacher_cpu_ms": median([stages["teacher_cpu_s"][s] for s in steps]) * 1e3,
+        "student_cpu_ms": median([stages["student_cpu_s"][s] for s in steps]) * 1e3,
+        "actors_cpu_ms": median([total[s] for s in steps]) * 1e3,
+        "staleness_max": max(history(result, "rollout/staleness").values()),
+        "rollout_tokens_per_s": median(list(history(result, "rollout/tokens_per_s").values())),
+        "sync_ms": median([sync[s] for s in synced]) * 1e3,
+        "sync_over_step": median([sync[s] / wall[s] for s in synced]),
+        "sync_mb": median(list(history(result, "sync/bytes").values())) / 2**20,
+        "overhead": median(ratio),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--vocab", type=int, default=8192)
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="rd-onpolicy-"))
+    m = models(root / "models", args.vocab, teacher_hidden=256, student_hidden=128)
+    cores = os.cpu_count() or 1
+    results = {}
+    for name, staleness in (("strict", 0), ("one_step_off", 1)):
+        raw = recipe(m, root, f"onp-{name}", staleness, args.steps)
+        results[name] = measure(run_recipe(root / f"{name}.yaml", raw), cores)
+    print(f"\n{'':24}{'strict':>14}{'one_step_off':>14}")
+    for key in results["strict"]:
+        print(f"{key:24}" + "".join(f"{results[n][key]:>14.3f}" for n in results))
+    print(f"(cores Ray may use: {cores}; goal: one-step-off overhead <= 1.15)")
+    print(f"RESULT on_policy_overhead_strict {results['strict']['overhead']:.3f}")
+    print(f"RESULT on_policy_overhead_one_step_off {results['one_step_off']['overhead']:.3f}")
+    print(f"RESULT sync_over_step {results['one_step_off']['sync_over_step']:.4f}")
+    print(f"RESULT sync_mb {results['one_step_off']['sync_mb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
