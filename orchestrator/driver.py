@@ -70,7 +70,7 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
         if ledger is None:
             tracker.log_params(flatten(recipe.model_dump(mode="json", by_alias=True)))
             tracker.log_artifact(run_dir / "recipe.yaml")
-        pools = [TeacherPool(t, recipe.distill) for t in recipe.teachers]
+        pools = [TeacherPool(t, recipe.distill, teacher_max_len(recipe)) for t in recipe.teachers]
         infos = [p.info() for p in pools]
         _check_teachers(infos)
         identity = run_identity(recipe, infos)
@@ -101,6 +101,14 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
             pool.shutdown()
         if started_ray:
             ray.shutdown()
+
+
+def teacher_max_len(recipe: Recipe) -> int:
+    """The longest sequence a vLLM teacher is asked to hold: a rendered prompt plus what it
+    writes, or a training row plus a rollout."""
+    data = recipe.data
+    longest = data.seq_len + max(data.generation.max_new_tokens, recipe.rollout.max_new_tokens)
+    return max(2048, longest)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

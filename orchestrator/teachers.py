@@ -14,7 +14,9 @@ from orchestrator.recipe import DistillConfig, TeacherConfig
 
 
 class TeacherPool:
-    def __init__(self, cfg: TeacherConfig, distill: DistillConfig) -> None:
+    def __init__(
+        self, cfg: TeacherConfig, distill: DistillConfig, max_model_len: int = 2048
+    ) -> None:
         self.cfg = cfg
         remote = ray.remote(TeacherActor).options(
             **actor_options(cfg.num_cpus, cfg.num_gpus, cfg.threads),
@@ -29,6 +31,8 @@ class TeacherPool:
                 dtype=cfg.dtype,
                 threads=cfg.threads,
                 chunk_bytes=distill.chunk_mb * 2**20,
+                backend=cfg.backend,
+                max_model_len=max_model_len,
             )
             for _ in range(cfg.replicas)
         ]

