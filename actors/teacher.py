@@ -75,9 +75,10 @@ class TeacherActor:
                 raise ValueError(f"teacher {name}: the vllm backend sends no hidden states")
             from actors.vllm_backend import VLLMEngine
 
+            limit = getattr(self.model.config, "max_position_embeddings", None) or max_model_len
             del self.model  # hashed and counted above; vLLM holds the weights from now on
             self.vllm = VLLMEngine(
-                model, dtype=torch_dtype, max_model_len=max_model_len, top_k=top_k
+                model, dtype=torch_dtype, max_model_len=min(max_model_len, limit), top_k=top_k
             )
             self.vllm.set_temperature(temperature)
 

@@ -81,16 +81,18 @@ def preflight(recipe: Recipe) -> Recipe:
     return recipe
 
 
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
 def _check_backends(recipe: Recipe) -> None:
     """`backend: vllm` needs the extra: said before any actor starts."""
     wants = [f"teachers.{i}.backend" for i, t in enumerate(recipe.teachers) if t.backend == "vllm"]
     if recipe.distill.mode == "on_policy" and recipe.rollout.backend == "vllm":
         wants.append("rollout.backend")
-    if not wants:
-        return
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
+    if wants and not vllm_installed():
         raise RecipeError(
             wants[0],
             "'vllm' needs the vLLM extra: pip install 'raydistill[vllm]' (GPU) "

@@ -6,6 +6,8 @@ compute, for ZeRO 0 and ZeRO 3 (gathered)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import ray
@@ -128,4 +130,45 @@ def test_sync_gives_the_engine_the_ranks_weights(ray_session, tiny_models, tmp_p
         assert np.abs(after - before).max() > 1e-3  # the sync really changed the weights
     finally:
         group.shutdown()
+        ray.kill(engine)
+
+
+def test_a_restarted_engine_resyncs_before_it_serves(ray_session, tiny_models):
+    """Kill the engine: Ray restarts it and re-runs the call, and the new process loads the
+    call's snapshot first, so it writes exactly what the old one wrote."""
+    from actors.weights import WeightSnapshot
+
+    engine = (
+        ray.remote(RolloutEngine)
+        .options(num_cpus=0.25, max_restarts=1, max_task_retries=1)
+        .remote({"model": tiny_models["student"], "layers": None, "stop_ids": [], "pad": 0})
+    )
+    model = build_student(tiny_models["student"], None)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # weights the engine cannot have from its own start
+    snapshot = ray.put(WeightSnapshot.of(model.state_dict(), version=7, gather_s=0.0))
+    prompts = [_prompts()]
+    seeds = [[11, 12, 13]]
+    try:
+        *_, first = ray.get(
+            engine.generate.options(num_returns=2).remote(prompts, seeds, SAMPLING, 7, [snapshot])
+        )
+        assert first["version"] == 7 and first["sync_bytes"] > 0
+        ray.kill(engine, no_restart=False)
+        deadline = time.monotonic() + 60
+        while True:  # until the restarted process answers: it holds no weights yet
+            try:
+                if ray.get(engine.get_version.remote()) == -1:
+                    break
+            except ray.exceptions.RayActorError:
+                pass
+            assert time.monotonic() < deadline, "the engine did not come back"
+            time.sleep(0.2)
+        *_, again = ray.get(
+            engine.generate.options(num_returns=2).remote(prompts, seeds, SAMPLING, 7, [snapshot])
+        )
+        assert again["version"] == 7 and again["sync_bytes"] > 0  # loaded again after restart
+        assert again["responses"] == first["responses"]
+    finally:
         ray.kill(engine)

