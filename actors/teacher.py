@@ -68,9 +68,9 @@ class TeacherActor:
             "device": str(self.device),
             "backend": backend,
         }
-        self.generation_config = self.model.generation_config
         self.vllm = None
         if backend == "vllm":
+            self.generation_config = self.model.generation_config  # the model goes below
             if self.hidden_layers:
                 raise ValueError(f"teacher {name}: the vllm backend sends no hidden states")
             from actors.vllm_backend import VLLMEngine
@@ -134,7 +134,8 @@ class TeacherActor:
         if not prompts:
             return []
         tok = self.tokenizer
-        stops = stop_token_ids(self.generation_config.eos_token_id, tok)
+        config = self.generation_config if self.vllm is not None else self.model.generation_config
+        stops = stop_token_ids(config.eos_token_id, tok)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (stops or [0])[0]
         add = adds_bos(tok)
         rows = [render_prompt_ids(tok, p, add) for p in prompts]

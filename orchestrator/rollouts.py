@@ -12,24 +12,29 @@ from orchestrator.ray_env import actor_options
 from orchestrator.recipe import Recipe
 
 
+def stop_token_ids_of(path: str) -> list[int]:
+    """The ids that end a turn of the model at `path` (generation config and tokenizer)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from actors.chat import stop_token_ids
+
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:
+        eos = None
+    return stop_token_ids(eos, AutoTokenizer.from_pretrained(path))
+
+
 def stop_and_pad(recipe: Recipe) -> tuple[list[int], int]:
     """The ids that end a student's turn and its pad id. Token-only data (synthetic, no
     tokenizer) has no end of turn: every sample runs to max_new_tokens."""
     if recipe.data.source == "synthetic":
         return [], 0
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer
 
-    from actors.chat import stop_token_ids
-
-    path = recipe.student.model
-    tok = AutoTokenizer.from_pretrained(path)
-    try:
-        eos = GenerationConfig.from_pretrained(path).eos_token_id
-    except OSError:
-        eos = None
-    stops = stop_token_ids(eos, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (stops or [0])[0]
-    return stops, int(pad)
+    stops = stop_token_ids_of(recipe.student.model)
+    pad = AutoTokenizer.from_pretrained(recipe.student.model).pad_token_id
+    return stops, int(pad if pad is not None else (stops or [0])[0])
 
 
 def engine_spec(recipe: Recipe) -> dict[str, Any]:
