@@ -33,7 +33,7 @@ from actors.weights import WeightSnapshot
 @dataclass
 class Sample:
     response: list[int]  # sampled ids, the stop id included when the sample ended
-    logprobs: list[float]  # log-prob of each sampled id under the sampling distribution
+    logprobs: list[float]  # log p(id) under the writing weights at T = 1 (the policy's own)
     finish_reason: str  # "stop" | "length"
 
 
@@ -103,12 +103,11 @@ class HFSampler:
         tokens, logps = [], []
         for _ in range(max_new):
             logits = out.logits[:, -1].float()
+            logp = torch.log_softmax(logits, -1)  # the policy's own log-prob (T = 1)
             if temperature == 0:
-                logp = torch.log_softmax(logits, -1)
                 tok = logits.argmax(-1)
             else:
                 probs = _top_p_filter(torch.softmax(logits / temperature, -1), top_p)
-                logp = torch.log(probs)
                 tok = torch.stack(
                     [torch.multinomial(probs[i], 1, generator=gens[i])[0] for i in range(n)]
                 )

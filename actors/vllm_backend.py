@@ -43,7 +43,7 @@ def make_llm(path: str, *, dtype: torch.dtype, max_model_len: int, max_logprobs:
         skip_tokenizer_init=True,  # token ids in, token ids out
         max_model_len=max_model_len,
         max_logprobs=max_logprobs,
-        logprobs_mode="processed_logprobs",  # sampled-token log-probs at the sampling T
+        logprobs_mode="raw_logprobs",  # sampled ids' log-probs at T = 1: the policy's own
         kv_cache_memory_bytes=KV_CACHE_BYTES,
         distributed_executor_backend="uni",
         enable_prefix_caching=True,

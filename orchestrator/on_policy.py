@@ -67,12 +67,24 @@ class OnPolicyLoop(TrainLoop):
 
     def _started(self, start: int) -> None:
         self._start = start  # the checkpoint's weights: what a resumed run starts from
-        self._snapshots = {start: self.students.snapshot()}
+        if self.recipe.distill.lmbda > 0:
+            self._snapshots = {start: self.students.snapshot()}
 
     def _after_train(self, step: int, end: int) -> None:
         done = step + 1
-        if done < end and done % self.recipe.rollout.sync_every == 0:
+        if (
+            self.recipe.distill.lmbda > 0
+            and done < end
+            and done % self.recipe.rollout.sync_every == 0
+        ):
             self._snapshots[done] = self.students.snapshot()
+        self._prune(self.version_for(self._next_issue))
+
+    def _prune(self, oldest: int) -> None:
+        """Drop snapshots no step from here on can use (versions only grow with steps), so
+        at most max_staleness + 1 copies of the weights sit in the object store."""
+        for old in [v for v in self._snapshots if v < oldest]:
+            del self._snapshots[old]
 
     def _can_issue(self, step: int) -> bool:
         return not self._on_policy(step) or self.version_for(step) in self._snapshots
@@ -96,8 +108,7 @@ class OnPolicyLoop(TrainLoop):
             for i in range(self.world)
         ]
         version = self.version_for(step)
-        for old in [v for v in self._snapshots if v < version]:
-            del self._snapshots[old]  # later steps never use an older version
+        self._prune(version)
         refs, metas = self.rollouts.generate(shards, seeds, version, self._snapshots[version])
         return InFlight(step, refs, self._signals_for(refs), None, metas)
 

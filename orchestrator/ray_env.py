@@ -29,7 +29,7 @@ def actor_env(threads: int) -> dict[str, str]:
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_CACHE_ROOT": str(cache / "vllm"),
         "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor"),
-        "VLLM_CONFIGURE_LOGGING": "0",
+        "VLLM_LOGGING_LEVEL": "ERROR",
     }
     if not _has_cuda():
         env["DS_ACCELERATOR"] = "cpu"

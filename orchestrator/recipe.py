@@ -95,7 +95,7 @@ class DataConfig(_Strict):
         return self
 
 
-MODES = ("off_policy", "on_policy", "mutual")
+MODES = ("off_policy", "on_policy", "mutual", "rlaif")
 
 
 class DistillConfig(_Strict):
@@ -104,7 +104,7 @@ class DistillConfig(_Strict):
     mode: Literal[MODES] = Field(  # type: ignore[valid-type]
         "off_policy",
         description="off_policy: fixed text; on_policy: the student's own samples (GKD); "
-        "mutual: students distill from each other",
+        "mutual: students distill from each other; rlaif: judges' feedback on its samples",
     )
     lmbda: float = Field(
         1.0,
@@ -157,6 +157,49 @@ class MutualConfig(_Strict):
     peer_weight: float = Field(1.0, gt=0, description="weight of each peer's divergence")
 
 
+class JudgeConfig(_Strict):
+    """One judge of the student's samples (distill.mode: rlaif): a model with a rubric, or a
+    Python function `module:function` (sample, prompt) -> float run in the judge actors."""
+
+    name: str
+    kind: Literal["score", "pairwise", "critique"] = "score"
+    model: str | None = Field(None, description="a model folder, known name or hub name")
+    teacher: str | None = Field(None, description="use this teacher's model")
+    function: str | None = Field(None, description="module:function (sample, prompt) -> float")
+    rubric: str | None = Field(None, description="format string with {prompt} and {response}")
+    rating_tokens: list[str] = Field(default_factory=lambda: [str(i) for i in range(1, 10)])
+    min_mass: float = Field(0.5, ge=0, le=1, description="below it a rating is unusable")
+    weight: float = Field(1.0, gt=0)
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    threads: int = Field(1, ge=1)
+    timeout_s: float = Field(120.0, gt=0, description="a call longer than this is retried once")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> JudgeConfig:
+        given = [k for k in ("model", "teacher", "function") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"judge {self.name!r}: give exactly one of model, teacher, function")
+        if self.function and self.kind != "score":
+            raise ValueError(f"judge {self.name!r}: a function judge gives scores only")
+        return self
+
+
+class RlaifConfig(_Strict):
+    algorithm: Literal["grpo", "rloo", "dpo"] = "grpo"
+    rl_weight: float = Field(1.0, ge=0, description="weight of the RL term; 0: on-policy KD")
+    kd_weight: float = Field(0.0, ge=0, description="weight of logit KD on the samples")
+    kl_coef: float = Field(0.05, ge=0, description="KL(student || reference) in the loss")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip of the importance ratio")
+    scale_std: bool = Field(True, description="GRPO: divide advantages by the group's std")
+    dpo_beta: float = Field(0.1, gt=0)
+    sft_weight: float = Field(1.0, ge=0, description="CE on critique judges' rewrites")
+    win_rate_every: int = Field(0, ge=0, description="steps between win-rate checks; 0: end")
+    win_rate_prompts: int = Field(16, ge=1)
+
+
 class TrainConfig(_Strict):
     steps: int = Field(100, ge=1)
     batch_size: int = Field(8, ge=1, description="sequences per optimizer step, all ranks")
@@ -194,6 +237,8 @@ class Recipe(_Strict):
     distill: DistillConfig = DistillConfig()
     rollout: RolloutConfig = RolloutConfig()
     mutual: MutualConfig = MutualConfig()
+    judges: list[JudgeConfig] = Field(default_factory=list)
+    rlaif: RlaifConfig = RlaifConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -228,8 +273,10 @@ class Recipe(_Strict):
 
     def _check_mode(self) -> None:
         mode, peers = self.distill.mode, self.mutual.peers
-        if not self.teachers and mode != "mutual":
-            raise ValueError("teachers: at least one teacher is needed (or distill.mode: mutual)")
+        if not self.teachers and mode not in ("mutual", "rlaif"):
+            raise ValueError(
+                "teachers: at least one teacher is needed (or distill.mode: mutual or rlaif)"
+            )
         if not self.teachers and self.data.responses == "teacher":
             raise ValueError("data.responses: 'teacher' needs a teacher in `teachers`")
         if mode == "mutual":
@@ -245,7 +292,9 @@ class Recipe(_Strict):
                         f"student.world_size={self.student.world_size}; peers train on the "
                         f"same shards"
                     )
-        if mode != "on_policy":
+        if mode == "rlaif":
+            self._check_rlaif()
+        if mode not in ("on_policy", "rlaif"):
             return
         r = self.rollout
         if r.sync_every > r.max_staleness + 1:
@@ -259,6 +308,27 @@ class Recipe(_Strict):
                 f"rollout.samples_per_prompt: {r.samples_per_prompt} does not divide the "
                 f"per-rank batch {per_rank} (a prompt's samples stay on one rank)"
             )
+
+    def _check_rlaif(self) -> None:
+        if not self.judges:
+            raise ValueError("judges: distill.mode 'rlaif' needs at least one judge")
+        names = [t.name for t in self.teachers]
+        for i, j in enumerate(self.judges):
+            if j.teacher and j.teacher not in names:
+                raise ValueError(f"judges.{i}.teacher: no teacher named {j.teacher!r} in {names}")
+        k = self.rollout.samples_per_prompt
+        if k < 2 and self.rlaif.algorithm in ("grpo", "rloo", "dpo") and self.rlaif.rl_weight:
+            raise ValueError(
+                f"rollout.samples_per_prompt: {self.rlaif.algorithm} compares a prompt's "
+                f"samples with each other, it needs at least 2 (got {k})"
+            )
+        if self.train.micro_batch_size % k:
+            raise ValueError(
+                f"train.micro_batch_size: {self.train.micro_batch_size} splits a prompt's "
+                f"{k} samples over micro-batches"
+            )
+        if self.rlaif.kd_weight and not self.teachers:
+            raise ValueError("rlaif.kd_weight: logit KD needs a teacher in `teachers`")
 
     @property
     def grad_accum(self) -> int:
