@@ -37,6 +37,22 @@ class TokenBatch:
         size = len(self) // n
         return [self.rows(i * size, (i + 1) * size) for i in range(n)]
 
+    @staticmethod
+    def concat(a: TokenBatch, b: TokenBatch, pad: int = 0) -> TokenBatch:
+        """a's rows then b's, right-padded to the wider of the two."""
+        width = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+        def wide(x: np.ndarray, fill: int) -> np.ndarray:
+            out = np.full((x.shape[0], width), fill, dtype=x.dtype)
+            out[:, : x.shape[1]] = x
+            return out
+
+        return TokenBatch(
+            np.concatenate([wide(a.input_ids, pad), wide(b.input_ids, pad)]),
+            np.concatenate([wide(a.attention_mask, 0), wide(b.attention_mask, 0)]),
+            np.concatenate([wide(a.loss_mask, 0), wide(b.loss_mask, 0)]),
+        )
+
     def trimmed(self) -> TokenBatch:
         """Drop the padding columns no row needs (dynamic padding)."""
         width = max(int(self.attention_mask.sum(1).max()), 1)

@@ -62,12 +62,15 @@ def objective_sums(
     spec: LossSpec,
     *,
     chunk: int,
+    logp_out: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sum over positions of alpha * CE + (1 - alpha) * T^2 * sum_t w_t D_t, and the sums of
     each term (detached): `loss`, `ce`, `kd`, `kl/<teacher>` (forward KL at T).
 
     features: [P, H] hidden states at the loss positions (or logits with an identity head);
-    head: maps [c, H] -> [c, V] logits; labels: [P] gold next tokens.
+    head: maps [c, H] -> [c, V] logits; labels: [P] gold next tokens. `logp_out`, when given,
+    receives log p(label) at T = 1 per position, chunk by chunk, with gradient (the RL terms
+    of RLAIF use them in the same backward; they cost nothing extra: CE computes them).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -78,8 +81,9 @@ def objective_sums(
     def one_chunk(f: torch.Tensor, y: torch.Tensor, *tgt: torch.Tensor):
         logits = head(f)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # >= fp32
-        with torch.set_grad_enabled(grad and spec.alpha > 0):
-            ce = F.cross_entropy(logits, y, reduction="sum")
+        with torch.set_grad_enabled(grad and (spec.alpha > 0 or logp_out is not None)):
+            token_ce = F.cross_entropy(logits, y, reduction="none")
+            ce = token_ce.sum()
         kd = logits.new_zeros(())
         kls = []
         with torch.set_grad_enabled(grad and spec.alpha < 1):
@@ -98,18 +102,20 @@ def objective_sums(
         else:
             loss = spec.alpha * ce + (1 - spec.alpha) * kd
         stats = torch.stack([loss.detach(), ce.detach(), kd.detach(), *[k.sum() for k in kls]])
-        return loss, stats
+        return loss, stats, -token_ce
 
     for a in range(0, features.shape[0], chunk):
         b = a + chunk
         tgt = [x for t in targets for x in (t.ids[a:b], t.logprobs[a:b])]
         args = (features[a:b], labels[a:b], *tgt)
         if grad:  # the loss draws no random numbers: no RNG state to keep per chunk
-            loss, stats = checkpoint(
+            loss, stats, logp = checkpoint(
                 one_chunk, *args, use_reentrant=False, preserve_rng_state=False
             )
         else:
-            loss, stats = one_chunk(*args)
+            loss, stats, logp = one_chunk(*args)
+        if logp_out is not None:
+            logp_out.append(logp)
         total = total + loss
         metrics += stats.double()
     return total, dict(zip(metric_names(targets), metrics.cpu().unbind(), strict=True))

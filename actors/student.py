@@ -96,12 +96,32 @@ class DistillStudent(torch.nn.Module):
         attention_mask: torch.Tensor,
         loss_mask: torch.Tensor,
         targets: list[SparseTarget],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with_logp: bool = False,
+        sft_from: int | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(objective sum, its detached terms, extras). RLAIF asks for extras in the same
+        pass: `logp`, log p(label) per loss position (with grad), and with `sft_from` the
+        CE sum of the loss positions from that index on (rows appended for supervised
+        targets, which carry no teacher signal)."""
         hidden = backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask)
         features = hidden.last_hidden_state[loss_mask]
         labels = torch.roll(input_ids, shifts=-1, dims=1)[loss_mask]
+        extras: dict[str, torch.Tensor] = {}
+        if sft_from is not None:
+            ce_only = LossSpec(kind=self.spec.kind, temperature=1.0, alpha=1.0)
+            chunk = chunk_positions(self.vocab, 0, self.chunk_bytes)
+            extras["sft"], _ = objective_sums(
+                features[sft_from:], self.head, labels[sft_from:], [], ce_only, chunk=chunk
+            )
+            features, labels = features[:sft_from], labels[:sft_from]
         chunk = chunk_positions(self.vocab, len(targets), self.chunk_bytes)
-        return objective_sums(features, self.head, labels, targets, self.spec, chunk=chunk)
+        logps: list[torch.Tensor] | None = [] if with_logp else None
+        loss, terms = objective_sums(
+            features, self.head, labels, targets, self.spec, chunk=chunk, logp_out=logps
+        )
+        if logps is not None:
+            extras["logp"] = torch.cat(logps) if logps else features.new_zeros(0)
+        return loss, terms, extras
 
 
 class StudentWorker:
@@ -170,6 +190,11 @@ class StudentWorker:
             skew=float(spec["skew"]),
         )
         model = DistillStudent(lm, self.loss_spec, int(spec["chunk_bytes"]))
+        self.rl = spec.get("rl")
+        self.reference = None
+        if self.rl:  # RLAIF: a frozen copy of the starting student, full on every rank
+            ref = build_student(spec["model"], spec.get("layers"))
+            self.reference = ref.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         if spec["optimizer"] == "sgd":
             optimizer = torch.optim.SGD(
                 model.parameters(), lr=float(spec["lr"]), weight_decay=float(spec["weight_decay"])
@@ -203,18 +228,25 @@ class StudentWorker:
         return out
 
     def _micro_batches(self, batch: TokenBatch, signals: list[TeacherSignal], n: int):
-        """(rows, their signal slices) for n micro-batches, padding trimmed per micro-batch."""
+        """(row range, rows, their signal slices) for n micro-batches, padding trimmed per
+        micro-batch."""
         offsets = batch.row_offsets()
         for rows in np.array_split(np.arange(len(batch)), n):
             if rows.size == 0:
                 continue
             a, b = int(rows[0]), int(rows[-1]) + 1
             part = batch.rows(a, b).trimmed()
-            yield part, [s.rows(int(offsets[a]), int(offsets[b])) for s in signals]
+            yield (a, b), part, [s.rows(int(offsets[a]), int(offsets[b])) for s in signals]
 
     def _forward(self, part: TokenBatch, signals: list[TeacherSignal], train: bool = True):
         ids, attn, mask = part.to_torch(self.device)
-        return self.engine(ids, attn, mask, self._targets(signals, train))
+        loss, terms, _ = self.engine(ids, attn, mask, self._targets(signals, train))
+        return loss, terms
+
+    def _all_reduce(self, value: float) -> float:
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
 
     def _step_tokens(self, batch: TokenBatch) -> int:
         """The loss tokens of the whole step, summed over the ranks (for shards the driver
@@ -224,11 +256,16 @@ class StudentWorker:
         return int(count.item())
 
     def train_step(
-        self, batch: TokenBatch, signal_refs: list[ray.ObjectRef], step_tokens: int | None
+        self,
+        batch: TokenBatch,
+        signal_refs: list[ray.ObjectRef],
+        step_tokens: int | None,
+        rl: dict[str, Any] | None = None,
     ) -> dict[str, float]:
         """One optimizer step over this rank's shard. `step_tokens` is the loss-token count
         of the whole step (all ranks; None: counted here with one all-reduce): the
-        objective is sum over the step / step_tokens."""
+        objective is sum over the step / step_tokens. `rl` (RLAIF): this rank's rewards
+        per row, the samples' behaviour log-probs and critique rows (see `_rl_terms`)."""
         wait_start = time.perf_counter()
         signals: list[TeacherSignal] = ray.get(signal_refs)
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -237,14 +274,20 @@ class StudentWorker:
         self.engine.train()
         scale = self.world_size / max(int(step_tokens), 1)  # DeepSpeed averages over ranks
         sums: dict[str, float] = {}
-        for part, part_signals in self._micro_batches(batch, signals, self.grad_accum):
-            loss, terms = self._forward(part, part_signals)
-            self.engine.backward(loss * scale, scale_wrt_gas=False)
+        plan = self._rl_plan(batch, rl) if rl is not None else None
+        for rows, part, part_signals in self._micro_batches(batch, signals, self.grad_accum):
+            if plan is None:
+                loss, terms = self._forward(part, part_signals)
+                total = loss * scale
+            else:
+                total, terms = self._rl_terms(plan, rows, part, part_signals, scale)
+            self.engine.backward(total, scale_wrt_gas=False)
             self.engine.step()
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         tokens = batch.num_tokens
-        metrics = {k: v / max(tokens, 1) for k, v in sums.items()}  # this rank's mean
+        metrics = {k: v / max(tokens, 1) for k, v in sums.items() if not k.startswith("rl/")}
+        metrics.update({k: v for k, v in sums.items() if k.startswith("rl/")})  # raw sums
         for sig in signals:
             for key, value in (("teacher_busy_s", sig.busy_s), ("teacher_cpu_s", sig.cpu_s)):
                 name = f"{key}/{sig.teacher}"
@@ -262,6 +305,118 @@ class StudentWorker:
         )
         return metrics
 
+    # -- RLAIF ----------------------------------------------------------------------------
+
+    def _rl_plan(self, batch: TokenBatch, rl: dict[str, Any]) -> dict[str, Any]:
+        """What every micro-batch of an RLAIF step needs: advantages (GRPO/RLOO, over this
+        rank's whole groups) or DPO pairs, the behaviour log-probs, and the step's pair and
+        critique-token counts over all ranks (the normalisers, like `step_tokens`)."""
+        from actors.rl_losses import group_advantages, pairs_from_rewards
+
+        cfg = self.rl
+        k = int(cfg["group_size"])
+        rewards = torch.as_tensor(np.asarray(rl["rewards"], dtype=np.float64))
+        plan: dict[str, Any] = {"old_logp": torch.from_numpy(np.asarray(rl["old_logp"]))}
+        if cfg["algorithm"] == "dpo":
+            plan["pairs"] = pairs_from_rewards(rewards, k)
+            plan["step_pairs"] = self._all_reduce(len(plan["pairs"]))
+        else:
+            plan["advantages"] = group_advantages(
+                rewards, k, cfg["algorithm"], scale=bool(cfg["scale_std"])
+            )
+        sft: TokenBatch | None = rl.get("sft")
+        plan["sft"] = sft
+        plan["step_sft_tokens"] = self._all_reduce(sft.num_tokens if sft is not None else 0)
+        plan["sft_parts"] = (
+            np.array_split(np.arange(len(sft)), self.grad_accum) if sft is not None else None
+        )
+        plan["part"] = 0
+        plan["offsets"] = batch.row_offsets()
+        return plan
+
+    def _rl_terms(self, plan, rows, part, signals, scale):
+        """The micro-batch's share of the one RLAIF objective, scaled to the step:
+        kd_weight * KD + rl_weight * (policy gradient | DPO) + kl_coef * KL(pi || ref)
+        + sft_weight * CE(critique rewrites)."""
+        from actors.rl_losses import dpo_sums, kl_penalty, policy_gradient_sums, sequence_sums
+
+        cfg = self.rl
+        a, b = rows
+        sft_rows = None
+        if plan["sft_parts"] is not None:
+            idx = plan["sft_parts"][plan["part"]]
+            if idx.size:
+                sft_rows = plan["sft"].rows(int(idx[0]), int(idx[-1]) + 1).trimmed()
+        plan["part"] += 1
+        n_main = part.num_tokens
+        full = TokenBatch.concat(part, sft_rows) if sft_rows is not None else part
+        ids, attn, mask = full.to_torch(self.device)
+        targets = self._targets(signals)
+        loss, terms, extras = self.engine(
+            ids, attn, mask, targets, True, n_main if sft_rows is not None else None
+        )
+        total = float(cfg["kd_weight"]) * loss * scale
+        logp = extras["logp"]
+        ref_logp = self._reference_logprobs(part)
+        offs = plan["offsets"]
+        old = plan["old_logp"][int(offs[a]) : int(offs[b])].to(self.device)
+        seq = torch.repeat_interleave(
+            torch.arange(b - a, device=self.device),
+            torch.from_numpy(part.loss_mask.sum(1)).to(self.device),
+        )
+        rl_w = float(cfg["rl_weight"])
+        out = dict(terms)
+        if cfg["algorithm"] == "dpo":
+            pairs = [(i - a, j - a) for i, j in plan["pairs"] if a <= i < b and a <= j < b]
+            if pairs:
+                seq_lp = sequence_sums(logp, seq, b - a)
+                seq_ref = sequence_sums(ref_logp, seq, b - a)
+                c = torch.tensor([p[0] for p in pairs], device=self.device)
+                r = torch.tensor([p[1] for p in pairs], device=self.device)
+                dpo, st = dpo_sums(seq_lp[c], seq_lp[r], seq_ref[c], seq_ref[r], cfg["dpo_beta"])
+                total = total + rl_w * dpo * self.world_size / max(plan["step_pairs"], 1.0)
+                out.update({f"rl/{k}": v for k, v in st.items()})
+        else:
+            adv = plan["advantages"][a:b].to(self.device, torch.float32)[seq]
+            pg, st = policy_gradient_sums(logp, old, adv, float(cfg["clip_eps"]))
+            total = total + rl_w * pg * scale
+            out["rl/clip_frac"] = st["clip_frac"]
+            out["rl/ratio_mean"] = st["ratio_mean"]
+        kl = kl_penalty(logp, ref_logp, cfg["kl_estimator"])
+        total = total + float(cfg["kl_coef"]) * kl.sum() * scale
+        out["rl/kl_ref"] = kl.detach().sum()
+        out["rl/tokens"] = torch.tensor(float(n_main))
+        if sft_rows is not None and "sft" in extras:
+            norm = self.world_size / max(plan["step_sft_tokens"], 1.0)
+            total = total + float(cfg["sft_weight"]) * extras["sft"] * norm
+            out["rl/sft_ce"] = extras["sft"].detach()
+            out["rl/sft_tokens"] = torch.tensor(float(sft_rows.num_tokens))
+        return total, out
+
+    @torch.no_grad()
+    def _reference_logprobs(self, part: TokenBatch) -> torch.Tensor:
+        """log p_ref(label) at the loss positions, from the frozen starting student."""
+        assert self.reference is not None
+        ids, attn, mask = part.to_torch(self.device)
+        hidden = backbone(self.reference)(input_ids=ids, attention_mask=attn)
+        features = hidden.last_hidden_state[mask]
+        labels = torch.roll(ids, shifts=-1, dims=1)[mask]
+        head = output_head(self.reference)
+        out = []
+        chunk = chunk_positions(self.vocab_size, 0, int(self.spec["chunk_bytes"]))
+        for c in range(0, features.shape[0], chunk):
+            logits = head(features[c : c + chunk]).float()
+            out.append(
+                -torch.nn.functional.cross_entropy(logits, labels[c : c + chunk], reduction="none")
+            )
+        return torch.cat(out) if out else features.new_zeros(0)
+
+    def reference_hash(self) -> str | None:
+        """The frozen reference's weights hash (it must never change)."""
+        from actors.models import model_hash
+
+        return model_hash(self.reference) if self.reference is not None else None
+
     @torch.no_grad()
     def evaluate(self, batch: TokenBatch, signal_refs: list[ray.ObjectRef]) -> dict[str, float]:
         """Token sums of CE and KL to each teacher, in micro-batches, for the driver to pool."""
@@ -269,7 +424,7 @@ class StudentWorker:
         self.engine.eval()
         n = max(1, math.ceil(len(batch) / int(self.spec["micro_batch_size"])))
         out: dict[str, float] = {"tokens": float(batch.num_tokens)}
-        for part, part_signals in self._micro_batches(batch, signals, n):
+        for _, part, part_signals in self._micro_batches(batch, signals, n):
             _, terms = self._forward(part, part_signals, train=False)
             for key, value in terms.items():
                 if key == "ce" or key.startswith("kl/"):

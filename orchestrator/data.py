@@ -26,10 +26,18 @@ class Dataset:
     heldout: TokenBatch
     seed: int  # the run seed: it orders the batches, nothing else
     skipped_rows: int = 0  # rows dropped because they could not be tokenized faithfully
+    train_prompts: list[str] | None = None  # each row's prompt text (judges read it)
+    heldout_prompts: list[str] | None = None
     _perms: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def batch_for_step(self, step: int, batch_size: int) -> TokenBatch:
         """Rows for `step`: a fresh seeded permutation per epoch, no example twice per epoch."""
+        idx = self.rows_for_step(step, batch_size)
+        t = self.train
+        return TokenBatch(t.input_ids[idx], t.attention_mask[idx], t.loss_mask[idx])
+
+    def rows_for_step(self, step: int, batch_size: int) -> np.ndarray:
+        """Indices into `train` of the step's rows (see batch_for_step)."""
         n = len(self.train)
         epochs, pos = np.divmod(np.arange(step * batch_size, (step + 1) * batch_size), n)
         idx = np.empty(batch_size, dtype=np.int64)
@@ -38,8 +46,7 @@ class Dataset:
             idx[sel] = self._permutation(int(epoch))[pos[sel]]
         for old in [e for e in self._perms if e < epochs[0]]:
             del self._perms[old]  # steps move forward: earlier epochs are done with
-        t = self.train
-        return TokenBatch(t.input_ids[idx], t.attention_mask[idx], t.loss_mask[idx])
+        return idx
 
     def _permutation(self, epoch: int) -> np.ndarray:
         """The epoch's row order, computed once (not once per row of every batch)."""
@@ -70,7 +77,12 @@ def synthetic_dataset(cfg: DataConfig, vocab_size: int, seed: int) -> Dataset:
 
 
 def _split(
-    all_rows: TokenBatch, heldout: int, split_seed: int, seed: int, skipped_rows: int = 0
+    all_rows: TokenBatch,
+    heldout: int,
+    split_seed: int,
+    seed: int,
+    skipped_rows: int = 0,
+    prompts: list[str] | None = None,
 ) -> Dataset:
     """Held-out rows chosen by `split_seed` alone, so every run seed evaluates on the same
     examples; `seed` is kept for the batch order."""
@@ -85,7 +97,14 @@ def _split(
             all_rows.input_ids[idx], all_rows.attention_mask[idx], all_rows.loss_mask[idx]
         )
 
-    return Dataset(train=take(train), heldout=take(held), seed=seed, skipped_rows=skipped_rows)
+    return Dataset(
+        train=take(train),
+        heldout=take(held),
+        seed=seed,
+        skipped_rows=skipped_rows,
+        train_prompts=[prompts[i] for i in train] if prompts is not None else None,
+        heldout_prompts=[prompts[i] for i in held] if prompts is not None else None,
+    )
 
 
 def read_records(path: str) -> list[dict[str, str]]:
@@ -170,11 +189,12 @@ def _responses_of(rows: list[dict[str, Any]]) -> list[Response]:
 
 def tokenize_records(
     records: list[dict[str, str]], tokenizer: Any, seq_len: int
-) -> tuple[TokenBatch, int]:
+) -> tuple[TokenBatch, int, list[int]]:
     """Chat-formatted prompt/response pairs (loss on the response, and on its end-of-turn
     token only when it ended: `finish_reason` "stop", the default for given responses) or
     plain text (loss on every token), right-padded to seq_len. Rows that cannot be encoded
-    without mis-masking are dropped and reported in one line; returns (batch, dropped)."""
+    without mis-masking are dropped and reported in one line; returns (batch, dropped, the
+    indices of the records kept)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     add = adds_bos(tokenizer)
     ids = np.full((len(records), seq_len), pad or 0, dtype=np.int32)
@@ -203,7 +223,8 @@ def tokenize_records(
     keep = loss.any(axis=1)
     if not keep.any():
         raise RecipeError("data.seq_len", f"{seq_len} truncates every example to its prompt")
-    return TokenBatch(ids[keep], attn[keep], loss[keep]), len(dropped)
+    kept = [int(i) for i in np.flatnonzero(keep)]
+    return TokenBatch(ids[keep], attn[keep], loss[keep]), len(dropped), kept
 
 
 def _encode_record(rec: dict[str, str], tokenizer: Any, add: bool) -> tuple[list[int], int]:
@@ -240,5 +261,6 @@ def file_dataset(
         key = {**(teacher_key or {}), **cfg.generation.model_dump()}
         responses = teacher_responses(prompts, generate, cache_dir, key)
         records = [{"prompt": p, **r} for p, r in zip(prompts, responses, strict=True)]
-    batch, skipped = tokenize_records(records, tokenizer, cfg.seq_len)
-    return _split(batch, cfg.heldout, cfg.split_seed, seed, skipped)
+    batch, skipped, kept = tokenize_records(records, tokenizer, cfg.seq_len)
+    prompts = [records[i].get("prompt") or records[i]["text"] for i in kept]
+    return _split(batch, cfg.heldout, cfg.split_seed, seed, skipped, prompts)

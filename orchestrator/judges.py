@@ -9,6 +9,8 @@ replica is restarted), and if that fails too its samples are dropped (None) and 
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,19 +47,22 @@ class Outcome:
 class JudgePool:
     def __init__(self, cfg: JudgeConfig, model: str | None) -> None:
         self.cfg = cfg
-        self._remote = ray.remote(JudgeActor).options(
-            **actor_options(cfg.num_cpus, cfg.num_gpus, cfg.threads), max_restarts=-1
-        )
+        options = actor_options(cfg.num_cpus, cfg.num_gpus, cfg.threads)
+        if cfg.function:  # the function's module imports in the actor as on the driver
+            paths = [p for p in sys.path if p and os.path.isdir(p)]
+            options["runtime_env"]["env_vars"]["PYTHONPATH"] = os.pathsep.join(paths)
+        self._remote = ray.remote(JudgeActor).options(**options, max_restarts=-1)
         self._model = model
         self.replicas = [self._start() for _ in range(cfg.replicas)]
         self.outstanding = [0] * cfg.replicas
 
     def _start(self) -> Any:
         c = self.cfg
+        rubric = {f"{c.kind}_rubric" if c.kind != "score" else "rubric": c.rubric}
         return self._remote.remote(
             c.name,
             self._model,
-            rubric=c.rubric,
+            **rubric,
             rating_tokens=list(c.rating_tokens),
             min_mass=c.min_mass,
             threads=c.threads,

@@ -53,6 +53,7 @@ def prompt_ids(batch: TokenBatch, row: int) -> np.ndarray:
 class OnPolicyLoop(TrainLoop):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.lmbda = self.recipe.distill.lmbda  # RLAIF sets 1: every step writes
         self.rollouts = RolloutPool(self.recipe)
         self._snapshots: dict[int, ray.ObjectRef] = {}
         self._start = 0
@@ -67,16 +68,12 @@ class OnPolicyLoop(TrainLoop):
 
     def _started(self, start: int) -> None:
         self._start = start  # the checkpoint's weights: what a resumed run starts from
-        if self.recipe.distill.lmbda > 0:
+        if self.lmbda > 0:
             self._snapshots = {start: self.students.snapshot()}
 
     def _after_train(self, step: int, end: int) -> None:
         done = step + 1
-        if (
-            self.recipe.distill.lmbda > 0
-            and done < end
-            and done % self.recipe.rollout.sync_every == 0
-        ):
+        if self.lmbda > 0 and done < end and done % self.recipe.rollout.sync_every == 0:
             self._snapshots[done] = self.students.snapshot()
         self._prune(self.version_for(self._next_issue))
 
@@ -90,13 +87,18 @@ class OnPolicyLoop(TrainLoop):
         return not self._on_policy(step) or self.version_for(step) in self._snapshots
 
     def _on_policy(self, step: int) -> bool:
-        return is_on_policy_step(self.recipe.run.seed, step, self.recipe.distill.lmbda)
+        return is_on_policy_step(self.recipe.run.seed, step, self.lmbda)
 
     # -- batches --------------------------------------------------------------------------
 
     def _issue(self, step: int) -> InFlight:
         if not self._on_policy(step):
             return super()._issue(step)
+        refs, metas = self._rollout(step)
+        return InFlight(step, refs, self._signals_for(refs), None, metas)
+
+    def _rollout(self, step: int) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
+        """The step's samples: (one TokenBatch ref per rank, one meta ref per engine)."""
         train, r = self.recipe.train, self.recipe.rollout
         batch = self.dataset.batch_for_step(step, train.batch_size)
         prompts = [prompt_ids(batch, i) for i in range(train.batch_size // r.samples_per_prompt)]
@@ -109,8 +111,7 @@ class OnPolicyLoop(TrainLoop):
         ]
         version = self.version_for(step)
         self._prune(version)
-        refs, metas = self.rollouts.generate(shards, seeds, version, self._snapshots[version])
-        return InFlight(step, refs, self._signals_for(refs), None, metas)
+        return self.rollouts.generate(shards, seeds, version, self._snapshots[version])
 
     # -- what a step reports --------------------------------------------------------------
 

@@ -77,8 +77,40 @@ def preflight(recipe: Recipe) -> Recipe:
             )
         peer.model = facts.path
     _check_backends(recipe)
+    _check_judges(recipe)
     recipe.student.model = student.path
     return recipe
+
+
+def _check_judges(recipe: Recipe) -> None:
+    """Judge models resolve, and each rating token is one token of the judge's tokenizer."""
+    if recipe.distill.mode != "rlaif":
+        return
+    from transformers import AutoTokenizer
+
+    from actors.chat import render_prompt
+    from actors.judge import load_function, rating_token_ids
+
+    models = {t.name: t.model for t in recipe.teachers}
+    for i, judge in enumerate(recipe.judges):
+        if judge.function:
+            try:
+                load_function(judge.function)
+            except ValueError as exc:
+                raise RecipeError(f"judges.{i}.function", str(exc)) from exc
+            continue
+        if judge.model:
+            judge.model = _facts(f"judges.{i}.model", judge.model).path
+        path = judge.model or models[judge.teacher or ""]
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise RecipeError(f"judges.{i}", f"{path} has no tokenizer, it cannot judge") from exc
+        if judge.kind == "score":
+            try:
+                rating_token_ids(tok, list(judge.rating_tokens), render_prompt(tok, "x"))
+            except ValueError as exc:
+                raise RecipeError(f"judges.{i}.rating_tokens", str(exc)) from exc
 
 
 def vllm_installed() -> bool:

@@ -78,14 +78,23 @@ class StudentGroup:
         return len(self.workers)
 
     def train_step(
-        self, shards: list[ray.ObjectRef], signals: list[list[ray.ObjectRef]], step_tokens: int
+        self,
+        shards: list[ray.ObjectRef],
+        signals: list[list[ray.ObjectRef]],
+        step_tokens: int | None,
+        rl: list[dict[str, Any]] | None = None,
     ) -> list[ray.ObjectRef]:
         """Refs of per-rank metrics; signals[rank] holds one signal ref per teacher;
-        step_tokens: the step's loss tokens over all ranks (the objective's denominator)."""
+        step_tokens: the step's loss tokens over all ranks (the objective's denominator;
+        None: the ranks count them); rl[rank]: RLAIF inputs (StudentWorker.train_step)."""
+        rl = rl or [None] * len(self.workers)
         return [
-            w.train_step.remote(shard, sigs, step_tokens)
-            for w, shard, sigs in zip(self.workers, shards, signals, strict=True)
+            w.train_step.remote(shard, sigs, step_tokens, r)
+            for w, shard, sigs, r in zip(self.workers, shards, signals, rl, strict=True)
         ]
+
+    def reference_hash(self) -> str | None:
+        return ray.get(self.workers[0].reference_hash.remote())
 
     def evaluate(self, shards: list[ray.ObjectRef], signals: list[list[ray.ObjectRef]]) -> list:
         return [

@@ -100,7 +100,7 @@ def test_finished_responses_end_on_their_end_of_turn_token_cut_ones_on_their_tex
         {"prompt": "hi", "response": "Hel", "finish_reason": "length"},
         {"prompt": "hi", "response": "Hello."},  # given in the data file: it ended
     ]
-    batch, skipped = tokenize_records(records, tok, 48)
+    batch, skipped, _ = tokenize_records(records, tok, 48)
     assert skipped == 0
     assert _targets(batch, 0) == tok("Hello.", add_special_tokens=False)["input_ids"] + [eot]
     assert _targets(batch, 1) == tok("Hel", add_special_tokens=False)["input_ids"]
@@ -114,7 +114,7 @@ def test_finished_responses_end_on_their_end_of_turn_token_cut_ones_on_their_tex
 def test_every_row_starts_with_one_bos_only_when_the_tokenizer_adds_it(kind):
     tok = build_tokenizer(kind)
     records = [{"prompt": "hi", "response": "yo"}, {"text": "plain text"}]
-    batch, _ = tokenize_records(records, tok, 32)
+    batch, _, _ = tokenize_records(records, tok, 32)
     bos = tok.bos_token_id
     for row in batch.input_ids[batch.attention_mask.astype(bool).any(1)]:
         count = int((row == bos).sum())
@@ -128,14 +128,16 @@ def test_rows_whose_prompt_is_not_a_token_prefix_are_dropped_and_reported(tmp_pa
         {"prompt": "hey", "response": "Zzz"},
         {"prompt": "yo", "response": "Zap"},
     ]
-    batch, skipped = tokenize_records(records, tok, 32)
-    assert skipped == 2 and len(batch) == 1
+    batch, skipped, kept = tokenize_records(records, tok, 32)
+    assert skipped == 2 and len(batch) == 1 and kept == [0]  # row 0's prompt stays with it
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "dropped 2 of 3" in out[0] and "row 1" in out[0]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records * 2))
     cfg = DataConfig(source="file", path=str(path), seq_len=32, heldout=1)
-    assert file_dataset(cfg, tok, 0, None, tmp_path).skipped_rows == 4
+    data = file_dataset(cfg, tok, 0, None, tmp_path)
+    assert data.skipped_rows == 4
+    assert data.train_prompts == ["hi"] and data.heldout_prompts == ["hi"]
 
 
 def test_examples_truncated_to_their_prompt_are_an_error():

@@ -1,0 +1,346 @@
+"""JudgeActor: an LLM (or a Python function) that judges a student's responses, for RLAIF.
+
+A model judge reads the judgment off the NEXT-TOKEN distribution after the rendered rubric,
+never off parsed text:
+
+- `score`: the expected rating sum_i p_i * v_i / sum_i p_i over the rating tokens ("1".."9"
+  by default, each exactly one token, v_i = float(token)); None where the rating tokens hold
+  less than `min_mass` of the probability (the judge did not answer with a rating).
+- `pairwise`: the probability that the judge prefers A over B, asked in both orders (A shown
+  first, then B shown first) and averaged, so position bias cancels.
+- `critique`: the judge rewrites the response (greedy), for critique-and-revise data.
+
+A function judge ("module:function", `fn(sample, prompt) -> float`) loads no model and only
+scores; a sample whose function raises or returns no finite number gets None.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import numbers
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from actors.chat import adds_bos, render_prompt, render_prompt_ids, split_finish, stop_token_ids
+from actors.models import backbone, load_causal_lm, model_hash, output_head, pick_device, pick_dtype
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RATING_TOKENS = ["1", "2", "3", "4", "5", "6", "7", "8", "9"]
+PAIR_TOKENS = ["A", "B"]  # the answer tokens of a pairwise judgment: option A, option B
+
+DEFAULT_RUBRIC = (
+    "You are a strict, fair judge. Rate how well the response answers the request, from "
+    "{low} (useless or wrong) to {high} (correct, complete, clear and concise).\n\n"
+    "Request:\n{prompt}\n\nResponse:\n{response}\n\n"
+    "Answer with the rating digit only."
+)
+DEFAULT_PAIRWISE_RUBRIC = (
+    "You are a strict, fair judge. Two responses answer the same request. Decide which one "
+    "is better: more correct, complete, clear and concise.\n\n"
+    "Request:\n{prompt}\n\nResponse A:\n{a}\n\nResponse B:\n{b}\n\n"
+    "Answer with the letter A or B only."
+)
+DEFAULT_CRITIQUE_RUBRIC = (
+    "Rewrite the response so it is better: correct, complete, clear and concise. Keep what "
+    "is right and fix what is wrong.\n\n"
+    "Request:\n{prompt}\n\nResponse:\n{response}\n\n"
+    "Answer with the improved response only."
+)
+
+
+def single_token_ids(
+    tokenizer: Any, tokens: Sequence[str], context: str | None = None
+) -> list[int]:
+    """The id of each token, which must encode to exactly one id on its own and, where a
+    `context` is given (the rendered generation prompt), be that one id appended to the
+    context's ids: the judge reads exactly that id's probability after the prompt."""
+    if not tokens:
+        raise ValueError("no answer tokens given")
+    ids: list[int] = []
+    for t in tokens:
+        alone = tokenizer(t, add_special_tokens=False)["input_ids"]
+        if len(alone) != 1:
+            raise ValueError(
+                f"answer token {t!r} is {len(alone)} tokens of the judge's tokenizer, not one"
+            )
+        if context is not None:
+            base = tokenizer(context, add_special_tokens=False)["input_ids"]
+            joined = tokenizer(context + t, add_special_tokens=False)["input_ids"]
+            if joined != [*base, alone[0]]:
+                raise ValueError(
+                    f"answer token {t!r} does not encode as one token after the judge's prompt"
+                )
+        ids.append(int(alone[0]))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"answer tokens {list(tokens)!r} do not have distinct ids")
+    return ids
+
+
+def rating_token_ids(tokenizer: Any, tokens: list[str], context: str | None = None) -> list[int]:
+    """Ids of the rating tokens: each a finite number (its value is float(token)) that is
+    exactly one token of the judge's tokenizer. Raises ValueError naming the first bad one."""
+    rating_values(tokens)
+    return single_token_ids(tokenizer, tokens, context)
+
+
+def rating_values(tokens: Sequence[str]) -> list[float]:
+    values = []
+    for t in tokens:
+        try:
+            v = float(t)
+        except ValueError:
+            raise ValueError(f"rating token {t!r} is not a number") from None
+        if not math.isfinite(v):
+            raise ValueError(f"rating token {t!r} is not a finite number")
+        values.append(v)
+    return values
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """The callable named by "module:function" (dots allowed after the colon)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"judge function {spec!r} is not of the form 'module:function'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"judge function {spec!r} cannot be loaded: {err}") from err
+    if not callable(obj):
+        raise ValueError(f"judge function {spec!r} is not callable")
+    return obj
+
+
+class JudgeActor:
+    def __init__(
+        self,
+        name: str,
+        model: str,
+        *,
+        rubric: str | None = None,
+        pairwise_rubric: str | None = None,
+        critique_rubric: str | None = None,
+        rating_tokens: list[str] | None = None,
+        min_mass: float = 0.5,
+        dtype: str = "auto",
+        threads: int = 1,
+        function: str | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        torch.set_num_threads(threads)
+        self.name = name
+        self.rating_tokens = list(DEFAULT_RATING_TOKENS if rating_tokens is None else rating_tokens)
+        self.values = rating_values(self.rating_tokens)
+        self.min_mass = float(min_mass)
+        self.batch_size = max(1, int(batch_size))
+        self.rubric = DEFAULT_RUBRIC if rubric is None else rubric
+        self.pairwise_rubric = (
+            DEFAULT_PAIRWISE_RUBRIC if pairwise_rubric is None else pairwise_rubric
+        )
+        self.critique_rubric = (
+            DEFAULT_CRITIQUE_RUBRIC if critique_rubric is None else critique_rubric
+        )
+        self.last_busy_s = 0.0
+        self.failures = 0  # samples a function judge could not score
+        self.function_spec = function
+        self.fn: Callable[..., Any] | None = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        if function is not None:
+            self.fn = load_function(function)
+            self._hash = function
+            return
+        self.device = pick_device(want_gpu=True)
+        self.model = load_causal_lm(model, pick_dtype(dtype, self.device), self.device).eval()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"judge {name}: {model} has no tokenizer, it cannot judge") from err
+        tok = self.tokenizer
+        context = render_prompt(tok, "x")  # answers come right after the generation prompt
+        self.rating_ids = rating_token_ids(tok, self.rating_tokens, context)
+        self.pair_ids: list[int] | None
+        try:
+            self.pair_ids = single_token_ids(tok, PAIR_TOKENS, context)
+        except ValueError:
+            self.pair_ids = None  # pairwise() says why when it is asked for
+        self.stops = stop_token_ids(self.model.generation_config.eos_token_id, tok)
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else (self.stops or [0])[0]
+        self.add_bos = adds_bos(tok)
+        self._hash = model_hash(self.model)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": "function" if self.fn is not None else "model",
+            "model_hash": self._hash,
+            "rating_tokens": list(self.rating_tokens),
+        }
+
+    # -- judgments --------------------------------------------------------------------------
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float | None]:
+        """One rating per (prompt, response): the expected rating under the judge's next-token
+        distribution (model) or the function's value; None where it is unusable."""
+        _same_length(prompts, responses)
+        start = time.perf_counter()
+        try:
+            if self.fn is not None:
+                return [self._call_function(p, r) for p, r in zip(prompts, responses, strict=True)]
+            texts = [self._rubric_text(p, r) for p, r in zip(prompts, responses, strict=True)]
+            probs = self._answer_probs(texts, self.rating_ids)
+            values = torch.tensor(self.values, dtype=torch.float64)
+            out: list[float | None] = []
+            for row in probs:
+                mass = float(row.sum())
+                if not math.isfinite(mass) or mass <= 0 or mass < self.min_mass:
+                    out.append(None)
+                else:
+                    out.append(float((row * values).sum() / mass))
+            return out
+        finally:
+            self.last_busy_s = time.perf_counter() - start
+
+    def pairwise(self, prompts: list[str], a: list[str], b: list[str]) -> list[float | None]:
+        """P(the judge prefers a over b) per row, the mean of both presentation orders; None
+        where either order puts less than `min_mass` on the answer tokens A/B."""
+        _same_length(prompts, a, b)
+        if self.fn is not None:
+            raise ValueError(f"judge {self.name} is a function judge: it only scores")
+        if self.pair_ids is None:
+            single_token_ids(self.tokenizer, PAIR_TOKENS, render_prompt(self.tokenizer, "x"))
+            raise ValueError(f"judge {self.name}: answer tokens {PAIR_TOKENS} are not usable")
+        start = time.perf_counter()
+        try:
+            texts: list[str] = []
+            for p, x, y in zip(prompts, a, b, strict=True):
+                texts.extend(self._pairwise_prompts(p, x, y))
+            probs = self._answer_probs(texts, self.pair_ids)  # rows: [a first, b first] * n
+            out: list[float | None] = []
+            for i in range(len(prompts)):
+                first, swapped = probs[2 * i], probs[2 * i + 1]
+                m1, m2 = float(first.sum()), float(swapped.sum())
+                usable = all(math.isfinite(m) and m > 0 and m >= self.min_mass for m in (m1, m2))
+                if not usable:
+                    out.append(None)
+                    continue
+                p1 = float(first[0]) / m1  # "A" while a is option A
+                p2 = float(swapped[1]) / m2  # "B" while a is option B
+                out.append((p1 + p2) / 2)
+            return out
+        finally:
+            self.last_busy_s = time.perf_counter() - start
+
+    @torch.inference_mode()
+    def critique(
+        self, prompts: list[str], responses: list[str], max_new_tokens: int = 64
+    ) -> list[str | None]:
+        """The judge's improved response per row (greedy, at most max_new_tokens tokens, cut
+        at the first end-of-turn id); None where it wrote nothing."""
+        _same_length(prompts, responses)
+        if self.fn is not None:
+            raise ValueError(f"judge {self.name} is a function judge: it only scores")
+        start = time.perf_counter()
+        try:
+            out: list[str | None] = [None] * len(prompts)
+            texts = [
+                self.critique_rubric.format(prompt=p, response=r)
+                for p, r in zip(prompts, responses, strict=True)
+            ]
+            tok = self.tokenizer
+            for chunk in self._chunks(texts):
+                ids, attn, width = self._left_pad([texts[i] for i in chunk])
+                gen = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=attn,
+                    max_new_tokens=int(max_new_tokens),
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=self.pad,
+                    eos_token_id=self.stops or None,
+                )
+                for i, row in zip(chunk, gen[:, width:].tolist(), strict=True):
+                    kept, _ = split_finish(row, self.stops)
+                    text = tok.decode(kept, skip_special_tokens=True).strip()
+                    out[i] = text or None
+            return out
+        finally:
+            self.last_busy_s = time.perf_counter() - start
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _rubric_text(self, prompt: str, response: str) -> str:
+        return self.rubric.format(
+            prompt=prompt, response=response, low=self.rating_tokens[0], high=self.rating_tokens[-1]
+        )
+
+    def _pairwise_prompts(self, prompt: str, a: str, b: str) -> tuple[str, str]:
+        """The two rubric texts of one comparison: a shown as option A, then b as option A."""
+        return (
+            self.pairwise_rubric.format(prompt=prompt, a=a, b=b),
+            self.pairwise_rubric.format(prompt=prompt, a=b, b=a),
+        )
+
+    def _call_function(self, prompt: str, response: str) -> float | None:
+        assert self.fn is not None
+        try:
+            value = self.fn(response, prompt)
+        except Exception as err:  # one bad sample must not sink the batch
+            self.failures += 1
+            log.warning("judge %s: %s failed on a sample: %r", self.name, self.function_spec, err)
+            return None
+        if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            self.failures += 1
+            log.warning("judge %s: %s returned %r", self.name, self.function_spec, value)
+            return None
+        return float(value)
+
+    def _chunks(self, texts: list[str]) -> list[list[int]]:
+        """Row indices in batches of similar length (less padding), each at most batch_size."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def _left_pad(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Rendered, left-padded prompt ids and attention mask on the judge's device."""
+        rows = [render_prompt_ids(self.tokenizer, t, self.add_bos) for t in texts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: every row continues from its last token
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            attn[i, width - len(r) :] = 1
+        return ids.to(self.device), attn.to(self.device), width
+
+    @torch.inference_mode()
+    def _answer_probs(self, texts: list[str], answer_ids: list[int]) -> torch.Tensor:
+        """[len(texts), len(answer_ids)] float64 next-token probabilities (softmax over the
+        full vocab) of the answer ids after each rendered rubric text."""
+        out = torch.zeros((len(texts), len(answer_ids)), dtype=torch.float64)
+        if not texts:
+            return out
+        head = output_head(self.model)
+        index = torch.tensor(answer_ids, dtype=torch.long, device=self.device)
+        for chunk in self._chunks(texts):
+            ids, attn, _ = self._left_pad([texts[i] for i in chunk])
+            positions = (attn.cumsum(-1) - 1).clamp(min=0)
+            hidden = backbone(self.model)(
+                input_ids=ids, attention_mask=attn, position_ids=positions
+            ).last_hidden_state[:, -1]
+            probs = head(hidden).float().softmax(-1)[:, index]
+            out[chunk] = probs.double().cpu()
+        return out
+
+
+def _same_length(*lists: Sequence[Any]) -> None:
+    if len({len(x) for x in lists}) > 1:
+        raise ValueError(f"judge inputs differ in length: {[len(x) for x in lists]}")

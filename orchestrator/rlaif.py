@@ -1,0 +1,311 @@
+"""distill.mode: rlaif — judges give feedback on the student's own samples, live.
+
+The loop is the on-policy one (every step is the student's samples, `samples_per_prompt`
+K per prompt), with one stage added between writing and training:
+
+1. rollout engines write K samples per prompt (weights synced as in on_policy);
+2. every judge judges them (`orchestrator/judges.py`: bounded waits, one retry on another
+   replica, drops counted): `score` judges and functions rate each sample; `pairwise`
+   judges compare the samples of a prompt with each other (both orders), a sample's reward
+   being its mean preference; `critique` judges rewrite a sample, and the rewrite becomes
+   a cross-entropy target (`rlaif.sft_weight`);
+3. the ranks take one optimizer step on one objective (one backward):
+   `kd_weight` x the logit-KD objective on the samples (reverse KL by default)
+   + `rl_weight` x (GRPO / RLOO policy gradient, or DPO on each prompt's best-vs-worst
+   pair) + `kl_coef` x KL(student || frozen reference), + the critique SFT term.
+
+A sample's reward is the weighted mean of the judges that judged it; one no judge could
+judge (all dropped) has no reward and takes no part in the policy gradient.
+Every `rlaif.win_rate_every` steps (and at the end) the student writes one sample for each
+of `win_rate_prompts` held-out prompts, and the first model judge compares it with the
+starting student's sample (cached in the run directory), both orders: `eval/win_rate`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import ray
+
+from actors.chat import encode_chat
+from actors.rollout import request_seed
+from orchestrator.judges import JudgePool, Outcome
+from orchestrator.on_policy import OnPolicyLoop, prompt_ids
+from orchestrator.recipe import Recipe
+from orchestrator.students import worker_spec
+from orchestrator.train_loop import InFlight, Queued
+
+_WIN_RATE_SEED = 0x77696E  # the win-rate samples' own seed stream
+
+
+def rl_spec(recipe: Recipe) -> dict[str, Any]:
+    r = recipe.rlaif
+    return {
+        "algorithm": r.algorithm,
+        "rl_weight": r.rl_weight,
+        "kd_weight": r.kd_weight,
+        "kl_coef": r.kl_coef,
+        "kl_estimator": r.kl_estimator,
+        "clip_eps": r.clip_eps,
+        "scale_std": r.scale_std,
+        "dpo_beta": r.dpo_beta,
+        "sft_weight": r.sft_weight,
+        "group_size": recipe.rollout.samples_per_prompt,
+    }
+
+
+class RlaifLoop(OnPolicyLoop):
+    @classmethod
+    def student_spec(cls, recipe: Recipe) -> dict[str, Any]:
+        return {**worker_spec(recipe), "rl": rl_spec(recipe)}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lmbda = 1.0
+        recipe = self.recipe
+        models = {t.name: t.model for t in recipe.teachers}
+        self.judges = [
+            JudgePool(j, j.model or (models[j.teacher] if j.teacher else None))
+            for j in recipe.judges
+        ]
+        self.tokenizer = None
+        if recipe.data.source == "file":
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(recipe.student.model)
+        self._judged: dict[int, dict[str, float]] = {}
+        self._prompts: dict[int, list[str]] = {}
+
+    # -- texts ----------------------------------------------------------------------------
+
+    def _text(self, ids: list[int] | np.ndarray) -> str:
+        """What a judge reads: decoded text, or the ids themselves for token-only data."""
+        ids = [int(i) for i in ids]
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def _step_prompts(self, step: int) -> list[str]:
+        """The prompt text of each of the step's prompts (K samples each)."""
+        train, k = self.recipe.train, self.recipe.rollout.samples_per_prompt
+        rows = self.dataset.rows_for_step(step, train.batch_size)[: train.batch_size // k]
+        if self.dataset.train_prompts is not None:
+            return [self.dataset.train_prompts[int(i)] for i in rows]
+        batch = self.dataset.batch_for_step(step, train.batch_size)
+        return [self._text(prompt_ids(batch, i)) for i in range(len(rows))]
+
+    # -- issuing and training -------------------------------------------------------------
+
+    def _issue(self, step: int) -> InFlight:
+        refs, metas = self._rollout(step)
+        self._prompts[step] = self._step_prompts(step)
+        kd = self.recipe.rlaif.kd_weight > 0  # no teacher compute when KD is off
+        signals = self._signals_for(refs) if kd else [[] for _ in refs]
+        return InFlight(step, refs, signals, None, metas)
+
+    def _samples(self, metas: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[float]]]:
+        """Responses and their log-probs in rank order (shard i came from engine i mod R)."""
+        engines = len(metas)
+        per_rank = self.recipe.train.batch_size // self.world
+        responses, logprobs = [], []
+        for shard in range(self.world):
+            meta, j = metas[shard % engines], shard // engines
+            responses += meta["responses"][j * per_rank : (j + 1) * per_rank]
+            logprobs += meta["logprobs"][j * per_rank : (j + 1) * per_rank]
+        return responses, logprobs
+
+    def _train(self, item: InFlight) -> list[ray.ObjectRef]:
+        """Judge the step's samples (the driver waits here, bounded, while the previous
+        step trains), then queue the train step with each rank's rewards."""
+        metas = ray.get(item.meta)
+        responses, logprobs = self._samples(metas)
+        k = self.recipe.rollout.samples_per_prompt
+        prompts = [p for p in self._prompts.pop(item.step) for _ in range(k)]
+        texts = [self._text(r) for r in responses]
+        rewards, sft, stats = self._judge(prompts, texts)
+        self._judged[item.step] = stats
+        per_rank = len(texts) // self.world
+        rl = []
+        for r in range(self.world):
+            rows = slice(r * per_rank, (r + 1) * per_rank)
+            rl.append(
+                {
+                    "rewards": rewards[rows],
+                    "old_logp": np.asarray(
+                        [x for lp in logprobs[rows] for x in lp], dtype=np.float32
+                    ),
+                    "sft": self._sft_rows(prompts[rows], sft[rows]),
+                }
+            )
+        return self.students.train_step(item.shards, item.signals, None, rl)
+
+    def _judge(
+        self, prompts: list[str], texts: list[str]
+    ) -> tuple[np.ndarray, list[str | None], dict[str, float]]:
+        """(reward per sample, NaN where no judge could; critique rewrites; metrics)."""
+        k = self.recipe.rollout.samples_per_prompt
+        calls = []
+        for pool in self.judges:
+            kind = pool.cfg.kind
+            if kind == "pairwise":  # every pair of a prompt's samples, both orders
+                pairs = [
+                    (g * k + a, g * k + b)
+                    for g in range(len(texts) // k)
+                    for a in range(k)
+                    for b in range(a + 1, k)
+                ]
+                args = (
+                    [prompts[a] for a, _ in pairs],
+                    [texts[a] for a, _ in pairs],
+                    [texts[b] for _, b in pairs],
+                )
+                calls.append((pool, pairs, pool.submit("pairwise", *args)))
+            else:
+                calls.append((pool, None, pool.submit(kind, prompts, texts)))
+        weighted = np.zeros(len(texts))
+        weights = np.zeros(len(texts))
+        sft: list[str | None] = [None] * len(texts)
+        stats: dict[str, float] = {}
+        for pool, pairs, call in calls:
+            out: Outcome = pool.collect(call)
+            name = pool.name
+            stats[f"judge/{name}/latency_s"] = out.latency_s
+            stats[f"judge/{name}/queue_depth"] = float(out.depth)
+            stats[f"judge/{name}/dropped"] = float(out.dropped)
+            stats[f"judge/{name}/retried"] = float(out.retried)
+            if pool.cfg.kind == "critique":
+                sft = [v if isinstance(v, str) and v else None for v in out.values]
+                continue
+            values = _per_sample(out.values, pairs, len(texts))
+            ok = ~np.isnan(values)
+            weighted[ok] += pool.cfg.weight * values[ok]
+            weights[ok] += pool.cfg.weight
+            if ok.any():
+                stats[f"reward/{name}"] = float(values[ok].mean())
+        rewards = np.where(weights > 0, weighted / np.maximum(weights, 1e-12), np.nan)
+        valid = rewards[~np.isnan(rewards)]
+        stats["reward_mean"] = float(valid.mean()) if valid.size else math.nan
+        stats["reward_std"] = float(valid.std()) if valid.size else math.nan
+        stats["dropped_samples"] = float(np.isnan(rewards).sum())
+        return rewards, sft, stats
+
+    def _sft_rows(self, prompts: list[str], rewrites: list[str | None]) -> Any:
+        """The critique rewrites as chat rows (loss on the rewrite), or None."""
+        from actors.rollout import Sample, assemble
+
+        if self.tokenizer is None or not any(rewrites):
+            return None
+        rows, samples = [], []
+        for prompt, text in zip(prompts, rewrites, strict=True):
+            if not text:
+                continue
+            ids, start = encode_chat(self.tokenizer, prompt, text, True)
+            ids = ids[: start + self.recipe.rollout.max_new_tokens]
+            rows.append(np.asarray(ids[:start], np.int32))
+            samples.append(Sample(ids[start:], [0.0] * (len(ids) - start), "stop"))
+        if not rows:
+            return None
+        pad = self.tokenizer.pad_token_id or 0
+        return assemble(rows, samples, pad)
+
+    # -- metrics --------------------------------------------------------------------------
+
+    def _aggregate(self, per_rank: list[dict[str, float]], wall: float, depth: int) -> dict:
+        out = super()._aggregate(per_rank, wall, depth)
+        for key in per_rank[0]:
+            if key.startswith("rl/"):
+                out[key] = float(sum(m[key] for m in per_rank))
+        tokens = max(out.get("rl/tokens", 0.0), 1.0)
+        pairs = max(out.get("rl/pairs", 0.0), 1.0)
+        for key in ("rl/kl_ref", "rl/clip_frac", "rl/ratio_mean"):
+            if key in out:
+                out[key] /= tokens  # per response token
+        for key in ("rl/margin", "rl/accuracy"):
+            if key in out:
+                out[key] /= pairs  # per DPO pair
+        return out
+
+    def _step_metrics(self, item: Queued, metrics: dict[str, float]) -> None:
+        super()._step_metrics(item, metrics)
+        metrics.update(self._judged.pop(item.step, {}))
+        every = self.recipe.rlaif.win_rate_every
+        done = item.step + 1
+        if (every and done % every == 0) or done == self.recipe.train.steps:
+            metrics.update(self._win_rate(done))
+
+    # -- win rate against the starting student --------------------------------------------
+
+    def _started(self, start: int) -> None:
+        super()._started(start)
+        path = self.run_dir / "win_rate_start.json"
+        if path.exists():  # a resumed run compares with the same starting samples
+            self._start_texts = json.loads(path.read_text())
+            return
+        if start != 0:
+            self._start_texts = []
+            return
+        self._start_texts = self._heldout_samples(self._snapshots.get(start), start)
+        path.write_text(json.dumps(self._start_texts))
+
+    def _heldout_samples(self, snapshot: ray.ObjectRef | None, version: int) -> list[str]:
+        heldout = self.dataset.heldout
+        n = min(self.recipe.rlaif.win_rate_prompts, len(heldout))
+        prompts = [prompt_ids(heldout, i) for i in range(n)]
+        seeds = [request_seed(self.recipe.run.seed, _WIN_RATE_SEED, i) for i in range(n)]
+        refs, metas = self.rollouts.generate([prompts], [seeds], version, snapshot)
+        meta = ray.get(metas[0])
+        del refs
+        return [self._text(r) for r in meta["responses"]]
+
+    def _heldout_prompt_texts(self, n: int) -> list[str]:
+        if self.dataset.heldout_prompts is not None:
+            return self.dataset.heldout_prompts[:n]
+        return [self._text(prompt_ids(self.dataset.heldout, i)) for i in range(n)]
+
+    def _win_rate(self, done: int) -> dict[str, float]:
+        judge = next((j for j in self.judges if j.cfg.function is None), None)
+        if judge is None or not self._start_texts:
+            return {}
+        snapshot = self.students.snapshot()  # the weights after step `done`
+        current = self._heldout_samples(snapshot, done)
+        prompts = self._heldout_prompt_texts(len(current))
+        out = judge.collect(judge.submit("pairwise", prompts, current, self._start_texts))
+        wins = [v for v in out.values if v is not None]
+        lengths = [len(t.split()) for t in current]
+        return {
+            "eval/win_rate": float(np.mean(wins)) if wins else math.nan,
+            "eval/win_rate_judged": float(len(wins)),
+            "eval/sample_words": float(np.mean(lengths)),
+            "eval/repetition": float(np.mean([_repetition(t) for t in current])),
+        }
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        for pool in self.judges:
+            pool.shutdown()
+
+
+def _per_sample(values: list, pairs: list[tuple[int, int]] | None, n: int) -> np.ndarray:
+    """Rewards [n], NaN where unusable; for pairwise judgments the mean preference of each
+    sample over the others of its prompt."""
+    if pairs is None:
+        return np.asarray([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+    total, count = np.zeros(n), np.zeros(n)
+    for (a, b), v in zip(pairs, values, strict=True):
+        if v is None:
+            continue
+        total[a] += v
+        total[b] += 1 - v
+        count[a] += 1
+        count[b] += 1
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _repetition(text: str) -> float:
+    """Share of repeated word bigrams: 0 for varied text, near 1 for a loop."""
+    words = text.split()
+    bigrams = list(zip(words, words[1:], strict=False))
+    return 1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
