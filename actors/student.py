@@ -351,7 +351,7 @@ class StudentWorker:
         n_main = part.num_tokens
         full = TokenBatch.concat(part, sft_rows) if sft_rows is not None else part
         ids, attn, mask = full.to_torch(self.device)
-        targets = self._targets(signals)
+        targets = self._targets(signals) if signals else []  # kd_weight 0: nobody scored
         loss, terms, extras = self.engine(
             ids, attn, mask, targets, True, n_main if sft_rows is not None else None
         )

@@ -39,6 +39,10 @@ def loop_class(mode: str) -> type[TrainLoop]:
         from orchestrator.mutual import MutualLoop
 
         return MutualLoop
+    if mode == "rlaif":
+        from orchestrator.rlaif import RlaifLoop
+
+        return RlaifLoop
     return TrainLoop
 
 

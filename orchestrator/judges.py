@@ -2,8 +2,8 @@
 
 A call goes to the replica with the fewest outstanding calls. The driver never waits on a
 judge without a bound: a call that raises, runs past `timeout_s` or returns something
-unusable is sent once more to another replica (never behind the call that hung; a hung
-replica is restarted), and if that fails too its samples are dropped (None) and counted.
+unusable is sent once more to another replica (never behind the call that hung: a hung
+replica is replaced by a fresh actor), and if that fails too its samples are dropped (None) and counted.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ class JudgePool:
                 values = [None] * call.size
                 break
             retried += 1
-            if error == "timeout" and len(self.replicas) == 1:
-                self._restart(call.replica)  # the only replica hung: a fresh one, not a queue
+            if error == "timeout":
+                self._restart(call.replica)  # a hung replica is replaced, not queued behind
             retry = self.submit(call.method, *call.args, avoid=call.replica)
             retry.tries = call.tries + 1
             retry.start, retry.depth = call.start, call.depth

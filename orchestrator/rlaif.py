@@ -240,12 +240,13 @@ class RlaifLoop(OnPolicyLoop):
 
     def _started(self, start: int) -> None:
         super()._started(start)
+        self._reference_hash = self.students.reference_hash()
         path = self.run_dir / "win_rate_start.json"
         if path.exists():  # a resumed run compares with the same starting samples
             self._start_texts = json.loads(path.read_text())
             return
-        if start != 0:
-            self._start_texts = []
+        if start != 0 or all(j.cfg.function for j in self.judges):
+            self._start_texts = []  # no model judge to compare with (or nothing to compare)
             return
         self._start_texts = self._heldout_samples(self._snapshots.get(start), start)
         path.write_text(json.dumps(self._start_texts))
@@ -281,6 +282,11 @@ class RlaifLoop(OnPolicyLoop):
             "eval/sample_words": float(np.mean(lengths)),
             "eval/repetition": float(np.mean([_repetition(t) for t in current])),
         }
+
+    def _finish(self, tokens_total: float, elapsed: float) -> dict[str, Any]:
+        if self.students.reference_hash() != self._reference_hash:
+            raise RuntimeError("the frozen reference model changed during training")
+        return {**super()._finish(tokens_total, elapsed), "reference_hash": self._reference_hash}
 
     def shutdown(self) -> None:
         super().shutdown()
