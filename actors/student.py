@@ -368,6 +368,7 @@ class StudentWorker:
         out = dict(terms)
         if cfg["algorithm"] == "dpo":
             pairs = [(i - a, j - a) for i, j in plan["pairs"] if a <= i < b and a <= j < b]
+            out.update({"rl/pairs": 0.0, "rl/margin": 0.0, "rl/accuracy": 0.0})
             if pairs:
                 seq_lp = sequence_sums(logp, seq, b - a)
                 seq_ref = sequence_sums(ref_logp, seq, b - a)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 from conftest import base_recipe, write_recipe
 from mlflow.tracking import MlflowClient
@@ -28,7 +29,7 @@ def _raw(tmp_path: Path, models: dict[str, str], **sections) -> dict:
         data={"seq_len": 8, "heldout": 4},
         distill={"mode": "rlaif", "top_k": 16, "loss": "reverse_kl"},
         rollout={"samples_per_prompt": K, "max_new_tokens": 8, "temperature": 1.0},
-        judges=[{"name": "sevens", "function": "actors.rewards:seven_share"}],
+        judges=[{"name": "sevens", "function": "actors.rewards:seven_share", "num_cpus": 0.1}],
         rlaif={"algorithm": "grpo", "kd_weight": 0.0, "kl_coef": 0.0},
         train={"steps": 24, "batch_size": 16, "micro_batch_size": 8, "lr": 0.03, "log_every": 8},
     )
@@ -66,11 +67,11 @@ def test_reward_rises_with_rl_alone(ray_session, tiny_models, tmp_path):
 
 
 def test_failing_judges_drop_samples_and_the_run_finishes(ray_session, tiny_models, tmp_path):
-    judges = [
-        {"name": "good", "function": "actors.rewards:seven_share"},
-        {"name": "raises", "function": "toy_judges:raises"},
-        {"name": "garbage", "function": "toy_judges:garbage"},
-        {"name": "hangs", "function": "toy_judges:hangs", "timeout_s": 2.0},
+    judges = [  # 0.1 CPU each: everything fits the session's 2 CPUs
+        {"name": "good", "function": "actors.rewards:seven_share", "num_cpus": 0.1},
+        {"name": "raises", "function": "toy_judges:raises", "num_cpus": 0.1},
+        {"name": "garbage", "function": "toy_judges:garbage", "num_cpus": 0.1},
+        {"name": "hangs", "function": "toy_judges:hangs", "timeout_s": 2.0, "num_cpus": 0.1},
     ]
     raw = _raw(tmp_path, tiny_models, judges=judges, train={"steps": 2})
     run_dir = _run(tmp_path, raw, "faulty")
@@ -96,3 +97,41 @@ def test_rl_weight_zero_is_the_on_policy_kd_update(ray_session, tiny_models, tmp
     a = load_file(str(_run(tmp_path, rl, "rl0") / "student" / "model.safetensors"))
     b = load_file(str(_run(tmp_path, kd, "kd") / "student" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dpo_pairs_each_prompts_best_and_worst(ray_session, tiny_models, tmp_path):
+    raw = _raw(
+        tmp_path, tiny_models, rlaif={"algorithm": "dpo", "dpo_beta": 0.5}, train={"steps": 6}
+    )
+    run_dir = _run(tmp_path, raw, "dpo")
+    pairs = _history(run_dir, "rl/pairs")
+    assert len(pairs) == 6 and all(0 <= p <= 16 // K for p in pairs)
+    margins = _history(run_dir, "rl/margin")
+    assert all(np.isfinite(margins))
+    assert margins[-1] > 0  # the chosen samples became likelier than the rejected ones
+
+
+def test_critique_rows_train_with_cross_entropy(ray_session, tiny_models, tmp_path):
+    """A critique judge's rewrites are cross-entropy targets in the same step: with no
+    reward signal and no KL, the step lowers the CE of the rewrite rows."""
+    from actors.rollout import Sample, assemble
+    from orchestrator.recipe import Recipe
+    from orchestrator.rlaif import RlaifLoop
+    from orchestrator.students import StudentGroup
+
+    raw = _raw(tmp_path, tiny_models, train={"batch_size": 8, "micro_batch_size": 4, "lr": 0.05})
+    recipe = Recipe.model_validate(raw)
+    group = StudentGroup(recipe, spec=RlaifLoop.student_spec(recipe))
+    try:
+        prompts = [np.array([1, 2, 3], np.int32)] * 8
+        batch = assemble(prompts, [Sample([5, 6, 7, 8], [-4.0] * 4, "length")] * 8, 0)
+        sft = assemble(prompts[:3], [Sample([40, 41, 42, 43, 44], [0.0] * 5, "stop")] * 3, 0)
+        rl = [{"rewards": np.ones(8), "old_logp": np.full(32, -4.0, np.float32), "sft": sft}]
+        ce = []
+        for _ in range(4):
+            (metrics,) = ray.get(group.train_step([ray.put(batch)], [[]], None, rl))
+            ce.append(metrics["rl/sft_ce"] / metrics["rl/sft_tokens"])
+        assert metrics["rl/sft_tokens"] == 15
+        assert ce[-1] < ce[0] - 0.1, ce
+    finally:
+        group.shutdown()
