@@ -3,7 +3,8 @@
 A call goes to the replica with the fewest outstanding calls. The driver never waits on a
 judge without a bound: a call that raises, runs past `timeout_s` or returns something
 unusable is sent once more to another replica (never behind the call that hung: a hung
-replica is replaced by a fresh actor), and if that fails too its samples are dropped (None) and counted.
+replica is replaced by a fresh actor), and if that fails too its samples are dropped (None)
+and counted.
 """
 
 from __future__ import annotations

@@ -77,6 +77,8 @@ class RlaifLoop(OnPolicyLoop):
 
             self.tokenizer = AutoTokenizer.from_pretrained(recipe.student.model)
         self._judged: dict[int, dict[str, float]] = {}
+        self._win_snapshots: dict[int, ray.ObjectRef] = {}
+        self._start_texts: list[str] = []
         self._prompts: dict[int, list[str]] = {}
 
     # -- texts ----------------------------------------------------------------------------
@@ -228,13 +230,30 @@ class RlaifLoop(OnPolicyLoop):
                 out[key] /= pairs  # per DPO pair
         return out
 
+    def _win_rate_due(self, done: int) -> bool:
+        every = self.recipe.rlaif.win_rate_every
+        return bool(every and done % every == 0) or done == self.recipe.train.steps
+
+    def _after_train(self, step: int, end: int) -> None:
+        """Also keep the weights of a win-rate step: later steps are queued before the
+        driver gets to judge it."""
+        super()._after_train(step, end)
+        done = step + 1
+        if self._win_rate_due(done) and self._start_texts:
+            self._win_snapshots[done] = self._snapshots.get(done) or self.students.snapshot()
+
     def _step_metrics(self, item: Queued, metrics: dict[str, float]) -> None:
         super()._step_metrics(item, metrics)
         metrics.update(self._judged.pop(item.step, {}))
-        every = self.recipe.rlaif.win_rate_every
-        done = item.step + 1
-        if (every and done % every == 0) or done == self.recipe.train.steps:
-            metrics.update(self._win_rate(done))
+        snapshot = self._win_snapshots.pop(item.step + 1, None)
+        if snapshot is not None:
+            metrics.update(self._win_rate(item.step + 1, snapshot))
+
+    def _headline(self, metrics: dict[str, float]) -> dict[str, float]:
+        out = {"reward": metrics.get("reward_mean", math.nan)}
+        if "eval/win_rate" in metrics:
+            out["win_rate"] = metrics["eval/win_rate"]
+        return out
 
     # -- win rate against the starting student --------------------------------------------
 
@@ -266,11 +285,8 @@ class RlaifLoop(OnPolicyLoop):
             return self.dataset.heldout_prompts[:n]
         return [self._text(prompt_ids(self.dataset.heldout, i)) for i in range(n)]
 
-    def _win_rate(self, done: int) -> dict[str, float]:
-        judge = next((j for j in self.judges if j.cfg.function is None), None)
-        if judge is None or not self._start_texts:
-            return {}
-        snapshot = self.students.snapshot()  # the weights after step `done`
+    def _win_rate(self, done: int, snapshot: ray.ObjectRef) -> dict[str, float]:
+        judge = next(j for j in self.judges if j.cfg.function is None)
         current = self._heldout_samples(snapshot, done)
         prompts = self._heldout_prompt_texts(len(current))
         out = judge.collect(judge.submit("pairwise", prompts, current, self._start_texts))

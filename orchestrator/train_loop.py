@@ -170,6 +170,10 @@ class TrainLoop:
     def _step_metrics(self, item: Queued, metrics: dict[str, float]) -> None:
         """Add a mode's own metrics for a finished step."""
 
+    def _headline(self, metrics: dict[str, float]) -> dict[str, float]:
+        """A mode's own figures for the progress line, next to loss and kl."""
+        return {}
+
     def shutdown(self) -> None:
         """Stop the actors a mode started for itself (teachers and students are the
         driver's)."""
@@ -245,7 +249,9 @@ class TrainLoop:
                 last, last_cpu, step = now, time.process_time(), item.step + 1
                 tokens_total += metrics["tokens"]
                 self.tracker.log_metrics(step, metrics)  # written by a background thread
-                progress.update(metrics["loss"], metrics["kl"], metrics["tokens_per_s"])
+                progress.update(
+                    metrics["loss"], metrics["kl"], metrics["tokens_per_s"], self._headline(metrics)
+                )
                 if item.evaluation is not None:
                     ev = self._eval_result(item.evaluation)
                     self.tracker.log_metrics(step, {f"eval/{k}": v for k, v in ev.items()})
