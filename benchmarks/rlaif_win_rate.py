@@ -12,8 +12,11 @@ reference answer (the teacher's own greedy answer) against the same words in rev
 agreement = share of pairs where the judge prefers the reference (both orders averaged).
 
 Usage: python benchmarks/rlaif_win_rate.py [--steps 30]
+Also the step time split into rollout, judging, teacher scoring and training (busy seconds,
+median) and the overhead wall / max(stage busy).
 Ends with `RESULT win_rate X` (RLAIF alone), `RESULT win_rate_kd X`,
-`RESULT win_rate_kd_rlaif X` and `RESULT judge_agreement X`; writes rlaif_reward.png.
+`RESULT win_rate_kd_rlaif X`, `RESULT judge_agreement X` and `RESULT rlaif_overhead X`;
+writes rlaif_reward.png.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def judge_agreement(model: str, n: int) -> tuple[float, float]:
     good = [r["response"] for r in teacher.generate(prompts, {"max_new_tokens": 32})]
     bad = [" ".join(reversed(g.split())) for g in good]
     del teacher
-    judge = JudgeActor("j", model)
+    judge = JudgeActor("j", model, min_mass=0.05)  # as recipes/rlaif.yaml
     p = [v for v in judge.pairwise(prompts, good, bad) if v is not None]
     return float(np.mean([v > 0.5 for v in p])), float(np.mean(p))
 
@@ -80,6 +83,16 @@ def main() -> None:
         recipe = preflight(load_recipe(RECIPE, overrides))
         result = execute(recipe, new_run_dir(recipe))
         reward = history(result, "reward_mean")
+        wall = history(result, "step_time_s")
+        stages = {
+            "rollout": history(result, "rollout/busy_s"),
+            "judging": history(result, "judge/rater/latency_s"),
+            "teacher": history(result, "teacher_busy_s"),
+            "training": history(result, "student_busy_s"),
+        }
+        warm = [s for s in sorted(wall) if s > 3]
+        split = {k: float(np.median([v[s] for s in warm])) for k, v in stages.items()}
+        overhead = float(np.median([wall[s] / max(v[s] for v in stages.values()) for s in warm]))
         curves[name] = reward
         steps = sorted(reward)
         results[name] = {
@@ -89,6 +102,9 @@ def main() -> None:
             "sample_words": list(history(result, "eval/sample_words").values())[-1],
             "repetition": list(history(result, "eval/repetition").values())[-1],
             "kl_ref": list(history(result, "rl/kl_ref").values())[-1],
+            "step_s": float(np.median([wall[s] for s in warm])),
+            **{f"{k}_s": v for k, v in split.items()},
+            "overhead": overhead,
         }
         print(f"{name}: {results[name]}", flush=True)
     print(f"\n{'arm':10}" + "".join(f"{k:>15}" for k in results["rlaif"]))
@@ -107,6 +123,7 @@ def main() -> None:
     print(f"RESULT win_rate_kd {results['kd']['win_rate']:.3f}")
     print(f"RESULT win_rate_kd_rlaif {results['kd_rlaif']['win_rate']:.3f}")
     print(f"RESULT judge_agreement {agreement:.3f}")
+    print(f"RESULT rlaif_overhead {results['rlaif']['overhead']:.3f}")
 
 
 if __name__ == "__main__":
