@@ -83,19 +83,6 @@ def group_advantages(
     return adv.reshape(-1)
 
 
-def truncated_ratio(logp: torch.Tensor, old_logp: torch.Tensor, cap: float) -> torch.Tensor:
-    """exp(logp - old_logp), detached and truncated above at `cap`: a per-token weight.
-
-    Truncated importance sampling (Ionides 2008; Yao et al. 2025 for vLLM/trainer mismatch):
-    corrects for samples drawn by stale weights or another engine while bounding the variance
-    a few very unlikely-under-old tokens would otherwise add. Detached, so it scales a gradient
-    without itself being differentiated.
-    """
-    if cap <= 0:
-        raise ValueError(f"cap must be > 0, got {cap}")
-    return (_float(logp.detach()) - _float(old_logp.detach())).exp().clamp(max=cap)
-
-
 def policy_gradient_sums(
     logp: torch.Tensor,
     old_logp: torch.Tensor,

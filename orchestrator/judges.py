@@ -74,9 +74,6 @@ class JudgePool:
     def name(self) -> str:
         return self.cfg.name
 
-    def info(self) -> dict[str, Any]:
-        return ray.get(self.replicas[0].info.remote(), timeout=600)
-
     def submit(self, method: str, *args: Any, avoid: int | None = None) -> Call:
         """Send `method(*args)` to the least-loaded replica (other than `avoid`)."""
         order = sorted(range(len(self.replicas)), key=lambda i: (self.outstanding[i], i))

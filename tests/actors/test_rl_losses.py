@@ -15,7 +15,6 @@ from actors.rl_losses import (
     pairs_from_rewards,
     policy_gradient_sums,
     sequence_sums,
-    truncated_ratio,
 )
 
 F64 = torch.float64
@@ -89,19 +88,6 @@ def test_group_advantages_refusals_and_detach():
         group_advantages(t(1, 2), 2, "ppo")  # type: ignore[arg-type]
     assert group_advantages(t(1, 2, 3), 1, "grpo").tolist() == [0.0, 0.0, 0.0]
     assert not group_advantages(leaf(1, 2), 2, "grpo").requires_grad
-
-
-# --- truncated_ratio -------------------------------------------------------------------------
-
-
-def test_truncated_ratio():
-    logp = leaf(math.log(0.5), math.log(0.9), math.log(0.1))
-    old = t(math.log(0.5), math.log(0.3), math.log(0.4))
-    w = truncated_ratio(logp, old, cap=2.0)  # ratios 1, 3, 0.25
-    torch.testing.assert_close(w, t(1.0, 2.0, 0.25))
-    assert not w.requires_grad
-    with pytest.raises(ValueError, match="cap"):
-        truncated_ratio(logp, old, cap=0.0)
 
 
 # --- policy_gradient_sums --------------------------------------------------------------------
