@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,3 +79,17 @@ class TokenBatch:
             torch.from_numpy(self.attention_mask.astype(np.int64)).to(device),
             torch.from_numpy(self.loss_mask.astype(bool)).to(device),
         )
+
+
+def left_pad(
+    rows: Sequence[Sequence[int] | np.ndarray], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) [n, width] int64 with each row right-aligned (left padding), so
+    every row continues from its own last token when generating or reading the next one."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.as_tensor(np.asarray(r, dtype=np.int64))
+        attn[i, width - len(r) :] = 1
+    return ids.to(device), attn.to(device)

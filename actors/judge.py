@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
+from actors.batch import left_pad
 from actors.chat import adds_bos, render_prompt, render_prompt_ids, split_finish, stop_token_ids
 from actors.models import backbone, load_causal_lm, model_hash, output_head, pick_device, pick_dtype
 
@@ -313,13 +314,8 @@ class JudgeActor:
     def _left_pad(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Rendered, left-padded prompt ids and attention mask on the judge's device."""
         rows = [render_prompt_ids(self.tokenizer, t, self.add_bos) for t in texts]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        attn = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: every row continues from its last token
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            attn[i, width - len(r) :] = 1
-        return ids.to(self.device), attn.to(self.device), width
+        ids, attn = left_pad(rows, self.pad, self.device)
+        return ids, attn, ids.shape[1]
 
     @torch.inference_mode()
     def _answer_probs(self, texts: list[str], answer_ids: list[int]) -> torch.Tensor:

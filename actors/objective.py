@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from actors.batch import TokenBatch
 from actors.losses import collapsed, divergence
+from actors.models import backbone, output_head
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
@@ -119,3 +121,22 @@ def objective_sums(
         total = total + loss
         metrics += stats.double()
     return total, dict(zip(metric_names(targets), metrics.cpu().unbind(), strict=True))
+
+
+@torch.no_grad()
+def label_logprobs(model: torch.nn.Module, batch: TokenBatch, chunk: int) -> torch.Tensor:
+    """log p(next token) at T = 1 at the batch's loss positions (row-major), the vocab
+    projection over chunks of positions: a reference model's, or the check that an engine
+    and the ranks compute the same after a sync."""
+    device = next(model.parameters()).device
+    ids, attn, mask = batch.to_torch(device)
+    features = backbone(model)(input_ids=ids, attention_mask=attn).last_hidden_state[mask]
+    labels = torch.roll(ids, shifts=-1, dims=1)[mask]
+    head = output_head(model)
+    out = [
+        -F.cross_entropy(
+            head(features[c : c + chunk]).float(), labels[c : c + chunk], reduction="none"
+        )
+        for c in range(0, features.shape[0], chunk)
+    ]
+    return torch.cat(out) if out else features.new_zeros(0)

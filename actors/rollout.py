@@ -24,9 +24,10 @@ import numpy as np
 import ray
 import torch
 
-from actors.batch import TokenBatch
+from actors.batch import TokenBatch, left_pad
 from actors.chat import LENGTH, STOP
 from actors.models import build_student, pick_device, pick_dtype
+from actors.objective import chunk_positions, label_logprobs
 from actors.weights import WeightSnapshot
 
 
@@ -86,13 +87,8 @@ class HFSampler:
     ) -> list[Sample]:
         temperature = float(sampling["temperature"])
         top_p, max_new = float(sampling["top_p"]), int(sampling["max_new_tokens"])
-        n, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((n, width), pad, dtype=torch.long)
-        attn = torch.zeros((n, width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every row continues at the end
-            ids[i, width - len(p) :] = torch.from_numpy(np.asarray(p, dtype=np.int64))
-            attn[i, width - len(p) :] = 1
-        ids, attn = ids.to(self.device), attn.to(self.device)
+        n = len(prompts)
+        ids, attn = left_pad(prompts, pad, self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         stops = torch.tensor(stop_ids or [-1], device=self.device)
@@ -143,14 +139,10 @@ class HFSampler:
             for name, tensor in snapshot.tensors():
                 state[name].copy_(tensor)
 
-    @torch.inference_mode()
     def token_logprobs(self, batch: TokenBatch) -> np.ndarray:
         """log p(next token) at the batch's loss positions, row-major."""
-        ids, attn, mask = batch.to_torch(self.device)
-        logits = self.model(input_ids=ids, attention_mask=attn).logits.float()
-        logp = torch.log_softmax(logits, -1)
-        nxt = torch.roll(ids, -1, dims=1)
-        return logp.gather(-1, nxt[..., None])[..., 0][mask].cpu().numpy()
+        vocab = int(self.model.config.vocab_size)
+        return label_logprobs(self.model, batch, chunk_positions(vocab, 0)).cpu().numpy()
 
 
 class RolloutEngine:

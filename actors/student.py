@@ -28,7 +28,21 @@ from safetensors.torch import save_file
 
 from actors.batch import TokenBatch
 from actors.models import backbone, build_student, output_head, pick_device, pick_dtype
-from actors.objective import LossSpec, SparseTarget, chunk_positions, objective_sums
+from actors.objective import (
+    LossSpec,
+    SparseTarget,
+    chunk_positions,
+    label_logprobs,
+    objective_sums,
+)
+from actors.rl_losses import (
+    dpo_sums,
+    group_advantages,
+    kl_penalty,
+    pairs_from_rewards,
+    policy_gradient_sums,
+    sequence_sums,
+)
 from actors.signal import TeacherSignal, topk_signal
 from actors.weights import WeightSnapshot
 
@@ -181,6 +195,7 @@ class StudentWorker:
         if spec["gradient_checkpointing"]:
             lm.gradient_checkpointing_enable({"use_reentrant": False})
         self.vocab_size = int(lm.config.get_text_config().vocab_size)
+        self._chunk = chunk_positions(self.vocab_size, 0, int(spec["chunk_bytes"]))  # no grads
         self.num_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in lm.parameters())
         self.loss_spec = LossSpec(
             kind=spec["loss"],
@@ -243,17 +258,17 @@ class StudentWorker:
         loss, terms, _ = self.engine(ids, attn, mask, self._targets(signals, train))
         return loss, terms
 
-    def _all_reduce(self, value: float) -> float:
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return float(t.item())
-
-    def _step_tokens(self, batch: TokenBatch) -> int:
-        """The loss tokens of the whole step, summed over the ranks (for shards the driver
-        never saw, such as the rollout engines' samples)."""
-        count = torch.tensor([batch.num_tokens], dtype=torch.int64, device=self.device)
-        torch.distributed.all_reduce(count)
-        return int(count.item())
+    def _step_counts(self, batch: TokenBatch, plan: dict[str, Any] | None) -> list[int]:
+        """Counts of the whole step, summed over the ranks in one all-reduce: its loss
+        tokens (for shards the driver never saw, such as the rollout engines' samples) and,
+        for RLAIF, its DPO pairs and critique tokens (the normalisers of those terms)."""
+        local = [batch.num_tokens, 0, 0]
+        if plan is not None:
+            local[1] = len(plan.get("pairs", []))
+            local[2] = plan["sft"].num_tokens if plan["sft"] is not None else 0
+        counts = torch.tensor(local, dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(counts)
+        return [int(c) for c in counts.tolist()]
 
     def train_step(
         self,
@@ -269,12 +284,14 @@ class StudentWorker:
         wait_start = time.perf_counter()
         signals: list[TeacherSignal] = ray.get(signal_refs)
         start, cpu_start = time.perf_counter(), time.process_time()
-        if step_tokens is None:
-            step_tokens = self._step_tokens(batch)
+        plan = self._rl_plan(batch, rl) if rl is not None else None
+        if step_tokens is None or plan is not None:
+            step_tokens, pairs, sft_tokens = self._step_counts(batch, plan)
+            if plan is not None:
+                plan["step_pairs"], plan["step_sft_tokens"] = pairs, sft_tokens
         self.engine.train()
         scale = self.world_size / max(int(step_tokens), 1)  # DeepSpeed averages over ranks
         sums: dict[str, float] = {}
-        plan = self._rl_plan(batch, rl) if rl is not None else None
         for rows, part, part_signals in self._micro_batches(batch, signals, self.grad_accum):
             if plan is None:
                 loss, terms = self._forward(part, part_signals)
@@ -309,24 +326,20 @@ class StudentWorker:
 
     def _rl_plan(self, batch: TokenBatch, rl: dict[str, Any]) -> dict[str, Any]:
         """What every micro-batch of an RLAIF step needs: advantages (GRPO/RLOO, over this
-        rank's whole groups) or DPO pairs, the behaviour log-probs, and the step's pair and
-        critique-token counts over all ranks (the normalisers, like `step_tokens`)."""
-        from actors.rl_losses import group_advantages, pairs_from_rewards
-
+        rank's whole groups) or DPO pairs, the behaviour log-probs and the critique rows;
+        `_step_counts` adds the step's pair and critique-token counts over all ranks."""
         cfg = self.rl
         k = int(cfg["group_size"])
         rewards = torch.as_tensor(np.asarray(rl["rewards"], dtype=np.float64))
         plan: dict[str, Any] = {"old_logp": torch.from_numpy(np.asarray(rl["old_logp"]))}
         if cfg["algorithm"] == "dpo":
             plan["pairs"] = pairs_from_rewards(rewards, k)
-            plan["step_pairs"] = self._all_reduce(len(plan["pairs"]))
         else:
             plan["advantages"] = group_advantages(
                 rewards, k, cfg["algorithm"], scale=bool(cfg["scale_std"])
             )
         sft: TokenBatch | None = rl.get("sft")
         plan["sft"] = sft
-        plan["step_sft_tokens"] = self._all_reduce(sft.num_tokens if sft is not None else 0)
         plan["sft_parts"] = (
             np.array_split(np.arange(len(sft)), self.grad_accum) if sft is not None else None
         )
@@ -338,8 +351,6 @@ class StudentWorker:
         """The micro-batch's share of the one RLAIF objective, scaled to the step:
         kd_weight * KD + rl_weight * (policy gradient | DPO) + kl_coef * KL(pi || ref)
         + sft_weight * CE(critique rewrites)."""
-        from actors.rl_losses import dpo_sums, kl_penalty, policy_gradient_sums, sequence_sums
-
         cfg = self.rl
         a, b = rows
         sft_rows = None
@@ -394,23 +405,10 @@ class StudentWorker:
             out["rl/sft_tokens"] = torch.tensor(float(sft_rows.num_tokens))
         return total, out
 
-    @torch.no_grad()
     def _reference_logprobs(self, part: TokenBatch) -> torch.Tensor:
         """log p_ref(label) at the loss positions, from the frozen starting student."""
         assert self.reference is not None
-        ids, attn, mask = part.to_torch(self.device)
-        hidden = backbone(self.reference)(input_ids=ids, attention_mask=attn)
-        features = hidden.last_hidden_state[mask]
-        labels = torch.roll(ids, shifts=-1, dims=1)[mask]
-        head = output_head(self.reference)
-        out = []
-        chunk = chunk_positions(self.vocab_size, 0, int(self.spec["chunk_bytes"]))
-        for c in range(0, features.shape[0], chunk):
-            logits = head(features[c : c + chunk]).float()
-            out.append(
-                -torch.nn.functional.cross_entropy(logits, labels[c : c + chunk], reduction="none")
-            )
-        return torch.cat(out) if out else features.new_zeros(0)
+        return label_logprobs(self.reference, part, self._chunk)
 
     def reference_hash(self) -> str | None:
         """The frozen reference's weights hash (it must never change)."""
@@ -448,16 +446,11 @@ class StudentWorker:
         state = {k.removeprefix("lm."): v for k, v in state.items()}
         return WeightSnapshot.of(state, int(self.engine.global_steps), time.perf_counter() - start)
 
-    @torch.no_grad()
     def token_logprobs(self, batch: TokenBatch) -> np.ndarray:
         """log p(next token) at the loss positions (checks a sync against an engine);
         under ZeRO-3 every rank must be called (the forward gathers parameters)."""
         self.engine.eval()
-        ids, attn, mask = batch.to_torch(self.device)
-        logits = self.engine.module.lm(input_ids=ids, attention_mask=attn).logits.float()
-        logp = torch.log_softmax(logits, -1)
-        nxt = torch.roll(ids, -1, dims=1)
-        return logp.gather(-1, nxt[..., None])[..., 0][mask].cpu().numpy()
+        return label_logprobs(self.engine.module.lm, batch, self._chunk).cpu().numpy()
 
     @torch.no_grad()
     def score(self, batch: TokenBatch) -> TeacherSignal:
@@ -476,7 +469,7 @@ class StudentWorker:
             temperature=spec.temperature,
             teacher=str(self.spec["name"]),
             vocab_size=self.vocab_size,
-            chunk=chunk_positions(self.vocab_size, 0, int(self.spec["chunk_bytes"])),
+            chunk=self._chunk,
         )
         signal.busy_s = time.perf_counter() - start
         signal.cpu_s = time.process_time() - cpu_start

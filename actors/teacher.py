@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from actors.batch import TokenBatch
+from actors.batch import TokenBatch, left_pad
 from actors.chat import adds_bos, render_prompt_ids, split_finish, stop_token_ids
 from actors.models import (
     backbone,
@@ -141,17 +141,13 @@ class TeacherActor:
         rows = [render_prompt_ids(tok, p, add) for p in prompts]
         if self.vllm is not None:
             return self._generate_vllm(rows, sampling, stops)
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: every row continues from its last token
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            attn[i, width - len(r) :] = 1
+        ids, attn = left_pad(rows, pad, self.device)
+        width = ids.shape[1]
         torch.manual_seed(int(sampling.get("seed", 0)))
         temperature = float(sampling.get("temperature", 0.0))
         out = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=attn.to(self.device),
+            input_ids=ids,
+            attention_mask=attn,
             max_new_tokens=int(sampling.get("max_new_tokens", 64)),
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None,

@@ -56,6 +56,7 @@ class OnPolicyLoop(TrainLoop):
         self.lmbda = self.recipe.distill.lmbda  # RLAIF sets 1: every step writes
         self.rollouts = RolloutPool(self.recipe)
         self._snapshots: dict[int, ray.ObjectRef] = {}
+        self._metas: dict[int, list[dict[str, Any]]] = {}  # fetched early by a mode (RLAIF)
         self._start = 0
 
     # -- versions -------------------------------------------------------------------------
@@ -94,14 +95,22 @@ class OnPolicyLoop(TrainLoop):
     def _issue(self, step: int) -> InFlight:
         if not self._on_policy(step):
             return super()._issue(step)
-        refs, metas = self._rollout(step)
+        refs, metas = self._rollout(step, self._prompts_for(step)[1])
         return InFlight(step, refs, self._signals_for(refs), None, metas)
 
-    def _rollout(self, step: int) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
+    def _prompts_for(self, step: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(data row indices, prompt ids) of the step's prompts."""
+        train, k = self.recipe.train, self.recipe.rollout.samples_per_prompt
+        rows = self.dataset.rows_for_step(step, train.batch_size)[: train.batch_size // k]
+        t = self.dataset.train
+        batch = TokenBatch(t.input_ids[rows], t.attention_mask[rows], t.loss_mask[rows])
+        return rows, [prompt_ids(batch, i) for i in range(len(rows))]
+
+    def _rollout(
+        self, step: int, prompts: list[np.ndarray]
+    ) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
         """The step's samples: (one TokenBatch ref per rank, one meta ref per engine)."""
-        train, r = self.recipe.train, self.recipe.rollout
-        batch = self.dataset.batch_for_step(step, train.batch_size)
-        prompts = [prompt_ids(batch, i) for i in range(train.batch_size // r.samples_per_prompt)]
+        r = self.recipe.rollout
         rows = [p for p in prompts for _ in range(r.samples_per_prompt)]  # a prompt's K adjacent
         per_rank = len(rows) // self.world
         shards = [rows[i * per_rank : (i + 1) * per_rank] for i in range(self.world)]
@@ -119,7 +128,7 @@ class OnPolicyLoop(TrainLoop):
         metrics["on_policy"] = float(bool(item.meta))
         if not item.meta:
             return
-        metas = ray.get(item.meta)
+        metas = self._metas.pop(item.step, None) or ray.get(item.meta)
         step = item.step
         staleness = [step - m["version"] for m in metas]
         if max(staleness) > self.recipe.rollout.max_staleness or min(staleness) < 0:

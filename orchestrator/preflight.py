@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoConfig
 
@@ -59,23 +60,11 @@ def preflight(recipe: Recipe) -> Recipe:
             f"{recipe.distill.top_k} is larger than the vocab ({student.vocab_size})",
         )
     for i, teacher in enumerate(recipe.teachers):
-        facts = _facts(f"teachers[{i}].model", teacher.model)
-        if facts.vocab_size != student.vocab_size:
-            raise RecipeError(
-                f"teachers[{i}].model",
-                f"teacher {teacher.name!r} has vocab {facts.vocab_size} but the student has "
-                f"{student.vocab_size}; cross-tokenizer distillation is not supported yet",
-            )
-        teacher.model = facts.path
+        why = "cross-tokenizer distillation is not supported yet"
+        teacher.model = _same_vocab(f"teachers[{i}].model", "teacher", teacher, student, why)
     for i, peer in enumerate(recipe.mutual.peers if recipe.distill.mode == "mutual" else []):
-        facts = _facts(f"mutual.peers.{i}.model", peer.model)
-        if facts.vocab_size != student.vocab_size:
-            raise RecipeError(
-                f"mutual.peers.{i}.model",
-                f"peer {peer.name!r} has vocab {facts.vocab_size} but the student has "
-                f"{student.vocab_size}; peers must share the student's tokenizer",
-            )
-        peer.model = facts.path
+        why = "peers must share the student's tokenizer"
+        peer.model = _same_vocab(f"mutual.peers.{i}.model", "peer", peer, student, why)
     _check_backends(recipe)
     _check_judges(recipe)
     recipe.student.model = student.path
@@ -111,6 +100,18 @@ def _check_judges(recipe: Recipe) -> None:
                 rating_token_ids(tok, list(judge.rating_tokens), render_prompt(tok, "x"))
             except ValueError as exc:
                 raise RecipeError(f"judges.{i}.rating_tokens", str(exc)) from exc
+
+
+def _same_vocab(field: str, kind: str, holder: Any, student: ModelFacts, why: str) -> str:
+    """The resolved path of a model that must share the student's vocab (refused if not)."""
+    facts = _facts(field, holder.model)
+    if facts.vocab_size != student.vocab_size:
+        raise RecipeError(
+            field,
+            f"{kind} {holder.name!r} has vocab {facts.vocab_size} but the student has "
+            f"{student.vocab_size}; {why}",
+        )
+    return facts.path
 
 
 def vllm_installed() -> bool:

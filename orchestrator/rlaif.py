@@ -90,20 +90,15 @@ class RlaifLoop(OnPolicyLoop):
             return " ".join(map(str, ids))
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def _step_prompts(self, step: int) -> list[str]:
-        """The prompt text of each of the step's prompts (K samples each)."""
-        train, k = self.recipe.train, self.recipe.rollout.samples_per_prompt
-        rows = self.dataset.rows_for_step(step, train.batch_size)[: train.batch_size // k]
-        if self.dataset.train_prompts is not None:
-            return [self.dataset.train_prompts[int(i)] for i in rows]
-        batch = self.dataset.batch_for_step(step, train.batch_size)
-        return [self._text(prompt_ids(batch, i)) for i in range(len(rows))]
-
     # -- issuing and training -------------------------------------------------------------
 
     def _issue(self, step: int) -> InFlight:
-        refs, metas = self._rollout(step)
-        self._prompts[step] = self._step_prompts(step)
+        rows, prompts = self._prompts_for(step)
+        refs, metas = self._rollout(step, prompts)
+        if self.dataset.train_prompts is not None:
+            self._prompts[step] = [self.dataset.train_prompts[int(i)] for i in rows]
+        else:
+            self._prompts[step] = [self._text(p) for p in prompts]
         kd = self.recipe.rlaif.kd_weight > 0  # no teacher compute when KD is off
         signals = self._signals_for(refs) if kd else [[] for _ in refs]
         return InFlight(step, refs, signals, None, metas)
@@ -122,7 +117,7 @@ class RlaifLoop(OnPolicyLoop):
     def _train(self, item: InFlight) -> list[ray.ObjectRef]:
         """Judge the step's samples (the driver waits here, bounded, while the previous
         step trains), then queue the train step with each rank's rewards."""
-        metas = ray.get(item.meta)
+        metas = self._metas[item.step] = ray.get(item.meta)  # _step_metrics reads them too
         responses, logprobs = self._samples(metas)
         k = self.recipe.rollout.samples_per_prompt
         prompts = [p for p in self._prompts.pop(item.step) for _ in range(k)]
