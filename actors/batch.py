@@ -31,6 +31,11 @@ class TokenBatch:
             self.input_ids[start:stop], self.attention_mask[start:stop], self.loss_mask[start:stop]
         )
 
+    def take(self, rows: Sequence[int] | np.ndarray) -> TokenBatch:
+        """The given rows, in that order."""
+        idx = np.asarray(rows, dtype=np.int64)
+        return TokenBatch(self.input_ids[idx], self.attention_mask[idx], self.loss_mask[idx])
+
     def shard(self, n: int) -> list[TokenBatch]:
         """n equal row slices, one per student rank."""
         if len(self) % n:

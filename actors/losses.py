@@ -7,6 +7,11 @@ those ids, not 1 - sum, for stability). Every divergence is computed on these k+
 so it is a lower bound of the dense divergence (data-processing inequality) and equals the
 dense textbook formula exactly when k equals the vocab (both tails are then zero).
 
+Entries with log-prob -inf carry nothing: a blend of teachers on the union of their ids, or
+a cross-tokenizer teacher's ids that have no student piece, pad rows with them. Such an
+entry must repeat an id present in its row (so the student's tail still excludes exactly the
+row's ids); a row with no finite entry is "not covered" and the caller gives it no weight.
+
 Both sides use temperature T (the teacher's log-probs arrive already at T); the divergence
 is multiplied by T**2 so gradient scale does not shrink with T (Hinton et al.).
 """
@@ -47,19 +52,24 @@ def collapsed(
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # never below fp32
     logits = student_logits.to(dtype) / temperature
     log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
-    q_top = logits.gather(-1, teacher_ids) - log_z
+    valid = torch.isfinite(teacher_logprobs)
+    q_top = torch.where(valid, logits.gather(-1, teacher_ids) - log_z, _NEG)
     rest = logits.scatter(-1, teacher_ids, _NEG)  # finite fill: no NaN gradient when k == V
     q_tail = (torch.logsumexp(rest, dim=-1, keepdim=True) - log_z).clamp(min=_NEG)
-    p_top = teacher_logprobs.to(dtype)
-    if teacher_ids.shape[-1] < student_logits.shape[-1]:
-        # float16 log-probs cannot resolve a tail below ~1e-3; a floor keeps reverse KL finite
-        p_tail_mass = (1.0 - p_top.exp().sum(-1, keepdim=True)).clamp(min=1e-6)
-        p_tail = p_tail_mass.log()
-    else:  # k == V: there is no tail, whatever rounding says
-        p_tail = torch.full_like(q_tail, _NEG)
+    p_top = torch.where(valid, teacher_logprobs.to(dtype), _NEG)
+    # float16 log-probs cannot resolve a tail below ~1e-3; a floor keeps reverse KL finite.
+    # Where the row's ids are the whole vocab there is no tail, whatever rounding says.
+    p_tail_mass = (1.0 - p_top.exp().sum(-1, keepdim=True)).clamp(min=1e-6)
+    whole = valid.sum(-1, keepdim=True) >= student_logits.shape[-1]
+    p_tail = torch.where(whole, _NEG, p_tail_mass.log())
     log_q = torch.cat([q_top, q_tail], dim=-1)
     log_p = torch.cat([p_top, p_tail], dim=-1)
     return log_p, log_q
+
+
+def covered(teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the positions where the teacher sent at least one entry."""
+    return torch.isfinite(teacher_logprobs).any(-1)
 
 
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:

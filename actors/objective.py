@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from actors.batch import TokenBatch
-from actors.losses import collapsed, divergence
+from actors.losses import collapsed, covered, divergence
 from actors.models import backbone, output_head
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -28,12 +28,17 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 @dataclass
 class SparseTarget:
-    """One teacher's top-k distribution at the loss positions, and its blend weight."""
+    """A top-k distribution at the loss positions (one teacher's, or a blend of several) and
+    its weight per position. `temperature` None: the loss spec's. A target that does not
+    `train` only reports its KL; one that does not `report` (a blend) only trains."""
 
     name: str
     ids: torch.Tensor  # [P, k] int64
-    logprobs: torch.Tensor  # [P, k] float32, log_softmax(teacher logits / T)
-    weight: float
+    logprobs: torch.Tensor  # [P, k] float32, log_softmax(teacher logits / T); -inf: no entry
+    weight: torch.Tensor | float  # [P] or one weight for every position
+    temperature: float | None = None
+    train: bool = True
+    report: bool = True
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,8 @@ def chunk_positions(vocab: int, teachers: int, budget_bytes: int = DEFAULT_CHUNK
 
 
 def metric_names(targets: list[SparseTarget]) -> list[str]:
-    return ["loss", "ce", "kd", *[f"kl/{t.name}" for t in targets]]
+    reported = [t.name for t in targets if t.report]
+    return ["loss", "ce", "kd", *[f"kl/{n}" for n in reported], *[f"cover/{n}" for n in reported]]
 
 
 def objective_sums(
@@ -66,19 +72,27 @@ def objective_sums(
     chunk: int,
     logp_out: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sum over positions of alpha * CE + (1 - alpha) * T^2 * sum_t w_t D_t, and the sums of
-    each term (detached): `loss`, `ce`, `kd`, `kl/<teacher>` (forward KL at T).
+    """Sum over positions of alpha * CE + (1 - alpha) * sum_t T_t^2 w_t D_t, and the sums of
+    each term (detached): `loss`, `ce`, `kd`, and per reported target `kl/<name>` (forward
+    KL at its T over the positions it covers) and `cover/<name>` (how many it covers).
 
     features: [P, H] hidden states at the loss positions (or logits with an identity head);
-    head: maps [c, H] -> [c, V] logits; labels: [P] gold next tokens. `logp_out`, when given,
-    receives log p(label) at T = 1 per position, chunk by chunk, with gradient (the RL terms
-    of RLAIF use them in the same backward; they cost nothing extra: CE computes them).
+    head: maps [c, H] -> [c, V] logits; labels: [P] gold next tokens. A target's weight is
+    zero where it sent nothing (see `losses.covered`). `logp_out`, when given, receives
+    log p(label) at T = 1 per position, chunk by chunk, with gradient (the RL terms of RLAIF
+    use them in the same backward; they cost nothing extra: CE computes them).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     grad = torch.is_grad_enabled()
     total = features.new_zeros((), dtype=torch.promote_types(features.dtype, torch.float32))
-    metrics = features.new_zeros(3 + len(targets), dtype=torch.float64)  # stays on device
+    reported = [t for t in targets if t.report]
+    metrics = features.new_zeros(3 + 2 * len(reported), dtype=torch.float64)  # on device
+    n = features.shape[0]
+    weights = [
+        t.weight if torch.is_tensor(t.weight) else features.new_full((n,), float(t.weight))
+        for t in targets
+    ]
 
     def one_chunk(f: torch.Tensor, y: torch.Tensor, *tgt: torch.Tensor):
         logits = head(f)
@@ -87,28 +101,38 @@ def objective_sums(
             token_ce = F.cross_entropy(logits, y, reduction="none")
             ce = token_ce.sum()
         kd = logits.new_zeros(())
-        kls = []
+        kls, covers = [], []
         with torch.set_grad_enabled(grad and spec.alpha < 1):
-            for t, ids, lp in zip(targets, tgt[0::2], tgt[1::2], strict=True):
-                log_p, log_q = collapsed(logits, ids, lp, spec.temperature)
-                d = divergence(log_p, log_q, kind=spec.kind, beta=spec.beta, skew=spec.skew)
-                kd = kd + t.weight * d.sum()
-                if spec.kind != "forward_kl":
+            for t, ids, lp, w in zip(targets, tgt[0::3], tgt[1::3], tgt[2::3], strict=True):
+                temp = t.temperature or spec.temperature
+                log_p, log_q = collapsed(logits, ids, lp, temp)
+                d = None
+                if t.train:
+                    d = divergence(log_p, log_q, kind=spec.kind, beta=spec.beta, skew=spec.skew)
+                    kd = kd + temp**2 * (w.to(d.dtype) * d).sum()
+                if not t.report:
+                    continue
+                if d is None or spec.kind != "forward_kl":
                     d = divergence(log_p.detach(), log_q.detach(), kind="forward_kl")
-                kls.append(d.detach())
-        kd = kd * spec.temperature**2
+                cov = covered(lp)
+                kls.append(torch.where(cov, d.detach(), 0.0).sum())
+                covers.append(cov.sum().to(kls[-1].dtype))
         if spec.alpha >= 1:
             loss = ce
         elif spec.alpha <= 0:
             loss = kd
         else:
             loss = spec.alpha * ce + (1 - spec.alpha) * kd
-        stats = torch.stack([loss.detach(), ce.detach(), kd.detach(), *[k.sum() for k in kls]])
+        stats = torch.stack([loss.detach(), ce.detach(), kd.detach(), *kls, *covers])
         return loss, stats, -token_ce
 
-    for a in range(0, features.shape[0], chunk):
+    for a in range(0, n, chunk):
         b = a + chunk
-        tgt = [x for t in targets for x in (t.ids[a:b], t.logprobs[a:b])]
+        tgt = [
+            x
+            for t, w in zip(targets, weights, strict=True)
+            for x in (t.ids[a:b], t.logprobs[a:b], w[a:b])
+        ]
         args = (features[a:b], labels[a:b], *tgt)
         if grad:  # the loss draws no random numbers: no RNG state to keep per chunk
             loss, stats, logp = checkpoint(

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from actors.batch import TokenBatch
+
 
 def id_dtype(vocab_size: int) -> np.dtype:
     """uint16 halves the id bytes whenever every id fits in it."""
@@ -31,6 +33,8 @@ class TeacherSignal:
     busy_s: float = 0.0  # wall time the teacher spent on this shard, inside the actor
     cpu_s: float = 0.0  # CPU time of the actor process for this shard (cores are shared)
     hidden: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [P, H] float16
+    replica: int | None = None  # which replica of the teacher scored it
+    routed_rows: np.ndarray | None = None  # the shard rows it covers (routing); None: all
 
     @property
     def nbytes(self) -> int:
@@ -48,6 +52,33 @@ class TeacherSignal:
             busy_s=self.busy_s,
             cpu_s=self.cpu_s,
             hidden={k: v[start:stop] for k, v in self.hidden.items()},
+            replica=self.replica,
+        )
+
+    def covering(self, batch: TokenBatch) -> TeacherSignal:
+        """This signal on all of the batch's loss positions: a signal that scored only some
+        rows (routing by a data field) gets empty (-inf) entries on the others."""
+        if self.routed_rows is None:
+            return self
+        offsets = batch.row_offsets()
+        k = self.ids.shape[1]
+        ids = np.zeros((int(offsets[-1]), k), dtype=self.ids.dtype)
+        logprobs = np.full((int(offsets[-1]), k), -np.inf, dtype=np.float16)
+        at = 0
+        for row in self.routed_rows:
+            a, b = int(offsets[row]), int(offsets[row + 1])
+            ids[a:b], logprobs[a:b] = self.ids[at : at + b - a], self.logprobs[at : at + b - a]
+            at += b - a
+        if self.hidden:
+            raise ValueError(f"teacher {self.teacher}: routed signals carry no hidden states")
+        return TeacherSignal(
+            self.teacher,
+            ids,
+            logprobs,
+            self.temperature,
+            self.busy_s,
+            self.cpu_s,
+            replica=self.replica,
         )
 
     def torch_targets(self) -> tuple[torch.Tensor, torch.Tensor]:

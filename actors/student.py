@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from actors.aggregate import Context, aggregate
 from actors.batch import TokenBatch
 from actors.models import backbone, build_student, output_head, pick_device, pick_dtype
 from actors.objective import (
@@ -45,6 +46,22 @@ from actors.rl_losses import (
 )
 from actors.signal import TeacherSignal, topk_signal
 from actors.weights import WeightSnapshot
+
+
+def per_token(sums: dict[str, float], tokens: int) -> dict[str, float]:
+    """Loss terms per loss token; a teacher's KL per position it covered; `share/<t>`: the
+    fraction of tokens where teacher t had the largest weight."""
+    out: dict[str, float] = {}
+    for key, value in sums.items():
+        if key.startswith(("rl/", "cover/")):
+            continue
+        if key.startswith("kl/"):
+            out[key] = value / max(sums.get("cover/" + key[3:], 0.0), 1.0)
+        elif key.startswith("top/"):
+            out["share/" + key[4:]] = value / max(tokens, 1)
+        else:
+            out[key] = value / max(tokens, 1)
+    return out
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -232,15 +249,31 @@ class StudentWorker:
 
     # -- training -------------------------------------------------------------------------
 
-    def _targets(self, signals: list[TeacherSignal], train: bool = True) -> list[SparseTarget]:
-        """Training signals carry the recipe's weights; evaluation (held-out teachers only,
-        no peers) reads only the per-signal KL sums, so weights do not matter there."""
-        weights = self.spec["teacher_weights"] if train else [1.0] * len(signals)
+    def _targets(
+        self, signals: list[TeacherSignal], part: TokenBatch, train: bool = True
+    ) -> tuple[list[SparseTarget], dict[str, float]]:
+        """The micro-batch's targets as `distill.aggregate` combines the signals (training;
+        with the recipe's weights) and how many positions each teacher counted most at.
+        Evaluation (held-out teachers only, no peers) reads only each signal's KL."""
         out = []
-        for weight, sig in zip(weights, signals, strict=True):
+        for weight, sig in zip(self.spec["teacher_weights"], signals, strict=True):
             ids, logprobs = (x.to(self.device) for x in sig.torch_targets())
-            out.append(SparseTarget(sig.teacher, ids, logprobs, float(weight)))
-        return out
+            out.append(SparseTarget(sig.teacher, ids, logprobs, float(weight), sig.temperature))
+        if not train:
+            return [SparseTarget(t.name, t.ids, t.logprobs, 0.0, train=False) for t in out], {}
+        ids, _, mask = part.to_torch(self.device)
+        ctx = Context(
+            labels=torch.roll(ids, shifts=-1, dims=1)[mask],
+            rows=torch.nonzero(mask)[:, 0],
+            vocab=self.vocab_size,
+            confidence_by=str(self.spec.get("confidence_by", "entropy")),
+            confidence_temperature=float(self.spec.get("confidence_temperature", 1.0)),
+            routed_by_field=bool(self.spec.get("routed_by_field", False)),
+        )
+        blend = aggregate(str(self.spec.get("aggregate", "sum_of_losses")), out, ctx)
+        counts = blend.top.sum(1).tolist()
+        top = {f"top/{t.name}": float(n) for t, n in zip(out, counts, strict=True)}
+        return blend.targets, top
 
     def _micro_batches(self, batch: TokenBatch, signals: list[TeacherSignal], n: int):
         """(row range, rows, their signal slices) for n micro-batches, padding trimmed per
@@ -255,8 +288,9 @@ class StudentWorker:
 
     def _forward(self, part: TokenBatch, signals: list[TeacherSignal], train: bool = True):
         ids, attn, mask = part.to_torch(self.device)
-        loss, terms, _ = self.engine(ids, attn, mask, self._targets(signals, train))
-        return loss, terms
+        targets, top = self._targets(signals, part, train)
+        loss, terms, _ = self.engine(ids, attn, mask, targets)
+        return loss, {**terms, **top}
 
     def _step_counts(self, batch: TokenBatch, plan: dict[str, Any] | None) -> list[int]:
         """Counts of the whole step, summed over the ranks in one all-reduce: its loss
@@ -282,7 +316,7 @@ class StudentWorker:
         objective is sum over the step / step_tokens. `rl` (RLAIF): this rank's rewards
         per row, the samples' behaviour log-probs and critique rows (see `_rl_terms`)."""
         wait_start = time.perf_counter()
-        signals: list[TeacherSignal] = ray.get(signal_refs)
+        signals = [s.covering(batch) for s in ray.get(signal_refs)]
         start, cpu_start = time.perf_counter(), time.process_time()
         plan = self._rl_plan(batch, rl) if rl is not None else None
         if step_tokens is None or plan is not None:
@@ -303,12 +337,15 @@ class StudentWorker:
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         tokens = batch.num_tokens
-        metrics = {k: v / max(tokens, 1) for k, v in sums.items() if not k.startswith("rl/")}
+        metrics = per_token(sums, tokens)
         metrics.update({k: v for k, v in sums.items() if k.startswith("rl/")})  # raw sums
         for sig in signals:
             for key, value in (("teacher_busy_s", sig.busy_s), ("teacher_cpu_s", sig.cpu_s)):
                 name = f"{key}/{sig.teacher}"
                 metrics[name] = metrics.get(name, 0.0) + value
+                if sig.replica is not None:
+                    name = f"{name}/r{sig.replica}"
+                    metrics[name] = metrics.get(name, 0.0) + value
         grad_norm = self.engine.get_global_grad_norm()
         metrics.update(
             tokens=float(tokens),
@@ -362,7 +399,7 @@ class StudentWorker:
         n_main = part.num_tokens
         full = TokenBatch.concat(part, sft_rows) if sft_rows is not None else part
         ids, attn, mask = full.to_torch(self.device)
-        targets = self._targets(signals) if signals else []  # kd_weight 0: nobody scored
+        targets = self._targets(signals, part)[0] if signals else []  # kd_weight 0: none
         loss, terms, extras = self.engine(
             ids, attn, mask, targets, True, n_main if sft_rows is not None else None
         )
@@ -419,14 +456,14 @@ class StudentWorker:
     @torch.no_grad()
     def evaluate(self, batch: TokenBatch, signal_refs: list[ray.ObjectRef]) -> dict[str, float]:
         """Token sums of CE and KL to each teacher, in micro-batches, for the driver to pool."""
-        signals: list[TeacherSignal] = ray.get(signal_refs)
+        signals = [s.covering(batch) for s in ray.get(signal_refs)]
         self.engine.eval()
         n = max(1, math.ceil(len(batch) / int(self.spec["micro_batch_size"])))
         out: dict[str, float] = {"tokens": float(batch.num_tokens)}
         for _, part, part_signals in self._micro_batches(batch, signals, n):
             _, terms = self._forward(part, part_signals, train=False)
             for key, value in terms.items():
-                if key == "ce" or key.startswith("kl/"):
+                if key == "ce" or key.startswith(("kl/", "cover/")):
                     out[key] = out.get(key, 0.0) + float(value)
         return out
 

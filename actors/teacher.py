@@ -44,9 +44,15 @@ class TeacherActor:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         backend: str = "hf",
         max_model_len: int = 2048,
+        replica: int = 0,
+        student_tokenizer: str | None = None,
     ) -> None:
+        """`student_tokenizer`: set for a teacher whose tokenizer differs from the student's
+        (cross-tokenizer, see `actors/xtok.py`); its signals come in the student's vocab."""
         torch.set_num_threads(threads)
         self.name = name
+        self.replica = replica
+        self.served = {"calls": 0, "rows": 0}  # shards scored that had rows in them
         self.top_k = top_k
         self.temperature = temperature
         self.hidden_layers = tuple(hidden_layers)
@@ -54,11 +60,27 @@ class TeacherActor:
         torch_dtype = pick_dtype(dtype, self.device)
         self.model = load_causal_lm(model, torch_dtype, self.device).eval()
         self.vocab_size = int(self.model.config.vocab_size)
-        self.chunk = chunk_positions(self.vocab_size, 0, chunk_bytes)  # no gradients here
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
         except (OSError, ValueError):
             self.tokenizer = None  # token-only teachers (tests, synthetic data)
+        if self.tokenizer is not None:  # embedding rows past the tokenizer are padding
+            self.vocab_size = min(self.vocab_size, len(self.tokenizer))
+        self.chunk = chunk_positions(self.vocab_size, 0, chunk_bytes)  # no gradients here
+        self.aligner = None
+        self.signal_vocab = self.vocab_size  # the vocab the signal's ids are in
+        if student_tokenizer is not None:
+            from actors.xtok import TokenAligner
+
+            if self.tokenizer is None or backend != "hf" or self.hidden_layers:
+                raise ValueError(
+                    f"teacher {name}: cross-tokenizer scoring needs its tokenizer, the hf "
+                    f"backend and no hidden states"
+                )
+            student_tok = AutoTokenizer.from_pretrained(student_tokenizer)
+            limit = getattr(self.model.config, "max_position_embeddings", None) or max_model_len
+            self.aligner = TokenAligner(student_tok, self.tokenizer, min(max_model_len, limit))
+            self.signal_vocab = len(student_tok)
         self._info = {
             "name": name,
             "vocab_size": self.vocab_size,
@@ -67,6 +89,7 @@ class TeacherActor:
             "tokenizer_hash": tokenizer_hash(self.tokenizer),
             "device": str(self.device),
             "backend": backend,
+            "cross_tokenizer": student_tokenizer is not None,
         }
         self.vllm = None
         if backend == "vllm":
@@ -83,16 +106,40 @@ class TeacherActor:
             self.vllm.set_temperature(temperature)
 
     def info(self) -> dict[str, Any]:
-        return dict(self._info)
+        return {**self._info, "served": dict(self.served), "replica": self.replica}
+
+    def score(self, batch: TokenBatch, rows: list[int] | None = None) -> TeacherSignal:
+        """Top-k log-probs (and chosen hidden states) at the loss positions of the shard, or
+        of only its `rows` (examples routed to this teacher: nothing else is computed)."""
+        if rows is not None:
+            signal = self._score(batch.take(rows)) if rows else self._empty()
+            signal.routed_rows = np.asarray(rows, dtype=np.int64)
+        else:
+            signal = self._score(batch)
+        signal.replica = self.replica
+        return signal
+
+    def _empty(self) -> TeacherSignal:
+        shape = (0, self.top_k)
+        return TeacherSignal(
+            teacher=self.name,
+            ids=np.zeros(shape, dtype=id_dtype(self.signal_vocab)),
+            logprobs=np.zeros(shape, dtype=np.float16),
+            temperature=self.temperature,
+        )
 
     @torch.inference_mode()
-    def score(self, batch: TokenBatch) -> TeacherSignal:
-        """Top-k log-probs (and chosen hidden states) at the shard's loss positions.
-
-        The decoder runs once; the vocab projection, log-softmax and top-k run over chunks
-        of loss positions on the teacher's device, so no [positions, vocab] tensor exists.
-        """
+    def _score(self, batch: TokenBatch) -> TeacherSignal:
+        """The decoder runs once; the vocab projection, log-softmax and top-k run over chunks
+        of loss positions on the teacher's device, so no [positions, vocab] tensor exists."""
+        self.served["calls"] += 1
+        self.served["rows"] += len(batch)
         start, cpu_start = time.perf_counter(), time.process_time()
+        if self.aligner is not None:
+            signal = self._score_aligned(batch)
+            signal.busy_s = time.perf_counter() - start
+            signal.cpu_s = time.process_time() - cpu_start
+            return signal
         if self.vllm is not None:
             top_ids, top_lp = self.vllm.topk(batch, self.top_k)
             signal = TeacherSignal(
@@ -123,6 +170,57 @@ class TeacherActor:
         signal.busy_s = time.perf_counter() - start
         signal.cpu_s = time.process_time() - cpu_start
         return signal
+
+    def _score_aligned(self, batch: TokenBatch) -> TeacherSignal:
+        """Cross-tokenizer: the teacher reads its own tokenization of each row's text; at
+        every student loss position whose context ends where one of the teacher's tokens
+        ends, its top-k is mapped onto the student's pieces (see `actors/xtok.py`). Other
+        positions carry no entry. The alignment runs here, in the teacher actor: it needs
+        the teacher's tokenizer, it runs ahead of the students in the pipeline, and what
+        crosses the object store is an ordinary signal in the student's vocab ([P, k],
+        uint16 for SmolLM2's 49152 ids even though Gemma's vocab needs int32)."""
+        assert self.aligner is not None
+        offsets = batch.row_offsets()
+        n_pos, k = int(offsets[-1]), self.top_k
+        out_ids = np.zeros((n_pos, k), dtype=np.int64)
+        out_lp = np.full((n_pos, k), -np.inf, dtype=np.float32)
+        rows, where = [], []
+        for r in range(len(batch)):
+            length = int(batch.attention_mask[r].sum())
+            loss_pos = np.flatnonzero(batch.loss_mask[r][:length])
+            al = self.aligner.align(batch.input_ids[r, :length], loss_pos)
+            rows.append(al.teacher_ids)
+            where.extend((r, int(offsets[r]) + int(i), int(j)) for i, j in al.pairs)
+        if where:
+            pad = self.tokenizer.pad_token_id or 0
+            width = max(len(t) for t in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            attn = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, t in enumerate(rows):
+                ids[r, : len(t)] = torch.tensor(t)
+                attn[r, : len(t)] = 1
+            hidden = backbone(self.model)(
+                input_ids=ids.to(self.device), attention_mask=attn.to(self.device)
+            ).last_hidden_state
+            at = torch.tensor([(r, j) for r, _, j in where], device=self.device)
+            signal = topk_signal(
+                hidden[at[:, 0], at[:, 1]],
+                output_head(self.model),
+                k=k,
+                temperature=self.temperature,
+                teacher=self.name,
+                vocab_size=self.vocab_size,
+                chunk=self.chunk,
+            )
+            mapped_ids, mapped_lp = self.aligner.map_topk(signal.ids, signal.logprobs)
+            pos = np.array([p for _, p, _ in where], dtype=np.int64)
+            out_ids[pos], out_lp[pos] = mapped_ids, mapped_lp
+        return TeacherSignal(
+            teacher=self.name,
+            ids=out_ids.astype(id_dtype(self.signal_vocab)),
+            logprobs=out_lp.astype(np.float16),
+            temperature=self.temperature,
+        )
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], sampling: dict[str, Any]) -> list[dict[str, str]]:

@@ -28,13 +28,13 @@ class Dataset:
     skipped_rows: int = 0  # rows dropped because they could not be tokenized faithfully
     train_prompts: list[str] | None = None  # each row's prompt text (judges read it)
     heldout_prompts: list[str] | None = None
+    train_routes: np.ndarray | None = None  # each row's teacher index (distill.teacher_key)
+    heldout_routes: np.ndarray | None = None
     _perms: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def batch_for_step(self, step: int, batch_size: int) -> TokenBatch:
         """Rows for `step`: a fresh seeded permutation per epoch, no example twice per epoch."""
-        idx = self.rows_for_step(step, batch_size)
-        t = self.train
-        return TokenBatch(t.input_ids[idx], t.attention_mask[idx], t.loss_mask[idx])
+        return self.train.take(self.rows_for_step(step, batch_size))
 
     def rows_for_step(self, step: int, batch_size: int) -> np.ndarray:
         """Indices into `train` of the step's rows (see batch_for_step)."""
@@ -83,6 +83,7 @@ def _split(
     seed: int,
     skipped_rows: int = 0,
     prompts: list[str] | None = None,
+    routes: np.ndarray | None = None,
 ) -> Dataset:
     """Held-out rows chosen by `split_seed` alone, so every run seed evaluates on the same
     examples; `seed` is kept for the batch order."""
@@ -92,18 +93,15 @@ def _split(
     perm = np.random.default_rng([split_seed, 2**31]).permutation(n)
     train, held = perm[:-heldout], perm[-heldout:]
 
-    def take(idx: np.ndarray) -> TokenBatch:
-        return TokenBatch(
-            all_rows.input_ids[idx], all_rows.attention_mask[idx], all_rows.loss_mask[idx]
-        )
-
     return Dataset(
-        train=take(train),
-        heldout=take(held),
+        train=all_rows.take(train),
+        heldout=all_rows.take(held),
         seed=seed,
         skipped_rows=skipped_rows,
         train_prompts=[prompts[i] for i in train] if prompts is not None else None,
         heldout_prompts=[prompts[i] for i in held] if prompts is not None else None,
+        train_routes=routes[train] if routes is not None else None,
+        heldout_routes=routes[held] if routes is not None else None,
     )
 
 
@@ -250,10 +248,13 @@ def file_dataset(
     generate: GenerateFn | None,
     cache_dir: Path,
     teacher_key: dict | None = None,
+    route: tuple[str, list[str]] | None = None,
 ) -> Dataset:
     """Rows of `data.path`, responses given or written by the teacher (`generate`, cached
-    under `teacher_key`, see `writer_key`), tokenized with the student's tokenizer."""
+    under `teacher_key`, see `writer_key`), tokenized with the student's tokenizer. `route`:
+    (the field naming each row's teacher, the teachers' names)."""
     records: list[dict[str, str]] = read_records(cfg.path or "")
+    routes = routes_of(records, cfg.path or "", *route) if route else None
     if cfg.responses == "teacher":
         if generate is None:
             raise RecipeError("data.responses", "'teacher' needs a teacher that can write text")
@@ -263,4 +264,19 @@ def file_dataset(
         records = [{"prompt": p, **r} for p, r in zip(prompts, responses, strict=True)]
     batch, skipped, kept = tokenize_records(records, tokenizer, cfg.seq_len)
     prompts = [records[i].get("prompt") or records[i]["text"] for i in kept]
-    return _split(batch, cfg.heldout, cfg.split_seed, seed, skipped, prompts)
+    kept_routes = routes[kept] if routes is not None else None
+    return _split(batch, cfg.heldout, cfg.split_seed, seed, skipped, prompts, kept_routes)
+
+
+def routes_of(records: list[dict[str, Any]], path: str, key: str, names: list[str]) -> np.ndarray:
+    """Each row's teacher index from its `key` field (distill.teacher_key)."""
+    out = np.empty(len(records), dtype=np.int64)
+    for i, rec in enumerate(records):
+        name = rec.get(key)
+        if name not in names:
+            raise RecipeError(
+                f"{path}: row {i + 1}",
+                f"field {key!r} is {name!r}, expected one of the teachers {names}",
+            )
+        out[i] = names.index(name)
+    return out

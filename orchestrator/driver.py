@@ -74,7 +74,12 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
         if ledger is None:
             tracker.log_params(flatten(recipe.model_dump(mode="json", by_alias=True)))
             tracker.log_artifact(run_dir / "recipe.yaml")
-        pools = [TeacherPool(t, recipe.distill, teacher_max_len(recipe)) for t in recipe.teachers]
+        pools = [
+            TeacherPool(
+                t, recipe.distill, teacher_max_len(recipe), student_tokenizer=recipe.student.model
+            )
+            for t in recipe.teachers
+        ]
         infos = [p.info() for p in pools]
         _check_teachers(infos)
         identity = run_identity(recipe, infos)
@@ -160,4 +165,6 @@ def build_dataset(recipe: Recipe, pools: list[TeacherPool]) -> Dataset:
         except (OSError, ValueError):
             template = None
         key = writer_key(info["model_hash"], info["tokenizer_hash"], template)
-    return file_dataset(data, tokenizer, recipe.run.seed, generate, cache_dir, key)
+    d = recipe.distill
+    route = (d.teacher_key, [t.name for t in recipe.teachers]) if d.teacher_key else None
+    return file_dataset(data, tokenizer, recipe.run.seed, generate, cache_dir, key, route)

@@ -19,6 +19,7 @@ from typing import Any
 import ray
 
 from actors.judge import JudgeActor
+from orchestrator.balance import LeastOutstanding
 from orchestrator.ray_env import actor_options
 from orchestrator.recipe import JudgeConfig
 
@@ -55,7 +56,7 @@ class JudgePool:
         self._remote = ray.remote(JudgeActor).options(**options, max_restarts=-1)
         self._model = model
         self.replicas = [self._start() for _ in range(cfg.replicas)]
-        self.outstanding = [0] * cfg.replicas
+        self.balance = LeastOutstanding(cfg.replicas)
 
     def _start(self) -> Any:
         c = self.cfg
@@ -76,11 +77,10 @@ class JudgePool:
 
     def submit(self, method: str, *args: Any, avoid: int | None = None) -> Call:
         """Send `method(*args)` to the least-loaded replica (other than `avoid`)."""
-        order = sorted(range(len(self.replicas)), key=lambda i: (self.outstanding[i], i))
-        pick = next((i for i in order if i != avoid), order[0])
-        self.outstanding[pick] += 1
+        pick = self.balance.pick(avoid)
         ref = getattr(self.replicas[pick], method).remote(*args)
-        depth = sum(self.outstanding)
+        self.balance.track(pick, ref)
+        depth = sum(len(rs) for rs in self.balance.outstanding)
         return Call(method, args, len(args[0]), pick, ref, time.perf_counter(), depth=depth)
 
     def collect(self, call: Call) -> Outcome:
@@ -109,7 +109,7 @@ class JudgePool:
 
     def _wait(self, call: Call) -> tuple[list[float | None], str | None]:
         ready, _ = ray.wait([call.ref], timeout=self.cfg.timeout_s)
-        self.outstanding[call.replica] = max(0, self.outstanding[call.replica] - 1)
+        self.balance.done(call.replica, call.ref)
         if not ready:
             ray.cancel(call.ref, force=False)
             return [], "timeout"
@@ -124,7 +124,7 @@ class JudgePool:
     def _restart(self, i: int) -> None:
         ray.kill(self.replicas[i], no_restart=True)
         self.replicas[i] = self._start()
-        self.outstanding[i] = 0
+        self.balance.reset(i)
 
     def shutdown(self) -> None:
         for actor in self.replicas:

@@ -8,9 +8,10 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from orchestrator.data import read_records
+from orchestrator.data import read_records, routes_of
 from orchestrator.model_store import ModelNotFetchedError, resolve_model
 from orchestrator.recipe import Recipe, RecipeError
+from orchestrator.tokenizer_identity import tokenizer_difference
 
 
 @dataclass
@@ -45,7 +46,10 @@ def preflight(recipe: Recipe) -> Recipe:
     if data.source == "file":
         if Path(data.path or "").suffix not in {".jsonl", ".parquet"}:
             raise RecipeError("data.path", f"{data.path!r}: expected a .jsonl or .parquet file")
-        read_records(data.path or "")  # every row readable and has `text` or `prompt`
+        records = read_records(data.path or "")  # every row readable, `text` or `prompt`
+        if recipe.distill.teacher_key:  # every row names one of the teachers
+            names = [t.name for t in recipe.teachers]
+            routes_of(records, data.path or "", recipe.distill.teacher_key, names)
     student = _facts("student.model", recipe.student.model)
     if recipe.student.layers is not None:
         bad = [i for i in recipe.student.layers if not 0 <= i < student.num_layers]
@@ -59,12 +63,19 @@ def preflight(recipe: Recipe) -> Recipe:
             "distill.top_k",
             f"{recipe.distill.top_k} is larger than the vocab ({student.vocab_size})",
         )
+    student_tok = _tokenizer(student.path)
     for i, teacher in enumerate(recipe.teachers):
-        why = "cross-tokenizer distillation is not supported yet"
-        teacher.model = _same_vocab(f"teachers[{i}].model", "teacher", teacher, student, why)
+        why = f"set teachers[{i}].cross_tokenizer: span_map to distill across tokenizers"
+        teacher.model = _same_tokenizer(
+            f"teachers[{i}].model", "teacher", teacher, student, student_tok, why
+        )
+        if teacher.cross_tokenizer and teacher.backend != "hf":
+            raise RecipeError(f"teachers[{i}].backend", "cross_tokenizer needs the hf backend")
     for i, peer in enumerate(recipe.mutual.peers if recipe.distill.mode == "mutual" else []):
         why = "peers must share the student's tokenizer"
-        peer.model = _same_vocab(f"mutual.peers.{i}.model", "peer", peer, student, why)
+        peer.model = _same_tokenizer(
+            f"mutual.peers.{i}.model", "peer", peer, student, student_tok, why
+        )
     _check_backends(recipe)
     _check_judges(recipe)
     recipe.student.model = student.path
@@ -102,14 +113,41 @@ def _check_judges(recipe: Recipe) -> None:
                 raise RecipeError(f"judges.{i}.rating_tokens", str(exc)) from exc
 
 
-def _same_vocab(field: str, kind: str, holder: Any, student: ModelFacts, why: str) -> str:
-    """The resolved path of a model that must share the student's vocab (refused if not)."""
+def _tokenizer(path: str) -> Any:
+    """The model folder's tokenizer; None for a model without one (tiny test models)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _same_tokenizer(
+    field: str, kind: str, holder: Any, student: ModelFacts, student_tok: Any, why: str
+) -> str:
+    """The resolved path of a model that must share the student's tokenizer, unless it
+    chose a cross-tokenizer method. Tokenizers are compared by behaviour (see
+    `tokenizer_identity`); models without a tokenizer (token-only data) by vocab size."""
     facts = _facts(field, holder.model)
-    if facts.vocab_size != student.vocab_size:
+    cross = getattr(holder, "cross_tokenizer", None)
+    tok = _tokenizer(facts.path)
+    if tok is None or student_tok is None:
+        if cross:
+            raise RecipeError(field, f"cross_tokenizer needs tokenizers for {kind} and student")
+        if facts.vocab_size != student.vocab_size:
+            raise RecipeError(
+                field,
+                f"{kind} {holder.name!r} has vocab {facts.vocab_size} but the student has "
+                f"{student.vocab_size}; {why}",
+            )
+        return facts.path
+    diff = tokenizer_difference(student_tok, tok)
+    if diff is not None and not cross:
         raise RecipeError(
             field,
-            f"{kind} {holder.name!r} has vocab {facts.vocab_size} but the student has "
-            f"{student.vocab_size}; {why}",
+            f"{kind} {holder.name!r} ({holder.model}) and the student ({student.path}) have "
+            f"different tokenizers ({diff}); {why}",
         )
     return facts.path
 

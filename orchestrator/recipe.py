@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from actors.aggregate import AGGREGATIONS
 from actors.losses import LOSS_KINDS
 
 
@@ -45,6 +46,13 @@ class TeacherConfig(_Strict):
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     threads: int = Field(1, ge=1)
+    top_k: int | None = Field(None, ge=1, description="default: distill.top_k")
+    temperature: float | None = Field(None, gt=0, description="default: distill.temperature")
+    cross_tokenizer: Literal["span_map"] | None = Field(
+        None,
+        description="a teacher whose tokenizer differs from the student's: span_map scores "
+        "its own tokenization of the text and maps its top-k onto the student's pieces",
+    )
 
 
 class StudentConfig(_Strict):
@@ -121,6 +129,20 @@ class DistillConfig(_Strict):
         0.5, ge=0, le=1, description="generalized JSD weight; 0: forward KL, 1: reverse KL (TRL)"
     )
     skew: float = Field(0.1, ge=0, le=1, description="skew KL alpha (DistiLLM); below 1")
+    aggregate: Literal[AGGREGATIONS] = Field(  # type: ignore[valid-type]
+        "sum_of_losses",
+        description="how teachers combine: sum_of_losses, mean / weighted (one mixture "
+        "target), confidence (per-token weights), route (one teacher per example)",
+    )
+    confidence_by: Literal["entropy", "gold"] = Field(
+        "entropy", description="confidence: a teacher's certainty is -entropy or log p(gold)"
+    )
+    confidence_temperature: float = Field(
+        1.0, gt=0, description="confidence: weights are softmax(log w + certainty / this)"
+    )
+    teacher_key: str | None = Field(
+        None, description="route: the data field naming each example's teacher"
+    )
     prefetch_depth: int = Field(2, ge=1, description="batches teachers work ahead")
     chunk_mb: int = Field(
         256, ge=1, description="memory for [positions, vocab] buffers in teacher and student"
@@ -271,7 +293,26 @@ class Recipe(_Strict):
             )
         return self
 
+    def _check_aggregate(self) -> None:
+        d, mode = self.distill, self.distill.mode
+        if d.teacher_key is not None:
+            if d.aggregate != "route":
+                raise ValueError("distill.teacher_key: only distill.aggregate 'route' reads it")
+            if mode != "off_policy" or self.data.source != "file":
+                raise ValueError(
+                    "distill.teacher_key: routing by a data field needs distill.mode "
+                    "'off_policy' and data.source 'file'"
+                )
+        sampled = mode in ("on_policy", "rlaif")
+        if sampled and (d.aggregate == "route" or d.confidence_by == "gold"):
+            what = "route" if d.aggregate == "route" else "confidence_by: gold"
+            raise ValueError(
+                f"distill.aggregate: {what} needs a gold continuation; the student's own "
+                f"samples have none (use confidence_by: entropy)"
+            )
+
     def _check_mode(self) -> None:
+        self._check_aggregate()
         mode, peers = self.distill.mode, self.mutual.peers
         if not self.teachers and mode not in ("mutual", "rlaif"):
             raise ValueError(

@@ -8,6 +8,7 @@ import numpy as np
 import ray
 
 from actors.rollout import RolloutEngine
+from orchestrator.balance import LeastOutstanding
 from orchestrator.ray_env import actor_options
 from orchestrator.recipe import Recipe
 
@@ -63,6 +64,7 @@ class RolloutPool:
         )
         spec = engine_spec(recipe)
         self.replicas = [remote.remote(spec) for _ in range(r.replicas)]
+        self.balance = LeastOutstanding(r.replicas)
         self.sampling = {
             "temperature": r.temperature,
             "top_p": r.top_p,
@@ -76,25 +78,33 @@ class RolloutPool:
         version: int,
         snapshot: ray.ObjectRef,
     ) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
-        """(one TokenBatch ref per shard, in order; one meta ref per engine called). Shard r
-        goes to engine r mod replicas; each engine writes all of its shards in one batch."""
+        """(one TokenBatch ref per shard, in order; one meta ref per engine called). The
+        shards are dealt over the engines, least outstanding first, so each engine writes
+        an equal share (one more for the least busy ones) in one batch."""
         n = len(self.replicas)
         out: list[ray.ObjectRef | None] = [None] * len(shards)
         metas = []
-        for e, engine in enumerate(self.replicas):
-            mine = list(range(e, len(shards), n))
+        depth = self.balance.depths()
+        order = sorted(range(n), key=lambda e: (depth[e], self.balance.served[e], e))
+        for rank, e in enumerate(order):
+            mine = list(range(rank, len(shards), n))
             if not mine:
                 continue
-            refs = engine.generate.options(num_returns=len(mine) + 1).remote(
-                [shards[i] for i in mine],
-                [seeds[i] for i in mine],
-                self.sampling,
-                version,
-                [snapshot],
+            refs = (
+                self.replicas[e]
+                .generate.options(num_returns=len(mine) + 1)
+                .remote(
+                    [shards[i] for i in mine],
+                    [seeds[i] for i in mine],
+                    self.sampling,
+                    version,
+                    [snapshot],
+                )
             )
             for i, ref in zip(mine, refs[:-1], strict=True):
                 out[i] = ref
             metas.append(refs[-1])
+            self.balance.track(e, refs[-1])
         return [r for r in out if r is not None], metas
 
     def shutdown(self) -> None:

@@ -49,6 +49,10 @@ def worker_spec(
         "beta": d.beta,
         "skew": d.skew,
         "teacher_weights": target_weights,
+        "aggregate": d.aggregate,
+        "confidence_by": d.confidence_by,
+        "confidence_temperature": d.confidence_temperature,
+        "routed_by_field": d.aggregate == "route" and d.teacher_key is not None,
     }
 
 

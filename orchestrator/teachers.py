@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from typing import Any
 
 import ray
 
 from actors.teacher import TeacherActor
+from orchestrator.balance import LeastOutstanding
 from orchestrator.ray_env import actor_options
 from orchestrator.recipe import DistillConfig, TeacherConfig
 
 
 class TeacherPool:
     def __init__(
-        self, cfg: TeacherConfig, distill: DistillConfig, max_model_len: int = 2048
+        self,
+        cfg: TeacherConfig,
+        distill: DistillConfig,
+        max_model_len: int = 2048,
+        actor_class: type = TeacherActor,
+        student_tokenizer: str | None = None,
     ) -> None:
+        """`student_tokenizer`: the student's, for a teacher with `cross_tokenizer` set."""
         self.cfg = cfg
-        remote = ray.remote(TeacherActor).options(
+        remote = ray.remote(actor_class).options(
             **actor_options(cfg.num_cpus, cfg.num_gpus, cfg.threads),
             max_restarts=2,
         )
@@ -26,17 +32,19 @@ class TeacherPool:
             remote.remote(
                 cfg.name,
                 cfg.model,
-                top_k=distill.top_k,
-                temperature=distill.temperature,
+                top_k=cfg.top_k or distill.top_k,
+                temperature=cfg.temperature or distill.temperature,
                 dtype=cfg.dtype,
                 threads=cfg.threads,
                 chunk_bytes=distill.chunk_mb * 2**20,
                 backend=cfg.backend,
                 max_model_len=max_model_len,
+                replica=i,
+                student_tokenizer=student_tokenizer if cfg.cross_tokenizer else None,
             )
-            for _ in range(cfg.replicas)
+            for i in range(cfg.replicas)
         ]
-        self._next = itertools.cycle(range(cfg.replicas))
+        self.balance = LeastOutstanding(cfg.replicas)
         self._info: dict[str, Any] | None = None
 
     @property
@@ -48,9 +56,21 @@ class TeacherPool:
             self._info = ray.get(self.replicas[0].info.remote())
         return self._info
 
-    def score(self, shard_ref: ray.ObjectRef) -> ray.ObjectRef:
-        """A TeacherSignal ref for the shard, from the next replica in turn."""
-        return self.replicas[next(self._next)].score.remote(shard_ref)
+    def score(self, shard_ref: ray.ObjectRef, rows: list[int] | None = None) -> ray.ObjectRef:
+        """A TeacherSignal ref for the shard (or only its `rows`), from the replica with the
+        fewest outstanding requests."""
+        i = self.balance.pick()
+        ref = self.replicas[i].score.remote(shard_ref, rows)
+        self.balance.track(i, ref)
+        return ref
+
+    def load(self) -> dict[str, float]:
+        """Queue depth and requests served per replica, for MLflow."""
+        out: dict[str, float] = {}
+        for i, depth in enumerate(self.balance.depths()):
+            out[f"teacher_queue/{self.name}/r{i}"] = float(depth)
+            out[f"teacher_served/{self.name}/r{i}"] = float(self.balance.served[i])
+        return out
 
     def generate(
         self,
@@ -62,10 +82,11 @@ class TeacherPool:
         """Responses for all prompts, each `{"response", "finish_reason"}` (see
         TeacherActor.generate), chunks spread over the replicas, order kept."""
         chunks = [prompts[i : i + chunk] for i in range(0, len(prompts), chunk)]
-        refs = [
-            self.replicas[i % len(self.replicas)].generate.remote(c, {**sampling, "seed": i})
-            for i, c in enumerate(chunks)
-        ]
+        refs = []
+        for i, c in enumerate(chunks):
+            r = self.balance.pick()
+            refs.append(self.replicas[r].generate.remote(c, {**sampling, "seed": i}))
+            self.balance.track(r, refs[-1])
         out: list[dict[str, str]] = []
         for ref, c in zip(refs, chunks, strict=True):
             out.extend(ray.get(ref))

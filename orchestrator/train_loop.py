@@ -114,13 +114,27 @@ class TrainLoop:
 
     # -- submitting work ------------------------------------------------------------------
 
-    def _signals_for(self, shards: list[ray.ObjectRef]) -> list[list[ray.ObjectRef]]:
-        return [[pool.score(shard) for pool in self.pools] for shard in shards]
+    def _signals_for(
+        self, shards: list[ray.ObjectRef], routes: np.ndarray | None = None
+    ) -> list[list[ray.ObjectRef]]:
+        """[rank][teacher] signal refs; all teachers are sent their work at once and run
+        concurrently. With `routes` (each row's teacher, `distill.teacher_key`), a teacher
+        scores only the rows routed to it."""
+        if routes is None:
+            return [[pool.score(shard) for pool in self.pools] for shard in shards]
+        per_shard = np.array_split(routes, len(shards))  # shards are equal row slices
+        pools = self.pools
+        return [
+            [pool.score(shard, np.flatnonzero(r == i).tolist()) for i, pool in enumerate(pools)]
+            for shard, r in zip(shards, per_shard, strict=True)
+        ]
 
     def _issue(self, step: int) -> InFlight:
-        batch = self.dataset.batch_for_step(step, self.recipe.train.batch_size).trimmed()
+        rows = self.dataset.rows_for_step(step, self.recipe.train.batch_size)
+        batch = self.dataset.train.take(rows).trimmed()
         shards = [ray.put(s) for s in batch.shard(self.world)]
-        return InFlight(step, shards, self._signals_for(shards), batch.num_tokens)
+        routes = self.dataset.train_routes[rows] if self.dataset.train_routes is not None else None
+        return InFlight(step, shards, self._signals_for(shards, routes), batch.num_tokens)
 
     def _put_heldout(self, heldout: TokenBatch) -> InFlight:
         parts = np.array_split(np.arange(len(heldout)), self.world)
@@ -193,8 +207,11 @@ class TrainLoop:
         tokens = sum(p["tokens"] for p in parts)
         out: dict[str, float] = {}
         for key in parts[0]:
-            if key != "tokens":
-                out[key] = sum(p.get(key, 0.0) for p in parts) / max(tokens, 1)
+            if key == "ce":
+                out[key] = sum(p[key] for p in parts) / max(tokens, 1)
+            elif key.startswith("kl/"):  # per position the teacher covered
+                cover = sum(p.get("cover/" + key[3:], 0.0) for p in parts)
+                out[key] = sum(p.get(key, 0.0) for p in parts) / max(cover, 1)
         out["ppl"] = math.exp(min(out["ce"], 50.0))
         kls = [v for k, v in out.items() if k.startswith("kl/")]
         if kls:
@@ -275,7 +292,7 @@ class TrainLoop:
         tokens = sum(m["tokens"] for m in per_rank)
         out: dict[str, float] = {}
         for key in per_rank[0]:
-            if key in {"loss", "ce", "kd"} or key.startswith("kl/"):
+            if key in {"loss", "ce", "kd"} or key.startswith(("kl/", "share/")):
                 out[key] = sum(m[key] * m["tokens"] for m in per_rank) / max(tokens, 1)
         kls = [v for k, v in out.items() if k.startswith("kl/")]
         out["kl"] = float(np.mean(kls)) if kls else 0.0
@@ -286,6 +303,10 @@ class TrainLoop:
                 out[f"{kind}/{pool.name}"] = total / len(pool.replicas)
                 if kind == "teacher_cpu_s":
                     cpu_total += total
+            for i in range(len(pool.replicas)):
+                key = f"teacher_busy_s/{pool.name}/r{i}"
+                out[key] = sum(m.get(key, 0.0) for m in per_rank)
+            out.update(pool.load())
         out.update(
             tokens=tokens,
             tokens_per_s=tokens / max(wall, 1e-9),
