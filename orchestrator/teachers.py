@@ -64,6 +64,11 @@ class TeacherPool:
         self.balance.track(i, ref)
         return ref
 
+    def served(self) -> dict[str, int]:
+        """Shards and rows the replicas scored so far (their own counts), summed."""
+        infos = ray.get([r.info.remote() for r in self.replicas], timeout=60)
+        return {k: sum(int(i["served"][k]) for i in infos) for k in ("calls", "rows")}
+
     def load(self) -> dict[str, float]:
         """Queue depth and requests served per replica, for MLflow."""
         out: dict[str, float] = {}

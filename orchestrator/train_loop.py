@@ -352,6 +352,7 @@ class TrainLoop:
         return {
             "eval_after": after,
             "teacher_params": {i["name"]: i["num_params"] for i in infos},
+            "teacher_served": {p.name: p.served() for p in self.pools},
             "student_params": self.students.num_params,
             "tokens_per_s": tokens_total / max(elapsed, 1e-9),
             "student_dir": str(export_dir),
