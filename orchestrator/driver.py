@@ -81,7 +81,6 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
             for t in recipe.teachers
         ]
         infos = [p.info() for p in pools]
-        _check_teachers(infos)
         identity = run_identity(recipe, infos)
         if ledger is not None and ledger.get("identity"):  # older ledgers have none
             try:
@@ -122,12 +121,6 @@ def teacher_max_len(recipe: Recipe) -> int:
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _check_teachers(infos: list[dict[str, Any]]) -> None:
-    hashes = {i["tokenizer_hash"] for i in infos if i["tokenizer_hash"] != "none"}
-    if len(hashes) > 1:
-        raise RecipeError("teachers", "teachers use different tokenizers (same vocab size)")
 
 
 def build_dataset(recipe: Recipe, pools: list[TeacherPool]) -> Dataset:
