@@ -255,12 +255,14 @@ class StudentWorker:
         """The micro-batch's targets as `distill.aggregate` combines the signals (training;
         with the recipe's weights) and how many positions each teacher counted most at.
         Evaluation (held-out teachers only, no peers) reads only each signal's KL."""
+        weights = self.spec["teacher_weights"] if train else [0.0] * len(signals)
         out = []
-        for weight, sig in zip(self.spec["teacher_weights"], signals, strict=True):
+        for weight, sig in zip(weights, signals, strict=True):
             ids, logprobs = (x.to(self.device) for x in sig.torch_targets())
-            out.append(SparseTarget(sig.teacher, ids, logprobs, float(weight), sig.temperature))
+            t = SparseTarget(sig.teacher, ids, logprobs, float(weight), sig.temperature, train)
+            out.append(t)
         if not train:
-            return [SparseTarget(t.name, t.ids, t.logprobs, 0.0, train=False) for t in out], {}
+            return out, {}
         ids, _, mask = part.to_torch(self.device)
         ctx = Context(
             labels=torch.roll(ids, shifts=-1, dims=1)[mask],
