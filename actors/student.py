@@ -49,11 +49,13 @@ from actors.weights import WeightSnapshot
 
 
 def per_token(sums: dict[str, float], tokens: int) -> dict[str, float]:
-    """Loss terms per loss token; a teacher's KL per position it covered; `share/<t>`: the
-    fraction of tokens where teacher t had the largest weight."""
+    """Loss terms per loss token; a teacher's KL per position it covered; `cover/<t>`: the
+    fraction of tokens teacher t sent a distribution for (below 1 for routed and
+    cross-tokenizer teachers); `share/<t>`: the fraction where it had the largest weight
+    (ties go to the first teacher)."""
     out: dict[str, float] = {}
     for key, value in sums.items():
-        if key.startswith(("rl/", "cover/")):
+        if key.startswith("rl/"):
             continue
         if key.startswith("kl/"):
             out[key] = value / max(sums.get("cover/" + key[3:], 0.0), 1.0)

@@ -2,19 +2,21 @@
 
 A teacher whose tokenizer differs from the student's gets the student's token rows, turns
 them back into text, tokenizes that text its own way, and scores it. Its distribution at a
-point of the text is comparable with the student's where both are predicting "the next
-piece from byte b": the student at the position whose context ends at byte b, the teacher at
-the index whose token ends at byte b. At those shared boundaries its top-k ids are mapped
-onto the student ids that stand for exactly the same bytes; ids with no such piece carry no
-entry, so their mass is part of the tail. Other positions (inside a teacher token, or
-predicting one of the student's special tokens) carry no signal at all.
+point of the text is comparable with the student's where both predict "the next piece from
+byte b": the student at the position whose context ends at byte b, the teacher at the index
+whose token ends at byte b. At those shared boundaries its top-k ids are mapped onto the
+student ids that stand for exactly the same bytes; ids with no such piece carry no entry, so
+their mass is part of the tail. Other positions (inside a teacher token, or predicting one of
+the student's special tokens) carry no signal at all.
 
 Unlike sorting probabilities (ULD), this keeps which token each probability belongs to: a
 student whose distribution is shifted by one token pays for it.
 
 The text: every student piece as its bytes; a special token (chat markup) as "\\n", so a
 teacher without a chat template reads the conversation as plain text with its role names;
-BOS and padding as nothing. A teacher whose tokenizer adds a BOS gets one first.
+a BOS the student's tokenizer adds, and a pad token of its own, as nothing. The teacher
+reads markup-looking text as text (its special tokens are never parsed out of it), and gets
+its BOS first when its tokenizer adds one.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ from typing import Any
 
 import numpy as np
 
+from actors.chat import adds_bos
+
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_NO_PAIRS = np.zeros((0, 2), dtype=np.int64)
 
 
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable-character stand-ins for bytes, inverted."""
+    """GPT-2's printable stand-in character per byte (bytes_to_unicode), inverted."""
     bs = list(range(ord("!"), ord("~") + 1))
     bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -44,27 +49,36 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
-def _specials(tokenizer: Any) -> set[int]:
-    ids = set(tokenizer.all_special_ids)
-    for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items():
-        if getattr(tok, "special", False):
-            ids.add(int(i))
-    return ids
+def _is_byte_level(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and "ByteLevel" in repr(backend.decoder)
 
 
 def piece_bytes(tokenizer: Any) -> list[bytes | None]:
-    """Per id, the exact bytes the token stands for in text; None for special tokens."""
-    byte_level = "ByteLevel" in repr(tokenizer.backend_tokenizer.decoder)
+    """Per token id (0..len(tokenizer)-1), the exact bytes the token stands for in text, so
+    two tokenizers can be compared on bytes; None for special tokens (BOS, EOS, pad, chat
+    markup), which stand for no text."""
+    n = len(tokenizer)
+    specials = {int(i) for i in tokenizer.all_special_ids}
+    added: dict[int, str] = {}
+    for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(tok, "special", False):
+            specials.add(int(i))
+        else:  # added tokens match raw text: their content is what they cover
+            added[int(i)] = tok.content
+    byte_level = _is_byte_level(tokenizer)
     decoder = _byte_decoder()
-    specials = _specials(tokenizer)
     out: list[bytes | None] = []
-    for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+    for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(n)))):
         if i in specials or piece is None:
             out.append(None)
+        elif i in added:
+            text = added[i] if byte_level else added[i].replace("\u2581", " ")
+            out.append(text.encode("utf-8"))
         elif byte_level:
             try:
                 out.append(bytes(decoder[c] for c in piece))
-            except KeyError:  # an added, non-byte-level piece
+            except KeyError:  # not a byte-level piece after all: take it literally
                 out.append(piece.encode("utf-8"))
         elif m := _BYTE_PIECE.match(piece):
             out.append(bytes([int(m.group(1), 16)]))
@@ -73,21 +87,27 @@ def piece_bytes(tokenizer: Any) -> list[bytes | None]:
     return out
 
 
+def _ordinary_first(tokenizer: Any, pieces: list[bytes | None]) -> list[int]:
+    """Ids with a piece, byte-fallback pieces (<0xNN>) last: a byte's probability sits on
+    the ordinary piece for it where there is one, so that is the one to match."""
+    names = tokenizer.convert_ids_to_tokens(list(range(len(pieces))))
+    ids = [i for i, b in enumerate(pieces) if b is not None]
+    return sorted(ids, key=lambda i: bool(_BYTE_PIECE.match(names[i] or "")))
+
+
 def vocab_map(teacher_tok: Any, student_tok: Any) -> np.ndarray:
-    """[teacher vocab] the student id with exactly the same bytes, or -1. One to one: byte
-    pieces (<0xNN>) count only for bytes no ordinary piece stands for."""
+    """int64 [len(teacher_tok)]: the student id whose piece has exactly the same bytes, or
+    -1. Injective (each student id is the target of at most one teacher id), so mapped top-k
+    ids stay distinct; byte-fallback pieces match only bytes no ordinary piece stands for."""
+    s_pieces = piece_bytes(student_tok)
     student: dict[bytes, int] = {}
-    for i, b in enumerate(piece_bytes(student_tok)):
-        if b is not None:
-            student.setdefault(b, i)
-    out = np.full(len(teacher_tok), -1, dtype=np.int64)
+    for i in _ordinary_first(student_tok, s_pieces):
+        student.setdefault(s_pieces[i], i)  # type: ignore[arg-type]
+    t_pieces = piece_bytes(teacher_tok)
+    out = np.full(len(t_pieces), -1, dtype=np.int64)
     taken: set[int] = set()
-    pieces = piece_bytes(teacher_tok)
-    names = teacher_tok.convert_ids_to_tokens(list(range(len(teacher_tok))))
-    order = sorted(range(len(pieces)), key=lambda i: bool(_BYTE_PIECE.match(names[i] or "")))
-    for i in order:  # ordinary pieces first
-        b = pieces[i]
-        s = student.get(b) if b is not None else None
+    for i in _ordinary_first(teacher_tok, t_pieces):
+        s = student.get(t_pieces[i])  # type: ignore[arg-type]
         if s is not None and s not in taken:
             out[i] = s
             taken.add(s)
@@ -96,78 +116,105 @@ def vocab_map(teacher_tok: Any, student_tok: Any) -> np.ndarray:
 
 @dataclass
 class Alignment:
-    teacher_ids: list[int]  # the teacher's input row
-    pairs: np.ndarray  # [n, 2] int64: (index into the row's loss positions, teacher index)
+    teacher_ids: list[int]  # the teacher's input row (BOS first when its tokenizer adds one)
+    pairs: np.ndarray  # int64 [n, 2]: (index into the row's loss positions, teacher index)
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+def _utf8_prefix(data: bytes) -> str | None:
+    """`data` as text, less an incomplete character at the very end (a truncated row can
+    cut one); None when it is broken anywhere else."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.reason != "unexpected end of data":
+            return None
+        try:
+            return data[: exc.start].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
 
 
 class TokenAligner:
+    """One student/teacher tokenizer pair: renders student rows as the teacher's rows and
+    says which teacher index scores which student loss position."""
+
     def __init__(self, student_tok: Any, teacher_tok: Any, max_len: int) -> None:
         self.teacher_tok = teacher_tok
         self.max_len = max_len
         self.student_bytes = piece_bytes(student_tok)
         self.teacher_bytes = piece_bytes(teacher_tok)
-        self.silent = {
-            i for i in (student_tok.bos_token_id, student_tok.pad_token_id) if i is not None
-        }
         self.map = vocab_map(teacher_tok, student_tok)
-        self.bos = [teacher_tok.bos_token_id] if _adds_bos(teacher_tok) else []
+        # A BOS the student's tokenizer adds and a pad of its own stand for no text; a bos or
+        # pad that doubles as chat markup (SmolLM2: <|im_start|>, pad = eos) is markup.
+        bos, pad, eos = student_tok.bos_token_id, student_tok.pad_token_id, student_tok.eos_token_id
+        self.silent = {bos} if bos is not None and adds_bos(student_tok) else set()
+        if pad is not None and pad not in (bos, eos):
+            self.silent.add(pad)
+        self.bos = [teacher_tok.bos_token_id] if adds_bos(teacher_tok) else []
+        fallback = next(
+            (i for i in (teacher_tok.eos_token_id, teacher_tok.pad_token_id) if i is not None), 0
+        )
+        self.fallback_row = self.bos or [fallback]
 
-    def _text(self, row: np.ndarray) -> tuple[bytes, np.ndarray]:
-        """The row as bytes, and each student token's end byte."""
+    def render(self, row: np.ndarray) -> tuple[bytes, np.ndarray]:
+        """The student row as the text bytes the teacher reads, and each token's end byte
+        (its span is [end of the previous token, end))."""
         parts = []
-        for t in row.tolist():
-            b = self.student_bytes[t] if t < len(self.student_bytes) else None
+        for t in np.asarray(row).tolist():
+            b = self.student_bytes[t] if 0 <= t < len(self.student_bytes) else None
             parts.append(b if b is not None else (b"" if t in self.silent else b"\n"))
-        ends = np.cumsum([len(p) for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+        ends = np.cumsum([len(p) for p in parts], dtype=np.int64)
         return b"".join(parts), ends
 
-    def align(self, row: np.ndarray, loss_positions: np.ndarray) -> Alignment:
-        """The teacher's row and the (loss position, teacher index) pairs of one row."""
-        data, ends = self._text(np.asarray(row))
-        none = Alignment(self.bos or [self.teacher_tok.eos_token_id or 0], np.zeros((0, 2), int))
-        cut = len(data)
-        while True:
-            try:
-                text = data[:cut].decode("utf-8")
-                break
-            except UnicodeDecodeError as exc:
-                if exc.start < len(data) - 4 or cut == 0:  # broken inside, not a cut char
-                    return none
-                cut = exc.start
-        ids = self.bos + self.teacher_tok(text, add_special_tokens=False)["input_ids"]
-        ids = ids[: self.max_len]
+    def _teacher_tokens(self, text: str) -> list[int]:
+        """The text in the teacher's tokens, markup-looking text read as text."""
+        try:
+            enc = self.teacher_tok(text, add_special_tokens=False, split_special_tokens=True)
+        except TypeError:  # a tokenizer without split_special_tokens
+            enc = self.teacher_tok(text, add_special_tokens=False)
+        return list(enc["input_ids"])
+
+    def _is_special(self, t: int) -> bool:
+        return not 0 <= t < len(self.student_bytes) or self.student_bytes[t] is None
+
+    def align(self, student_row: np.ndarray, loss_positions: np.ndarray) -> Alignment:
+        """The teacher's row for one student row (real tokens only, no padding) and the
+        (loss position index, teacher index) pairs that predict the same event. Never raises
+        on odd text: a row that cannot be aligned gets no pairs."""
+        row = np.asarray(student_row).tolist()
+        data, ends = self.render(np.asarray(row, dtype=np.int64))
+        text = _utf8_prefix(data)
+        if text is None:
+            return Alignment(list(self.fallback_row), _NO_PAIRS.copy())
+        ids = (self.bos + self._teacher_tokens(text))[: self.max_len]
         n_bos = min(len(self.bos), len(ids))
         pieces = [b""] * n_bos + [self.teacher_bytes[i] for i in ids[n_bos:]]
-        if any(p is None for p in pieces):
-            return none
-        t_ends = np.cumsum([len(p) for p in pieces])
-        if b"".join(pieces) != data[: int(t_ends[-1]) if len(t_ends) else 0]:
-            return none  # a normaliser changed the text: no byte offsets to trust
-        # teacher index j predicts the token that starts where token j ends; of several
-        # indices ending at one byte (zero-length pieces), the last one comes right before
-        index_of_end = {int(e): j for j, e in enumerate(t_ends.tolist()) if j >= n_bos or e == 0}
-        if not n_bos:
-            index_of_end.pop(0, None)
+        if not ids or any(p is None for p in pieces):
+            return Alignment(ids or list(self.fallback_row), _NO_PAIRS.copy())
+        t_ends = np.cumsum([len(p) for p in pieces], dtype=np.int64)  # type: ignore[arg-type]
+        if b"".join(pieces) != data[: int(t_ends[-1])]:  # type: ignore[arg-type]
+            return Alignment(ids, _NO_PAIRS.copy())  # a normaliser changed the text
+        # Teacher index j predicts the token that starts where token j ends (BOS ends at 0).
+        # Of several indices ending at one byte (empty pieces), the last comes right before.
+        index_of_end = {int(e): j for j, e in enumerate(t_ends.tolist())}
         pairs = []
-        for k, p in enumerate(np.asarray(loss_positions).tolist()):
-            if p + 1 >= len(row) or self.student_bytes[int(row[p + 1])] is None:
-                continue  # the student predicts a special token: the teacher has no piece
+        for k, p in enumerate(np.asarray(loss_positions, dtype=np.int64).tolist()):
+            if p + 1 >= len(row) or self._is_special(row[p + 1]):
+                continue  # the student predicts nothing here, or markup the teacher never sees
             j = index_of_end.get(int(ends[p]))
-            if j is not None and int(ends[p]) <= cut:
+            if j is not None:
                 pairs.append((k, j))
         return Alignment(ids, np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
 
     def map_topk(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Teacher top-k -> student ids ([n, k] int64, float32 log-probs). An id with no
-        student piece becomes an empty (-inf) entry repeating the row's first mapped id, as
-        the loss expects; a row with nothing mapped is all empty."""
-        mapped = self.map[ids.astype(np.int64)]
+        """Teacher top-k [n, k] -> (student ids int64, log-probs float32) [n, k]. An id with
+        no student piece becomes an empty (-inf) entry repeating the row's first mapped id,
+        so the student's tail still excludes exactly the row's ids; a row with nothing
+        mapped is all empty (ids 0)."""
+        ids = np.asarray(ids).astype(np.int64)
+        inside = (ids >= 0) & (ids < len(self.map))  # a model's padded vocab rows map nowhere
+        mapped = np.where(inside, self.map[np.where(inside, ids, 0)], -1)
         valid = mapped >= 0
-        lp = np.where(valid, logprobs.astype(np.float32), -np.inf).astype(np.float32)
+        lp = np.where(valid, np.asarray(logprobs, dtype=np.float32), -np.inf).astype(np.float32)
         first = np.where(valid.any(1), mapped[np.arange(len(mapped)), valid.argmax(1)], 0)
-        return np.where(valid, mapped, first[:, None]), lp
+        return np.where(valid, mapped, first[:, None]).astype(np.int64), lp
