@@ -1,0 +1,46 @@
+"""Waiting on actors without waiting forever: a death watch over a set of refs.
+
+`ray.get` on the refs of several ranks blocks on the first one; if another rank died, the
+survivors sit in a collective until the process-group timeout (30 minutes) and so does the
+driver. `gather` waits on all the refs at once and raises as soon as any of them failed,
+so a dead actor is seen within `poll_s`, and an optional bound caps the whole wait.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+
+
+class RuntimeFault(RuntimeError):
+    """A fault during a run (an actor died, a wait ran past its bound): the run directory
+    stays resumable and the CLI prints one line."""
+
+
+def gather(
+    refs: list[ray.ObjectRef], what: str, *, timeout_s: float | None = None, poll_s: float = 1.0
+) -> list[Any]:
+    """The refs' values; a failed ref raises RuntimeFault at once, naming `what`."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=poll_s)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                raise RuntimeFault(f"{what}: {_reason(exc)}") from exc
+        if deadline is not None and time.monotonic() > deadline and pending:
+            raise RuntimeFault(f"{what}: no answer within {timeout_s:.0f}s")
+    return ray.get(list(refs))
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ray.exceptions.ActorDiedError | ray.exceptions.RayActorError):
+        return "an actor died (" + str(exc).strip().splitlines()[0][:160] + ")"
+    cause = getattr(exc, "cause", None)
+    if cause is not None:
+        return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:160]}"
+    return str(exc).strip().splitlines()[-1][:160]
