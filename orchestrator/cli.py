@@ -11,13 +11,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from orchestrator.faults import RuntimeFault
 from orchestrator.recipe import RecipeError
 
 EXIT_USAGE = 2
+EXIT_FAULT = 1
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raydistill", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a recipe")
     run.add_argument("recipe")
@@ -42,8 +45,15 @@ def main(argv: list[str] | None = None) -> int:
             return _resume(args.run_dir, args.stop_after)
         return _fetch(args.name)
     except RecipeError as exc:
+        if args.debug:
+            raise
         print(f"raydistill: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeFault as exc:
+        if args.debug:
+            raise
+        print(f"raydistill: run stopped: {exc}", file=sys.stderr)
+        return EXIT_FAULT
 
 
 def _run(recipe_path: str, overrides: list[str], stop_after: int | None) -> int:
@@ -95,6 +105,10 @@ def _execute(recipe: Any, run_dir: Path, stop_after: int | None) -> int:
         if read_ledger(run_dir) is None:  # nothing worth keeping was written yet
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    except RuntimeFault as exc:
+        if read_ledger(run_dir) is not None:
+            raise RuntimeFault(f"{exc}; continue with: raydistill resume {run_dir}") from exc
+        raise RuntimeFault(f"{exc}; no checkpoint was written yet ({run_dir})") from exc
     if result.finished:
         print(summary_table(result.summary, run_dir))
     else:
@@ -112,6 +126,8 @@ def _fetch(name: str) -> int:
 
 
 def summary_table(s: dict[str, Any], run_dir: Path) -> str:
+    from orchestrator.tracking import redact
+
     before, after = s["eval_before"], s["eval_after"]
     teachers = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in s["teacher_params"].items())
     rows = [
@@ -123,7 +139,7 @@ def summary_table(s: dict[str, Any], run_dir: Path) -> str:
     rows += [
         ("held-out perplexity", f"{before['ppl']:.2f} -> {after['ppl']:.2f}"),
         ("train tokens/s", f"{s['tokens_per_s']:.0f}"),
-        ("MLflow", f"{s['tracking_uri']} (run {s['mlflow_run_id']})"),
+        ("MLflow", f"{redact(s['tracking_uri'])} (run {s['mlflow_run_id']})"),
         ("student", s["student_dir"]),
         ("run directory", str(run_dir)),
     ]

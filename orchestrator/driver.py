@@ -76,7 +76,11 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
             tracker.log_artifact(run_dir / "recipe.yaml")
         pools = [
             TeacherPool(
-                t, recipe.distill, teacher_max_len(recipe), student_tokenizer=recipe.student.model
+                t,
+                recipe.distill,
+                teacher_max_len(recipe),
+                student_tokenizer=recipe.student.model,
+                cluster=recipe.cluster,
             )
             for t in recipe.teachers
         ]
@@ -104,7 +108,7 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
         if loop is not None:
             loop.shutdown()
         if students is not None:
-            students.shutdown()
+            students.shutdown(graceful=status != "FAILED")
         for pool in pools:
             pool.shutdown()
         if started_ray:

@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from orchestrator.checkpoint import tag_for
+from orchestrator.faults import gather
 from orchestrator.recipe import Recipe
 from orchestrator.students import StudentGroup, worker_spec
 from orchestrator.train_loop import InFlight, Queued, TrainLoop
@@ -71,7 +72,7 @@ class MutualLoop(TrainLoop):
 
     def _step_metrics(self, item: Queued, metrics: dict[str, float]) -> None:
         for group, refs in zip(self.peers, self._peer_metrics.pop(item.step), strict=True):
-            per_rank = ray.get(refs)
+            per_rank = gather(refs, f"{group.name} train step {item.step + 1}")
             peer = self._aggregate(per_rank, metrics["step_time_s"], 0)
             for key in ("loss", "ce", "kd", "kl", "student_busy_s", "student_cpu_s"):
                 metrics[f"{group.name}/{key}"] = peer[key]
@@ -87,7 +88,7 @@ class MutualLoop(TrainLoop):
         return [ref for g in self.groups for ref in g.evaluate(h.shards, h.signals)]
 
     def _eval_result(self, refs: list[ray.ObjectRef]) -> dict[str, float]:
-        parts = ray.get(refs)
+        parts = gather(refs, "evaluation")
         out = self._pool_eval(parts[: self.world])
         for g, group in enumerate(self.peers, start=1):
             mine = self._pool_eval(parts[g * self.world : (g + 1) * self.world])

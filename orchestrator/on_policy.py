@@ -28,6 +28,7 @@ import ray
 
 from actors.batch import TokenBatch
 from actors.rollout import request_seed
+from orchestrator.faults import gather
 from orchestrator.rollouts import RolloutPool
 from orchestrator.train_loop import InFlight, Queued, TrainLoop
 
@@ -128,7 +129,9 @@ class OnPolicyLoop(TrainLoop):
         metrics["on_policy"] = float(bool(item.meta))
         if not item.meta:
             return
-        metas = self._metas.pop(item.step, None) or ray.get(item.meta)
+        metas = self._metas.pop(item.step, None) or gather(
+            item.meta, f"rollouts of step {item.step + 1}"
+        )
         step = item.step
         staleness = [step - m["version"] for m in metas]
         if max(staleness) > self.recipe.rollout.max_staleness or min(staleness) < 0:

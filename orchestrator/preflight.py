@@ -40,6 +40,7 @@ def _facts(field: str, spec: str) -> ModelFacts:
 def preflight(recipe: Recipe) -> Recipe:
     """Resolve model names to folders and check everything a run needs; returns the recipe
     with resolved model paths."""
+    _check_tracking(recipe.tracking.uri)
     data = recipe.data
     if data.source == "file" and not Path(data.path or "").is_file():
         raise RecipeError("data.path", f"file {data.path!r} not found")
@@ -150,6 +151,24 @@ def _same_tokenizer(
             f"different tokenizers ({diff}); {why}",
         )
     return facts.path
+
+
+def _check_tracking(uri: str | None) -> None:
+    """An MLflow server that does not answer is refused now, not after MLflow's retries."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    from orchestrator.tracking import redact
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+            response.read(64)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise RecipeError(
+            "tracking.uri", f"no MLflow server answers at {redact(uri)} ({reason})"
+        ) from exc
 
 
 def vllm_installed() -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 
 import ray
 
-from orchestrator.recipe import ClusterConfig
+from orchestrator.recipe import ClusterConfig, RecipeError
 
 
 def actor_env(threads: int) -> dict[str, str]:
@@ -50,12 +50,38 @@ def actor_options(num_cpus: float, num_gpus: float, threads: int) -> dict[str, A
     }
 
 
+def _unreachable(address: str) -> str | None:
+    """Why nothing listens at a `host:port` or `ray://host:port` address (None if something
+    does, or the address is not of that form): Ray itself would retry for minutes."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
 def ensure_ray(cfg: ClusterConfig) -> bool:
-    """Join the recipe's cluster or start a local instance; True if we started it."""
+    """Join the recipe's cluster (or `RAY_ADDRESS`'s) or start a local instance; True if we
+    started it. A cluster that is not there is the user's input: one line, exit 2."""
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    field = "cluster.address" if cfg.address else "RAY_ADDRESS"
+    unreachable = _unreachable(address) if address else None
+    if unreachable:
+        raise RecipeError(field, f"no Ray cluster at {address!r} ({unreachable})")
     if ray.is_initialized():
         return False
-    if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=True)
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            why = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else "unreachable"
+            raise RecipeError(field, f"no Ray cluster at {address!r} ({why})") from exc
         return False
     ray.init(
         num_cpus=cfg.num_cpus or os.cpu_count(),

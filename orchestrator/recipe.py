@@ -249,6 +249,15 @@ class TrackingConfig(_Strict):
 class ClusterConfig(_Strict):
     address: str | None = Field(None, description="Ray address; default: start a local one")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance")
+    max_restarts: int = Field(
+        5,
+        ge=0,
+        description="restarts of each teacher, judge and rollout actor; the calls it had in "
+        "flight are retried on the restarted actor",
+    )
+    setup_timeout_s: float = Field(
+        900.0, gt=0, description="actors not placed and loaded within this: a fault"
+    )
 
 
 class Recipe(_Strict):

@@ -32,6 +32,7 @@ import ray
 
 from actors.chat import encode_chat
 from actors.rollout import request_seed
+from orchestrator.faults import gather
 from orchestrator.judges import JudgePool, Outcome
 from orchestrator.on_policy import OnPolicyLoop, prompt_ids
 from orchestrator.recipe import Recipe
@@ -117,7 +118,9 @@ class RlaifLoop(OnPolicyLoop):
     def _train(self, item: InFlight) -> list[ray.ObjectRef]:
         """Judge the step's samples (the driver waits here, bounded, while the previous
         step trains), then queue the train step with each rank's rewards."""
-        metas = self._metas[item.step] = ray.get(item.meta)  # _step_metrics reads them too
+        metas = self._metas[item.step] = gather(
+            item.meta, f"rollouts of step {item.step + 1}"
+        )  # _step_metrics reads them too
         responses, logprobs = self._samples(metas)
         k = self.recipe.rollout.samples_per_prompt
         prompts = [p for p in self._prompts.pop(item.step) for _ in range(k)]
@@ -271,7 +274,7 @@ class RlaifLoop(OnPolicyLoop):
         prompts = [prompt_ids(heldout, i) for i in range(n)]
         seeds = [request_seed(self.recipe.run.seed, _WIN_RATE_SEED, i) for i in range(n)]
         refs, metas = self.rollouts.generate([prompts], [seeds], version, snapshot)
-        meta = ray.get(metas[0])
+        meta = gather(metas[:1], "win-rate samples")[0]
         del refs
         return [self._text(r) for r in meta["responses"]]
 

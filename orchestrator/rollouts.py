@@ -59,8 +59,10 @@ class RolloutPool:
         r = recipe.rollout
         remote = ray.remote(RolloutEngine).options(
             **actor_options(r.num_cpus, r.num_gpus, r.threads),
-            max_restarts=2,  # a restarted engine loads the snapshot of its next call
-            max_task_retries=2,  # generate is idempotent: per-row seeds, a given snapshot
+            # a restarted engine loads the snapshot of its next call, and generate is
+            # idempotent (per-row seeds, a given snapshot): its calls in flight run again
+            max_restarts=recipe.cluster.max_restarts,
+            max_task_retries=recipe.cluster.max_restarts,
         )
         spec = engine_spec(recipe)
         self.replicas = [remote.remote(spec) for _ in range(r.replicas)]

@@ -7,6 +7,7 @@ from typing import Any
 import ray
 
 from actors.student import StudentWorker
+from orchestrator.faults import gather
 from orchestrator.ray_env import actor_options
 from orchestrator.recipe import Recipe, StudentConfig
 
@@ -71,8 +72,9 @@ class StudentGroup:
         )
         self.workers = [remote.remote(r, s.world_size, spec) for r in range(s.world_size)]
         try:
-            addr, port = ray.get(self.workers[0].rendezvous.remote())
-            infos = ray.get([w.setup.remote(addr, port) for w in self.workers])
+            wait = {"timeout_s": recipe.cluster.setup_timeout_s}
+            addr, port = gather([self.workers[0].rendezvous.remote()], "student rank 0", **wait)[0]
+            infos = gather([w.setup.remote(addr, port) for w in self.workers], "students", **wait)
         except BaseException:
             self.shutdown()  # a group that failed to form leaves no actor behind
             raise
@@ -98,7 +100,7 @@ class StudentGroup:
         ]
 
     def reference_hash(self) -> str | None:
-        return ray.get(self.workers[0].reference_hash.remote())
+        return gather([self.workers[0].reference_hash.remote()], "reference hash")[0]
 
     def evaluate(self, shards: list[ray.ObjectRef], signals: list[list[ray.ObjectRef]]) -> list:
         return [
@@ -123,15 +125,20 @@ class StudentGroup:
         return [w.save_checkpoint.remote(directory, tag) for w in self.workers]
 
     def load(self, directory: str, tag: str) -> None:
-        ray.get([w.load_checkpoint.remote(directory, tag) for w in self.workers])
+        gather(
+            [w.load_checkpoint.remote(directory, tag) for w in self.workers], "loading a checkpoint"
+        )
 
     def export(self, path: str, tokenizer_from: str) -> None:
-        ray.get([w.export.remote(path, tokenizer_from) for w in self.workers])
+        gather([w.export.remote(path, tokenizer_from) for w in self.workers], "export")
 
-    def shutdown(self) -> None:
-        try:
-            ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
-        except Exception:  # best effort before the kill
-            pass
+    def shutdown(self, graceful: bool = True) -> None:
+        """Leave the process group, then kill. After a fault a surviving rank may sit in a
+        collective with a dead one: it is killed at once, not waited for."""
+        if graceful:
+            try:
+                ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
+            except Exception:  # best effort before the kill
+                pass
         for w in self.workers:
             ray.kill(w)

@@ -9,8 +9,9 @@ import ray
 
 from actors.teacher import TeacherActor
 from orchestrator.balance import LeastOutstanding
+from orchestrator.faults import gather
 from orchestrator.ray_env import actor_options
-from orchestrator.recipe import DistillConfig, TeacherConfig
+from orchestrator.recipe import ClusterConfig, DistillConfig, TeacherConfig
 
 
 class TeacherPool:
@@ -21,12 +22,19 @@ class TeacherPool:
         max_model_len: int = 2048,
         actor_class: type = TeacherActor,
         student_tokenizer: str | None = None,
+        cluster: ClusterConfig | None = None,
     ) -> None:
-        """`student_tokenizer`: the student's, for a teacher with `cross_tokenizer` set."""
+        """`student_tokenizer`: the student's, for a teacher with `cross_tokenizer` set. A
+        replica that dies is restarted (`cluster.max_restarts`) and the calls it had in
+        flight run again on it: scoring and writing are idempotent (a shard's signal, a
+        prompt chunk's seeded responses)."""
         self.cfg = cfg
+        cluster = cluster or ClusterConfig()
+        self.setup = {"timeout_s": cluster.setup_timeout_s}
         remote = ray.remote(actor_class).options(
             **actor_options(cfg.num_cpus, cfg.num_gpus, cfg.threads),
-            max_restarts=2,
+            max_restarts=cluster.max_restarts,
+            max_task_retries=cluster.max_restarts,
         )
         self.replicas = [
             remote.remote(
@@ -53,7 +61,9 @@ class TeacherPool:
 
     def info(self) -> dict[str, Any]:
         if self._info is None:
-            self._info = ray.get(self.replicas[0].info.remote())
+            self._info = gather(
+                [self.replicas[0].info.remote()], f"teacher {self.name}", **self.setup
+            )[0]
         return self._info
 
     def score(self, shard_ref: ray.ObjectRef, rows: list[int] | None = None) -> ray.ObjectRef:
@@ -66,7 +76,9 @@ class TeacherPool:
 
     def served(self) -> dict[str, int]:
         """Shards and rows the replicas scored so far (their own counts), summed."""
-        infos = ray.get([r.info.remote() for r in self.replicas], timeout=60)
+        infos = gather(
+            [r.info.remote() for r in self.replicas], f"teacher {self.name}", **self.setup
+        )
         return {k: sum(int(i["served"][k]) for i in infos) for k in ("calls", "rows")}
 
     def load(self) -> dict[str, float]:
@@ -94,7 +106,7 @@ class TeacherPool:
             self.balance.track(r, refs[-1])
         out: list[dict[str, str]] = []
         for ref, c in zip(refs, chunks, strict=True):
-            out.extend(ray.get(ref))
+            out.extend(gather([ref], f"teacher {self.name} writing")[0])
             on_chunk(len(c))
         return out
 

@@ -7,6 +7,7 @@ background thread, so a slow store never holds up the control loop.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -20,14 +21,26 @@ def default_tracking_uri(output_dir: str) -> str:
     return f"sqlite:///{(Path(output_dir).resolve() / 'mlflow.db').as_posix()}"
 
 
+_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_?key|credential)", re.I)
+_URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """Credentials in URIs (`scheme://user:pass@host`) become `***@`."""
+    return _URI_USERINFO.sub("***@", text)
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
-    """{'a': {'b': 1}} -> {'a.b': '1'}; lists by index."""
+    """{'a': {'b': 1}} -> {'a.b': '1'}; lists by index. Secrets never reach MLflow: values of
+    keys that name one (token, secret, password, api key) are masked, URIs lose their
+    credentials."""
     if isinstance(tree, dict):
         items = tree.items()
     elif isinstance(tree, list):
         items = ((str(i), v) for i, v in enumerate(tree))
     else:
-        return {prefix: str(tree)[:500]}
+        leaf = prefix.rsplit(".", 1)[-1]
+        return {prefix: "***" if _SECRET_KEY.search(leaf) else redact(str(tree))[:500]}
     out: dict[str, str] = {}
     for key, value in items:
         out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))

@@ -23,6 +23,7 @@ import ray
 from actors.batch import TokenBatch
 from orchestrator.checkpoint import commit_checkpoint, tag_for, write_json
 from orchestrator.data import Dataset
+from orchestrator.faults import gather
 from orchestrator.plots import plot_curves
 from orchestrator.progress import Progress
 from orchestrator.recipe import Recipe
@@ -219,7 +220,7 @@ class TrainLoop:
         return out
 
     def _eval_result(self, refs: list[ray.ObjectRef]) -> dict[str, float]:
-        return self._pool_eval(ray.get(refs))
+        return self._pool_eval(gather(refs, "evaluation"))
 
     def evaluate(self) -> dict[str, float]:
         return self._eval_result(self._submit_eval())
@@ -258,7 +259,7 @@ class TrainLoop:
                 if not queued:
                     break
                 item = queued.popleft()
-                per_rank = ray.get(item.metrics)
+                per_rank = gather(item.metrics, f"train step {item.step + 1}")
                 now = time.perf_counter()
                 metrics = self._aggregate(per_rank, now - last, len(self._window))
                 metrics["driver_cpu_s"] = time.process_time() - last_cpu  # incl. its threads
@@ -330,7 +331,7 @@ class TrainLoop:
         """Shards (fsynced by `commit_checkpoint`), then this step's metrics in MLflow, then
         the ledger: a committed step is never lost from either. The ledger records the run's
         identity for resume checks."""
-        ray.get(saved)
+        gather(saved, f"checkpoint at step {step}")
         self.tracker.flush()
         extra = {"summary": summary, "identity": self.identity}
         commit_checkpoint(self.run_dir, step, extra, self.recipe.checkpoint.keep)
