@@ -152,3 +152,38 @@ def test_rlaif_distills_with_reverse_kl_unless_told_otherwise(tmp_path, tiny_mod
     assert Recipe.model_validate(raw).distill.loss == "reverse_kl"
     raw["distill"]["loss"] = "jsd"
     assert Recipe.model_validate(raw).distill.loss == "jsd"
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_malformed_yaml(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {steps: 3\nstudent: [")
+    assert main(["run", str(path)]) == 2
+    assert "bad.yaml: not valid YAML" in _one_line(capsys)
+
+
+def test_empty_data_file(tmp_path, tiny_models, capsys):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("\n")
+    raw = base_recipe(tmp_path, tiny_models, data={"source": "file", "path": str(data)})
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
+    assert "has no rows" in _one_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_known_model_not_fetched_says_how(tmp_path, tiny_models, capsys, monkeypatch):
+    monkeypatch.setenv("RAYDISTILL_MODELS", str(tmp_path / "empty_cache"))
+    raw = base_recipe(tmp_path, tiny_models)
+    raw["teachers"][0]["model"] = "gemma3-270m"
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
+    assert "raydistill models fetch gemma3-270m" in _one_line(capsys)
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["resume", str(tmp_path)]) == 2
+    assert "not a run directory" in _one_line(capsys)
