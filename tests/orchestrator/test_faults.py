@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import base_recipe, write_recipe
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from actors.models import save_tiny_llama
+from orchestrator.checkpoint import read_ledger
 from orchestrator.cli import main
 from orchestrator.tracking import flatten
 
@@ -49,38 +51,40 @@ def _run_dir(tmp_path: Path, name: str) -> Path:
     return run_dir
 
 
+def _steps_logged(run_dir: Path) -> list[int]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}")
+    run_id = json.loads((run_dir / "state.json").read_text())["run_id"]
+    return sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+
+
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "student" / "model.safetensors")
 
 
-def _killer(class_name: str, method: str, times: int, killed: list[int], stop: threading.Event):
-    """SIGKILL an actor of `class_name` while one of its `method` calls is running, `times`
-    times, each after the previous one came back."""
-    from ray.util.state import list_actors, list_tasks
+def _killer(class_name, method, times, killed, stop, ready=lambda: True):
+    """SIGKILL an actor of `class_name` while one of its `method` calls is running (Ray
+    titles a worker `ray::Class.method` while it runs one), `times` times, a new process
+    each time, once `ready()`."""
+    import psutil
 
-    seen: set[int] = set()
-    while len(killed) < times and not stop.is_set():
-        running = list_tasks(
-            filters=[("name", "=", f"{class_name}.{method}"), ("state", "=", "RUNNING")]
-        )
-        alive = {
-            a.actor_id: a.pid
-            for a in list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
-        }
-        for task in running:
-            pid = alive.get(task.actor_id)
-            if pid and pid not in seen:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                seen.add(pid)
-                break
+    title = f"ray::{class_name}.{method}"
+    while not ready() and not stop.is_set():
         time.sleep(0.05)
+    while len(killed) < times and not stop.is_set():
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if cmd.startswith(title) and proc.info["pid"] not in killed:
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                killed.append(proc.info["pid"])
+                break
+        time.sleep(0.02)
 
 
-def _with_kills(class_name: str, method: str, times: int, run):
+def _with_kills(class_name: str, method: str, times: int, run, ready=lambda: True):
     killed: list[int] = []
     stop = threading.Event()
-    thread = threading.Thread(target=_killer, args=(class_name, method, times, killed, stop))
+    args = (class_name, method, times, killed, stop, ready)
+    thread = threading.Thread(target=_killer, args=args)
     thread.start()
     try:
         return run(), killed
@@ -99,8 +103,8 @@ def test_teacher_killed_three_times_while_scoring_loses_nothing(
     code, killed = _with_kills("TeacherActor", "score", 3, lambda: main(["run", str(path)]))
     assert code == 0 and len(killed) == 3
     run_dir = _run_dir(tmp_path, "faulty")
-    state = json.loads((run_dir / "state.json").read_text())
-    assert state["step"] == 12
+    assert read_ledger(run_dir)["step"] == 12
+    assert _steps_logged(run_dir) == list(range(1, 13))  # every step once
     a, b = _weights(_run_dir(tmp_path, "clean")), _weights(run_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -114,7 +118,13 @@ def test_dead_student_rank_stops_the_run_in_one_line_and_resume_finishes_it(
     path = write_recipe(tmp_path, faulty, "faulty.yaml")
     capsys.readouterr()
     start = time.monotonic()
-    code, killed = _with_kills("StudentWorker", "train_step", 1, lambda: main(["run", str(path)]))
+
+    def checkpointed() -> bool:  # kill after the first checkpoint (step 4)
+        return any((tmp_path / "runs").glob("faulty-*/checkpoints/latest.json"))
+
+    code, killed = _with_kills(
+        "StudentWorker", "train_step", 1, lambda: main(["run", str(path)]), checkpointed
+    )
     assert time.monotonic() - start < 120  # not the 30-minute process-group timeout
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(killed) == 1
@@ -122,6 +132,7 @@ def test_dead_student_rank_stops_the_run_in_one_line_and_resume_finishes_it(
     run_dir = _run_dir(tmp_path, "faulty")
     assert "raydistill resume" in err[-1] and str(run_dir) in err[-1]
     assert main(["resume", str(run_dir)]) == 0
+    assert read_ledger(run_dir)["step"] == 12
     a, b = _weights(_run_dir(tmp_path, "clean")), _weights(run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
