@@ -21,6 +21,7 @@ from orchestrator.checkpoint import (
 )
 from orchestrator.data import Dataset, file_dataset, synthetic_dataset, writer_key
 from orchestrator.identity import check_identity, run_identity
+from orchestrator.placement import check_resources
 from orchestrator.ray_env import ensure_ray
 from orchestrator.recipe import Recipe, RecipeError, to_yaml
 from orchestrator.students import StudentGroup
@@ -58,6 +59,12 @@ def new_run_dir(recipe: Recipe) -> Path:
 def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> RunResult:
     """Run (or continue, if the run dir has a checkpoint) the job described by `recipe`."""
     started_ray = ensure_ray(recipe.cluster)
+    try:
+        check_resources(recipe)
+    except RecipeError:
+        if started_ray:
+            ray.shutdown()
+        raise
     prune_uncommitted(run_dir)  # folders a crash left before their ledger entry
     ledger = read_ledger(run_dir)
     state_path = run_dir / "state.json"

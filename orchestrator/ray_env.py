@@ -85,7 +85,8 @@ def ensure_ray(cfg: ClusterConfig) -> bool:
         return False
     ray.init(
         num_cpus=cfg.num_cpus or os.cpu_count(),
-        include_dashboard=False,
+        include_dashboard=cfg.dashboard,
+        dashboard_host="127.0.0.1",
         log_to_driver=True,
         configure_logging=True,
         logging_level="warning",

@@ -258,6 +258,9 @@ class ClusterConfig(_Strict):
     setup_timeout_s: float = Field(
         900.0, gt=0, description="actors not placed and loaded within this: a fault"
     )
+    dashboard: bool = Field(
+        False, description="a local Ray's dashboard, bound to 127.0.0.1 (never all interfaces)"
+    )
 
 
 class Recipe(_Strict):

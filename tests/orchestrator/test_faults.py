@@ -161,3 +161,18 @@ def test_secrets_never_reach_mlflow_params():
         {"tracking": {"uri": "https://bob:hunter2@mlflow.example/x"}, "hub": {"api_key": "k"}}
     )
     assert params == {"tracking.uri": "https://***@mlflow.example/x", "hub.api_key": "***"}
+
+
+def test_a_placement_the_cluster_cannot_hold_is_refused_before_any_actor(
+    ray_session, tiny_models, tmp_path, capsys
+):
+    raw = base_recipe(tmp_path, tiny_models)
+    raw["teachers"][0].update(replicas=3, num_cpus=1.0)  # 3 + 2 x 0.25 > the 2 CPUs here
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cluster: the run needs 3.5 CPUs at once" in err[0]
+    assert "teachers.0 3 x 1" in err[0] and "the Ray cluster has 2" in err[0]
+    raw["teachers"][0].update(replicas=1, num_cpus=0.25, num_gpus=1.0)
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
+    assert "the run needs 1 GPUs at once" in capsys.readouterr().err
+    assert not any((tmp_path / "runs").glob("t-*"))
