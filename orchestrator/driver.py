@@ -20,6 +20,7 @@ from orchestrator.checkpoint import (
     write_json,
 )
 from orchestrator.data import Dataset, file_dataset, synthetic_dataset, writer_key
+from orchestrator.faults import RuntimeFault
 from orchestrator.identity import check_identity, run_identity
 from orchestrator.placement import check_resources
 from orchestrator.ray_env import ensure_ray
@@ -104,10 +105,31 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
         )
         dataset = build_dataset(recipe, pools)
         mode = loop_class(recipe.distill.mode)
-        students = StudentGroup(recipe, spec=mode.student_spec(recipe))
-        tracker.log_params({"student.num_params": str(students.num_params)})
-        loop = mode(recipe, run_dir, pools, students, dataset, tracker, identity)
-        result = loop.run(ledger, stop_after)
+        end = None if stop_after is None else (ledger or {}).get("step", 0) + stop_after
+        restores = 0
+        while True:
+            students = StudentGroup(recipe, spec=mode.student_spec(recipe))
+            tracker.log_params({"student.num_params": str(students.num_params)})
+            loop = mode(recipe, run_dir, pools, students, dataset, tracker, identity)
+            try:
+                result = loop.run(ledger, None if end is None else end - _step(ledger))
+                break
+            except RuntimeFault as exc:
+                ledger = read_ledger(run_dir)
+                if not exc.student_lost or ledger is None:
+                    raise
+                if restores >= recipe.cluster.max_student_restores:
+                    raise RuntimeFault(f"{exc} (after {restores} restores)") from exc
+                restores += 1
+                print(
+                    f"{exc}; bringing the student group back from the checkpoint at step "
+                    f"{ledger['step']} ({restores}/{recipe.cluster.max_student_restores})",
+                    flush=True,
+                )
+                loop.shutdown()
+                students.shutdown(graceful=False)
+                loop = students = None
+                prune_uncommitted(run_dir)
         status = "FINISHED" if result.finished else "KILLED"  # KILLED: stopped, resumable
         return result
     finally:
@@ -120,6 +142,10 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
             pool.shutdown()
         if started_ray:
             ray.shutdown()
+
+
+def _step(ledger: dict[str, Any] | None) -> int:
+    return int(ledger["step"]) if ledger is not None else 0
 
 
 def teacher_max_len(recipe: Recipe) -> int:

@@ -16,7 +16,10 @@ import ray
 
 class RuntimeFault(RuntimeError):
     """A fault during a run (an actor died, a wait ran past its bound): the run directory
-    stays resumable and the CLI prints one line."""
+    stays resumable and the CLI prints one line. `student_lost`: a student rank died (the
+    group can be brought back from the last checkpoint)."""
+
+    student_lost = False
 
 
 def gather(
@@ -31,7 +34,11 @@ def gather(
             try:
                 ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                raise RuntimeFault(f"{what}: {_reason(exc)}") from exc
+                fault = RuntimeFault(f"{what}: {_reason(exc)}")
+                fault.student_lost = isinstance(exc, ray.exceptions.RayActorError) and (
+                    "StudentWorker" in str(exc)
+                )
+                raise fault from exc
         if deadline is not None and time.monotonic() > deadline and pending:
             raise RuntimeFault(f"{what}: no answer within {timeout_s:.0f}s")
     return ray.get(list(refs))

@@ -255,6 +255,12 @@ class ClusterConfig(_Strict):
         description="restarts of each teacher, judge and rollout actor; the calls it had in "
         "flight are retried on the restarted actor",
     )
+    max_student_restores: int = Field(
+        2,
+        ge=0,
+        description="times a run brings its student group back from the last checkpoint "
+        "after a rank died; past that the run stops, resumable",
+    )
     setup_timeout_s: float = Field(
         900.0, gt=0, description="actors not placed and loaded within this: a fault"
     )

@@ -109,21 +109,53 @@ def test_teacher_killed_three_times_while_scoring_loses_nothing(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _after_first_checkpoint(tmp_path: Path):
+    def ready() -> bool:  # kill after the first checkpoint (step 4)
+        return any((tmp_path / "runs").glob("faulty-*/checkpoints/latest.json"))
+
+    return ready
+
+
+def test_dead_student_rank_is_brought_back_from_the_checkpoint_in_the_same_run(
+    ray_session, tiny_models, slow_teacher, tmp_path, capsys
+):
+    clean = _raw(tmp_path, tiny_models, slow_teacher, "clean")
+    assert main(["run", str(write_recipe(tmp_path, clean, "clean.yaml"))]) == 0
+    path = write_recipe(tmp_path, _raw(tmp_path, tiny_models, slow_teacher, "faulty"), "f.yaml")
+    capsys.readouterr()
+    code, killed = _with_kills(
+        "StudentWorker",
+        "train_step",
+        1,
+        lambda: main(["run", str(path)]),
+        _after_first_checkpoint(tmp_path),
+    )
+    assert code == 0 and len(killed) == 1
+    assert "bringing the student group back from the checkpoint" in capsys.readouterr().out
+    run_dir = _run_dir(tmp_path, "faulty")
+    assert read_ledger(run_dir)["step"] == 12
+    assert set(_steps_logged(run_dir)) == set(range(1, 13))  # rolled-back steps logged again
+    a, b = _weights(_run_dir(tmp_path, "clean")), _weights(run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_dead_student_rank_stops_the_run_in_one_line_and_resume_finishes_it(
     ray_session, tiny_models, slow_teacher, tmp_path, capsys
 ):
     clean = _raw(tmp_path, tiny_models, slow_teacher, "clean")
     assert main(["run", str(write_recipe(tmp_path, clean, "clean.yaml"))]) == 0
     faulty = _raw(tmp_path, tiny_models, slow_teacher, "faulty")
+    faulty["cluster"] = {"max_student_restores": 0}
     path = write_recipe(tmp_path, faulty, "faulty.yaml")
     capsys.readouterr()
     start = time.monotonic()
 
-    def checkpointed() -> bool:  # kill after the first checkpoint (step 4)
-        return any((tmp_path / "runs").glob("faulty-*/checkpoints/latest.json"))
-
     code, killed = _with_kills(
-        "StudentWorker", "train_step", 1, lambda: main(["run", str(path)]), checkpointed
+        "StudentWorker",
+        "train_step",
+        1,
+        lambda: main(["run", str(path)]),
+        _after_first_checkpoint(tmp_path),
     )
     assert time.monotonic() - start < 120  # not the 30-minute process-group timeout
     err = capsys.readouterr().err.strip().splitlines()
