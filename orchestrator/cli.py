@@ -1,4 +1,4 @@
-"""`raydistill` command line: run, resume, models fetch.
+"""`raydistill` command line: run, resume, submit, models fetch.
 
 Problems with the user's input print one line naming what is wrong and exit with code 2.
 """
@@ -29,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue a stopped run from its last checkpoint")
     resume.add_argument("run_dir")
     resume.add_argument("--stop-after", type=int, help="checkpoint and stop after N steps")
+    sub_job = sub.add_parser("submit", help="run a recipe as a Ray job (Jobs API)")
+    sub_job.add_argument("recipe", nargs="?")
+    sub_job.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
+    sub_job.add_argument("--address", required=True, help="the Jobs API, http://HEAD:8265")
+    sub_job.add_argument("--stop", metavar="JOB", help="stop this job instead")
+    sub_job.add_argument("--no-follow", action="store_true", help="do not follow the logs")
     models = sub.add_parser("models", help="local model cache")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     fetch = models_sub.add_parser("fetch", help="download and convert a known small model")
@@ -37,12 +43,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)  # submit: overrides may follow --address
+    if extra and (args.command != "submit" or not all("=" in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.command == "run":
             return _run(args.recipe, args.overrides, args.stop_after)
         if args.command == "resume":
             return _resume(args.run_dir, args.stop_after)
+        if args.command == "submit":
+            from orchestrator import submit
+
+            if args.stop:
+                return submit.stop(args.stop, args.address)
+            if not args.recipe:
+                raise RecipeError("submit", "give a RECIPE, or --stop JOB")
+            return submit.submit(args.recipe, args.overrides, args.address, not args.no_follow)
         return _fetch(args.name)
     except RecipeError as exc:
         if args.debug:

@@ -1,0 +1,88 @@
+"""`raydistill submit`: run a recipe as a Ray job on a cluster, through the Jobs API.
+
+The working directory (this checkout, without runs, caches and virtualenvs) travels as the
+job's runtime env, and the job runs `python -m orchestrator.cli run RECIPE [overrides]` on
+the head node, where Ray sets RAY_ADDRESS for it. The logs are followed until the job ends;
+Ctrl-C detaches (the job goes on); `raydistill submit --stop JOB --address ...` stops it.
+`run.output_dir` must be a path every node can reach (shared storage): a relative one would
+land in the job's temporary copy of the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from pathlib import Path
+
+from orchestrator.recipe import RecipeError, load_recipe
+
+# switches of this machine's environment a job needs as well (when they are set here)
+_PASSED_ON = (
+    "DS_ACCELERATOR",
+    "GLOO_SOCKET_IFNAME",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+    "RAYDISTILL_MODELS",
+    "RAYDISTILL_CACHE",
+)
+_EXCLUDES = [".git", ".venv", "runs", "mlruns", "**/__pycache__", "*.egg-info", ".ci/cache"]
+_DONE = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def _client(address: str):
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError as exc:
+        raise RecipeError("--address", f"{address!r} wants a token: set RAY_AUTH_TOKEN") from exc
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise RecipeError("--address", f"no Ray Jobs API at {address!r}") from exc
+
+
+def submit(recipe_path: str, overrides: list[str], address: str, follow: bool = True) -> int:
+    recipe_file = Path(recipe_path).resolve()
+    load_recipe(recipe_file, overrides)  # a bad recipe is refused here, not on the cluster
+    root = Path.cwd().resolve()
+    try:
+        relative = recipe_file.relative_to(root)
+    except ValueError as exc:
+        raise RecipeError(recipe_path, f"must lie inside the working directory {root}") from exc
+    entrypoint = shlex.join(["python", "-m", "orchestrator.cli", "run", str(relative), *overrides])
+    env = {k: os.environ[k] for k in _PASSED_ON if k in os.environ}
+    client = _client(address)
+    job = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env={"working_dir": str(root), "excludes": _EXCLUDES, "env_vars": env},
+    )
+    print(
+        f"submitted job {job} to {address}; stop it with: raydistill submit --stop {job} "
+        f"--address {address}",
+        flush=True,
+    )
+    return follow_job(client, job) if follow else 0
+
+
+def follow_job(client, job: str, poll_s: float = 1.0) -> int:
+    """Print the job's logs as they grow until it ends; exit code 0 if it succeeded."""
+    shown = 0
+    try:
+        while True:
+            status = str(client.get_job_status(job)).rsplit(".", 1)[-1]
+            logs = client.get_job_logs(job)
+            print(logs[shown:], end="", flush=True)
+            shown = len(logs)
+            if status in _DONE:
+                print(f"job {job}: {status}", flush=True)
+                return 0 if status == "SUCCEEDED" else 1
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        print(f"\ndetached from job {job} (it goes on)", flush=True)
+        return 0
+
+
+def stop(job: str, address: str) -> int:
+    stopped = _client(address).stop_job(job)
+    print(f"job {job}: {'stopping' if stopped else 'already finished'}", flush=True)
+    return 0
