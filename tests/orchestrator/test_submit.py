@@ -48,6 +48,8 @@ def head(tmp_path_factory):
     # loopback only, so no token (a cluster with token auth needs RAY_AUTH_TOKEN on the client)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    # the head's `python` is this environment's, as a cluster image's would have raydistill
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
     deadline = time.monotonic() + 120
