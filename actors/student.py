@@ -252,20 +252,25 @@ class StudentWorker:
     # -- training -------------------------------------------------------------------------
 
     def _targets(
-        self, signals: list[TeacherSignal], part: TokenBatch, train: bool = True
+        self,
+        signals: list[TeacherSignal],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        train: bool = True,
     ) -> tuple[list[SparseTarget], dict[str, float]]:
         """The micro-batch's targets as `distill.aggregate` combines the signals (training;
-        with the recipe's weights) and how many positions each teacher counted most at.
-        Evaluation (held-out teachers only, no peers) reads only each signal's KL."""
+        with the recipe's weights) and how many positions each teacher counted most at;
+        `ids`, `mask`: the micro-batch on the device. Evaluation (held-out teachers only, no
+        peers) reads only each signal's KL."""
         weights = self.spec["teacher_weights"] if train else [0.0] * len(signals)
         out = []
         for weight, sig in zip(weights, signals, strict=True):
-            ids, logprobs = (x.to(self.device) for x in sig.torch_targets())
-            t = SparseTarget(sig.teacher, ids, logprobs, float(weight), sig.temperature, train)
-            out.append(t)
+            t_ids, t_lp = (x.to(self.device) for x in sig.torch_targets())
+            out.append(
+                SparseTarget(sig.teacher, t_ids, t_lp, float(weight), sig.temperature, train)
+            )
         if not train:
             return out, {}
-        ids, _, mask = part.to_torch(self.device)
         ctx = Context(
             labels=torch.roll(ids, shifts=-1, dims=1)[mask],
             rows=torch.nonzero(mask)[:, 0],
@@ -292,7 +297,7 @@ class StudentWorker:
 
     def _forward(self, part: TokenBatch, signals: list[TeacherSignal], train: bool = True):
         ids, attn, mask = part.to_torch(self.device)
-        targets, top = self._targets(signals, part, train)
+        targets, top = self._targets(signals, ids, mask, train)
         loss, terms, _ = self.engine(ids, attn, mask, targets)
         return loss, {**terms, **top}
 
@@ -403,7 +408,8 @@ class StudentWorker:
         n_main = part.num_tokens
         full = TokenBatch.concat(part, sft_rows) if sft_rows is not None else part
         ids, attn, mask = full.to_torch(self.device)
-        targets = self._targets(signals, part)[0] if signals else []  # kd_weight 0: none
+        main = len(part)  # the critique rows after it carry no teacher signal
+        targets = self._targets(signals, ids[:main], mask[:main])[0] if signals else []
         loss, terms, extras = self.engine(
             ids, attn, mask, targets, True, n_main if sft_rows is not None else None
         )

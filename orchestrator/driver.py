@@ -105,7 +105,7 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
         )
         dataset = build_dataset(recipe, pools)
         mode = loop_class(recipe.distill.mode)
-        end = None if stop_after is None else (ledger or {}).get("step", 0) + stop_after
+        end = None if stop_after is None else _step(ledger) + stop_after
         restores = 0
         while True:
             students = StudentGroup(recipe, spec=mode.student_spec(recipe))
