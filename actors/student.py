@@ -164,6 +164,10 @@ class StudentWorker:
         self.device = pick_device(want_gpu=True)
         self.engine = None
 
+    def node(self) -> str:
+        """The Ray node this rank runs on (the run records where each actor landed)."""
+        return ray.get_runtime_context().get_node_id()
+
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's address and a free port for the process group."""
         with socket.socket() as s:

@@ -105,6 +105,12 @@ class TeacherActor:
             )
             self.vllm.set_temperature(temperature)
 
+    def node(self) -> str:
+        """The Ray node this replica runs on (the run records where each actor landed)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def info(self) -> dict[str, Any]:
         return {**self._info, "served": dict(self.served), "replica": self.replica}
 

@@ -22,7 +22,7 @@ from orchestrator.checkpoint import (
 from orchestrator.data import Dataset, file_dataset, synthetic_dataset, writer_key
 from orchestrator.faults import RuntimeFault
 from orchestrator.identity import check_identity, run_identity
-from orchestrator.placement import check_resources
+from orchestrator.placement import check_reachable, check_resources, record
 from orchestrator.ray_env import ensure_ray
 from orchestrator.recipe import Recipe, RecipeError, to_yaml
 from orchestrator.students import StudentGroup
@@ -62,6 +62,7 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
     started_ray = ensure_ray(recipe.cluster)
     try:
         check_resources(recipe)
+        check_reachable(run_dir)
     except RecipeError:
         if started_ray:
             ray.shutdown()
@@ -109,6 +110,7 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
         restores = 0
         while True:
             students = StudentGroup(recipe, spec=mode.student_spec(recipe))
+            record(run_dir, pools, students)
             tracker.log_params({"student.num_params": str(students.num_params)})
             loop = mode(recipe, run_dir, pools, students, dataset, tracker, identity)
             try:

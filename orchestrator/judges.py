@@ -20,7 +20,7 @@ import ray
 
 from actors.judge import JudgeActor
 from orchestrator.balance import LeastOutstanding
-from orchestrator.ray_env import actor_options
+from orchestrator.ray_env import service_options
 from orchestrator.recipe import JudgeConfig
 
 
@@ -49,11 +49,12 @@ class Outcome:
 class JudgePool:
     def __init__(self, cfg: JudgeConfig, model: str | None) -> None:
         self.cfg = cfg
-        options = actor_options(cfg.num_cpus, cfg.num_gpus, cfg.threads)
+        # a dead replica comes back; the pool itself re-issues a call that failed or timed out
+        options = {**service_options(cfg, -1), "max_task_retries": 0}
         if cfg.function:  # the function's module imports in the actor as on the driver
             paths = [p for p in sys.path if p and os.path.isdir(p)]
             options["runtime_env"]["env_vars"]["PYTHONPATH"] = os.pathsep.join(paths)
-        self._remote = ray.remote(JudgeActor).options(**options, max_restarts=-1)
+        self._remote = ray.remote(JudgeActor).options(**options)
         self._model = model
         self.replicas = [self._start() for _ in range(cfg.replicas)]
         self.balance = LeastOutstanding(cfg.replicas)

@@ -2,64 +2,126 @@
 
 Ray would otherwise queue an actor it cannot place and the run would wait forever for it.
 Every actor of the run is alive at once (teachers, student ranks, rollout engines, judges),
-so the sum of their CPUs and GPUs must fit the cluster's totals, and each actor must fit on
-some single node.
+so the sum of what they reserve (CPUs, GPUs, custom resources such as `teacher_node`) must
+fit the cluster's totals, each actor must fit on some single node, and a `strict_pack`
+student group on one node.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import ray
 
-from orchestrator.recipe import Recipe, RecipeError
+from orchestrator.checkpoint import write_json
+from orchestrator.faults import gather
+from orchestrator.recipe import Placed, Recipe, RecipeError
 
 
-def requested(recipe: Recipe) -> list[tuple[str, int, float, float]]:
-    """(what, how many, CPUs each, GPUs each) for every kind of actor the run starts."""
-    out = [
-        (f"teachers.{i}", t.replicas, t.num_cpus, t.num_gpus) for i, t in enumerate(recipe.teachers)
+def demand(cfg: Placed) -> dict[str, float]:
+    """What one actor of this kind reserves from Ray (a placement-group bundle)."""
+    out = {"CPU": cfg.num_cpus, **cfg.resources}
+    if cfg.num_gpus:
+        out["GPU"] = cfg.num_gpus
+    return out
+
+
+def requested(recipe: Recipe) -> list[tuple[str, int, Placed]]:
+    """(recipe field, how many, placement) for every kind of actor the run starts."""
+    out: list[tuple[str, int, Placed]] = [
+        (f"teachers.{i}", t.replicas, t) for i, t in enumerate(recipe.teachers)
     ]
-    s = recipe.student
-    out.append(("student", s.world_size, s.num_cpus, s.num_gpus))
+    out.append(("student", recipe.student.world_size, recipe.student))
     mode = recipe.distill.mode
     if mode == "mutual":
-        out += [
-            (f"mutual.peers.{i}", p.world_size, p.num_cpus, p.num_gpus)
-            for i, p in enumerate(recipe.mutual.peers)
-        ]
+        out += [(f"mutual.peers.{i}", p.world_size, p) for i, p in enumerate(recipe.mutual.peers)]
     if mode in ("on_policy", "rlaif"):
-        r = recipe.rollout
-        out.append(("rollout", r.replicas, r.num_cpus, r.num_gpus))
+        out.append(("rollout", recipe.rollout.replicas, recipe.rollout))
     if mode == "rlaif":
-        out += [
-            (f"judges.{i}", j.replicas, j.num_cpus, j.num_gpus) for i, j in enumerate(recipe.judges)
-        ]
+        out += [(f"judges.{i}", j.replicas, j) for i, j in enumerate(recipe.judges)]
     return out
+
+
+def _field(what: str, key: str) -> str:
+    name = {"CPU": "num_cpus", "GPU": "num_gpus"}.get(key, f"resources.{key}")
+    return f"{what}.{name}"
 
 
 def check_resources(recipe: Recipe) -> None:
     """One line saying what is missing, or nothing."""
     total = ray.cluster_resources()
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    asks = requested(recipe)
-    for kind in ("CPU", "GPU"):
-        want = sum(n * (c if kind == "CPU" else g) for _, n, c, g in asks)
-        have = float(total.get(kind, 0.0))
+    asks = [(what, n, demand(cfg)) for what, n, cfg in requested(recipe)]
+    for key in sorted({k for _, _, d in asks for k in d}):
+        want = sum(n * d.get(key, 0.0) for _, n, d in asks)
+        have = float(total.get(key, 0.0))
         if want > have + 1e-9:
-            parts = ", ".join(
-                f"{what} {n} x {c if kind == 'CPU' else g:g}"
-                for what, n, c, g in asks
-                if (c if kind == "CPU" else g) > 0
-            )
+            parts = ", ".join(f"{what} {n} x {d[key]:g}" for what, n, d in asks if key in d)
             raise RecipeError(
                 "cluster",
-                f"the run needs {want:g} {kind}s at once ({parts}) but the Ray cluster has "
-                f"{have:g}",
+                f"the run needs {want:g} {key} at once ({parts}) but the Ray cluster has {have:g}",
             )
-    for what, _, cpus, gpus in asks:
-        if nodes and not any(
-            n.get("CPU", 0.0) >= cpus and n.get("GPU", 0.0) >= gpus for n in nodes
-        ):
+    for what, _, d in asks:
+        if nodes and not any(_fits(d, node) for node in nodes):
+            key = next(k for k, v in d.items() if not any(n.get(k, 0.0) >= v for n in nodes))
             raise RecipeError(
-                f"{what}.num_cpus",
-                f"one actor needs {cpus:g} CPUs and {gpus:g} GPUs; no node of the cluster has them",
+                _field(what, key),
+                f"one actor needs {_describe(d)}; no node of the cluster has {d[key]:g} {key}",
             )
+    for what, n, cfg in requested(recipe):
+        if getattr(cfg, "placement", None) != "strict_pack":  # student groups only
+            continue
+        whole = {k: n * v for k, v in demand(cfg).items()}
+        if nodes and not any(_fits(whole, node) for node in nodes):
+            raise RecipeError(
+                f"{what}.placement",
+                f"strict_pack puts all {n} ranks ({_describe(whole)}) on one node; none has that",
+            )
+
+
+def _fits(d: dict[str, float], node: dict[str, float]) -> bool:
+    return all(node.get(k, 0.0) >= v - 1e-9 for k, v in d.items())
+
+
+def _describe(d: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in d.items())
+
+
+@ray.remote(num_cpus=0)
+def _sees(path: str) -> bool:
+    import os
+
+    return os.path.exists(path)
+
+
+def check_reachable(run_dir: Path, timeout_s: float = 60.0) -> None:
+    """Every student rank writes its part of each checkpoint into the run directory, and any
+    node may host a rank after a restore: the directory must be visible from every node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    marker = str(run_dir / "recipe.yaml")
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = [
+        _sees.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(marker)
+        for n in nodes
+    ]
+    seen = ray.get(refs, timeout=timeout_s)
+    for node, ok in zip(nodes, seen, strict=True):
+        if not ok:
+            raise RecipeError(
+                "run.output_dir",
+                f"{run_dir} is not visible from node {node['NodeManagerAddress']} "
+                f"({node['NodeID'][:12]}): put it on storage every node mounts",
+            )
+
+
+def record(run_dir: Path, pools: list[Any], students: Any) -> dict[str, list[str]]:
+    """Write `placement.json`: the node id of every teacher replica and student rank."""
+    what = {f"teacher {p.name}": p.replicas for p in pools}
+    what[f"student {students.name}"] = students.workers
+    where = {k: gather([a.node.remote() for a in v], f"{k} node") for k, v in what.items()}
+    write_json(run_dir / "placement.json", where)
+    return where

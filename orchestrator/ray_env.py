@@ -8,7 +8,7 @@ from typing import Any
 
 import ray
 
-from orchestrator.recipe import ClusterConfig, RecipeError
+from orchestrator.recipe import ClusterConfig, Placed, RecipeError
 
 
 def actor_env(threads: int) -> dict[str, str]:
@@ -42,11 +42,25 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def actor_options(num_cpus: float, num_gpus: float, threads: int) -> dict[str, Any]:
+def actor_options(
+    num_cpus: float, num_gpus: float, threads: int, resources: dict[str, float] | None = None
+) -> dict[str, Any]:
     return {
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
+        "resources": dict(resources or {}),
         "runtime_env": {"env_vars": actor_env(threads)},
+    }
+
+
+def service_options(cfg: Placed, max_restarts: int) -> dict[str, Any]:
+    """Teacher, rollout and judge replicas: spread over the nodes that have what they ask
+    for, restarted when they die, their calls in flight retried (each is idempotent)."""
+    return {
+        **actor_options(cfg.num_cpus, cfg.num_gpus, cfg.threads, cfg.resources),
+        "scheduling_strategy": "SPREAD",
+        "max_restarts": max_restarts,
+        "max_task_retries": max_restarts,
     }
 
 

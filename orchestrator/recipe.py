@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from actors.aggregate import AGGREGATIONS
 from actors.losses import LOSS_KINDS
@@ -34,7 +41,30 @@ class RunConfig(_Strict):
     seed: int = 0
 
 
-class TeacherConfig(_Strict):
+class Placed(_Strict):
+    """Where each actor of a kind runs: what it reserves from Ray. `resources` are custom
+    resources a node offers (`ray start --resources '{"teacher_node": 8}'`), e.g. to keep
+    teachers on their own nodes."""
+
+    num_cpus: float = Field(0.5, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per actor, e.g. {teacher_node: 1}"
+    )
+    threads: int = Field(1, ge=1)
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, amount in v.items():
+            if key in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{key!r}: set num_cpus/num_gpus, not resources")
+            if amount <= 0:
+                raise ValueError(f"{key}: {amount} must be > 0")
+        return v
+
+
+class TeacherConfig(Placed):
     name: str
     model: str = Field(description="local HF folder, known model name, or hub name")
     backend: Literal["hf", "vllm"] = Field(
@@ -43,9 +73,6 @@ class TeacherConfig(_Strict):
     replicas: int = Field(1, ge=1)
     weight: float = Field(1.0, gt=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    num_cpus: float = Field(0.5, gt=0)
-    num_gpus: float = Field(0.0, ge=0)
-    threads: int = Field(1, ge=1)
     top_k: int | None = Field(None, ge=1, description="default: distill.top_k")
     temperature: float | None = Field(None, gt=0, description="default: distill.temperature")
     cross_tokenizer: Literal["span_map"] | None = Field(
@@ -55,7 +82,7 @@ class TeacherConfig(_Strict):
     )
 
 
-class StudentConfig(_Strict):
+class StudentConfig(Placed):
     model: str = Field(description="local HF folder, known model name, or hub name")
     layers: list[int] | None = Field(None, description="keep only these decoder layers")
     world_size: int = Field(1, ge=1)
@@ -64,9 +91,11 @@ class StudentConfig(_Strict):
         False, description="recompute decoder layers in backward: activations O(positions x H)"
     )
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    num_cpus: float = Field(0.5, gt=0)
-    num_gpus: float = Field(0.0, ge=0)
-    threads: int = Field(1, ge=1)
+    placement: Literal["pack", "strict_pack", "spread"] = Field(
+        "pack",
+        description="the ranks' placement group: pack (as few nodes as fit), strict_pack "
+        "(one node), spread (one rank per node where possible)",
+    )
 
 
 class GenerationConfig(_Strict):
@@ -149,14 +178,11 @@ class DistillConfig(_Strict):
     )
 
 
-class RolloutConfig(_Strict):
+class RolloutConfig(Placed):
     """The engines that write the student's samples (distill.mode: on_policy)."""
 
     backend: Literal["hf", "vllm"] = "hf"
     replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.5, gt=0)
-    num_gpus: float = Field(0.0, ge=0)
-    threads: int = Field(1, ge=1)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     temperature: float = Field(1.0, ge=0, description="0: greedy")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -179,7 +205,7 @@ class MutualConfig(_Strict):
     peer_weight: float = Field(1.0, gt=0, description="weight of each peer's divergence")
 
 
-class JudgeConfig(_Strict):
+class JudgeConfig(Placed):
     """One judge of the student's samples (distill.mode: rlaif): a model with a rubric, or a
     Python function `module:function` (sample, prompt) -> float run in the judge actors."""
 
@@ -193,9 +219,6 @@ class JudgeConfig(_Strict):
     min_mass: float = Field(0.5, ge=0, le=1, description="below it a rating is unusable")
     weight: float = Field(1.0, gt=0)
     replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.5, gt=0)
-    num_gpus: float = Field(0.0, ge=0)
-    threads: int = Field(1, ge=1)
     timeout_s: float = Field(120.0, gt=0, description="a call longer than this is retried once")
 
     @model_validator(mode="after")

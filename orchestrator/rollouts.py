@@ -9,7 +9,7 @@ import ray
 
 from actors.rollout import RolloutEngine
 from orchestrator.balance import LeastOutstanding
-from orchestrator.ray_env import actor_options
+from orchestrator.ray_env import service_options
 from orchestrator.recipe import Recipe
 
 
@@ -57,12 +57,10 @@ def engine_spec(recipe: Recipe) -> dict[str, Any]:
 class RolloutPool:
     def __init__(self, recipe: Recipe) -> None:
         r = recipe.rollout
+        # a restarted engine loads the snapshot of its next call, and generate is
+        # idempotent (per-row seeds, a given snapshot): its calls in flight run again
         remote = ray.remote(RolloutEngine).options(
-            **actor_options(r.num_cpus, r.num_gpus, r.threads),
-            # a restarted engine loads the snapshot of its next call, and generate is
-            # idempotent (per-row seeds, a given snapshot): its calls in flight run again
-            max_restarts=recipe.cluster.max_restarts,
-            max_task_retries=recipe.cluster.max_restarts,
+            **service_options(r, recipe.cluster.max_restarts)
         )
         spec = engine_spec(recipe)
         self.replicas = [remote.remote(spec) for _ in range(r.replicas)]

@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.student import StudentWorker
 from orchestrator.faults import gather
+from orchestrator.placement import demand
 from orchestrator.ray_env import actor_options
 from orchestrator.recipe import Recipe, StudentConfig
 
@@ -67,12 +70,20 @@ class StudentGroup:
         s = student or recipe.student
         spec = spec or worker_spec(recipe, s)
         self.name = str(spec["name"])
-        remote = ray.remote(StudentWorker).options(
-            **actor_options(s.num_cpus, s.num_gpus, s.threads)
-        )
-        self.workers = [remote.remote(r, s.world_size, spec) for r in range(s.world_size)]
+        wait = {"timeout_s": recipe.cluster.setup_timeout_s}
+        # one bundle per rank, reserved together: the group starts whole or not at once
+        self.pg = placement_group([demand(s)] * s.world_size, strategy=s.placement.upper())
+        self.workers: list[Any] = []
         try:
-            wait = {"timeout_s": recipe.cluster.setup_timeout_s}
+            gather([self.pg.ready()], f"placing the {self.name} group ({s.placement})", **wait)
+            options = actor_options(s.num_cpus, s.num_gpus, s.threads, s.resources)
+            remote = ray.remote(StudentWorker)
+            self.workers = [
+                remote.options(
+                    **options, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, r)
+                ).remote(r, s.world_size, spec)
+                for r in range(s.world_size)
+            ]
             addr, port = gather([self.workers[0].rendezvous.remote()], "student rank 0", **wait)[0]
             infos = gather([w.setup.remote(addr, port) for w in self.workers], "students", **wait)
         except BaseException:
@@ -142,3 +153,4 @@ class StudentGroup:
                 pass
         for w in self.workers:
             ray.kill(w)
+        remove_placement_group(self.pg)

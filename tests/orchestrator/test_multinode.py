@@ -1,0 +1,52 @@
+"""Placement on a real multi-node Ray (three nodes on 127.0.0.1, in a subprocess): teacher
+replicas land on the node offering `teacher_node`, the student ranks (one placement group)
+on the node offering `student_node`; placements the cluster cannot hold are refused with one
+line, and so is a run directory a node cannot see."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import base_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_actors_land_where_the_recipe_asks(tmp_path: Path, tiny_models: dict[str, str]) -> None:
+    raw = base_recipe(
+        tmp_path,
+        tiny_models,
+        train={"steps": 3, "batch_size": 4, "micro_batch_size": 2, "log_every": 1},
+    )
+    raw["teachers"][0].update(replicas=2, num_cpus=0.25, resources={"teacher_node": 1})
+    raw["student"].update(num_cpus=0.25, resources={"student_node": 1})
+    raw_path = tmp_path / "recipe.json"
+    raw_path.write_text(json.dumps(raw))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "multinode_run.py"), str(raw_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT_JSON ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(lines[0].removeprefix("RESULT_JSON "))
+    nodes = out["nodes"]
+    assert len(set(nodes.values())) == 3
+    assert out["steps"] == 3
+    assert out["placement"]["teacher tiny"] == [nodes["teacher_node"]] * 2
+    assert out["placement"]["student student"] == [nodes["student_node"]] * 2
+    refusals = out["refusals"]
+    assert "needs 3 student_node at once" in refusals["too_many"]
+    assert "has 2" in refusals["too_many"]
+    assert refusals["strict_pack"].startswith("student.placement: strict_pack puts all 2 ranks")
+    assert refusals["unreachable"].startswith("run.output_dir: ")
+    assert "is not visible from node 127.0.0.1" in refusals["unreachable"]
