@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 
 from actors.batch import left_pad
 from actors.chat import adds_bos, render_prompt, render_prompt_ids, split_finish, stop_token_ids
+from actors.model_store import local_model
 from actors.models import backbone, load_causal_lm, model_hash, output_head, pick_device, pick_dtype
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ class JudgeActor:
             self._hash = function
             return
         self.device = pick_device(want_gpu=True)
+        model = local_model(model)  # a known name: this node's copy, fetched if missing
         self.model = load_causal_lm(model, pick_dtype(dtype, self.device), self.device).eval()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)

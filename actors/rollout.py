@@ -26,6 +26,7 @@ import torch
 
 from actors.batch import TokenBatch, left_pad
 from actors.chat import LENGTH, STOP
+from actors.model_store import local_model
 from actors.models import build_student, pick_device, pick_dtype
 from actors.objective import chunk_positions, label_logprobs
 from actors.weights import WeightSnapshot
@@ -150,6 +151,7 @@ class RolloutEngine:
 
     def __init__(self, spec: dict[str, Any]) -> None:
         torch.set_num_threads(int(spec.get("threads", 1)))
+        spec = {**spec, "model": local_model(spec["model"])}  # this node's copy of a known name
         self.spec = spec
         self.version = -1  # no snapshot loaded yet: the first call loads one
         self.stop_ids = [int(i) for i in spec.get("stop_ids", [])]

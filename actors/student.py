@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from actors.aggregate import Context, aggregate
 from actors.batch import TokenBatch
+from actors.model_store import local_model
 from actors.models import backbone, build_student, output_head, pick_device, pick_dtype
 from actors.objective import (
     LossSpec,
@@ -164,9 +165,10 @@ class StudentWorker:
         self.device = pick_device(want_gpu=True)
         self.engine = None
 
-    def node(self) -> str:
-        """The Ray node this rank runs on (the run records where each actor landed)."""
-        return ray.get_runtime_context().get_node_id()
+    def node(self) -> dict[str, str]:
+        """The Ray node this rank runs on and the model folder it loaded there (the run
+        records where each actor landed)."""
+        return {"node": ray.get_runtime_context().get_node_id(), "model": self.spec["model"]}
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's address and a free port for the process group."""
@@ -206,6 +208,7 @@ class StudentWorker:
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
         }
+        spec["model"] = local_model(spec["model"])  # this node's copy of a known name
         lm = build_student(
             spec["model"],
             spec.get("layers"),
@@ -555,7 +558,7 @@ class StudentWorker:
             from transformers import AutoTokenizer
 
             try:
-                AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
+                AutoTokenizer.from_pretrained(local_model(tokenizer_from)).save_pretrained(path)
             except (OSError, ValueError):
                 pass  # token-only student (tests): nothing to save
 

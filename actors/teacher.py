@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 from actors.batch import TokenBatch, left_pad
 from actors.chat import adds_bos, render_prompt_ids, split_finish, stop_token_ids
+from actors.model_store import local_model
 from actors.models import (
     backbone,
     load_causal_lm,
@@ -50,6 +51,9 @@ class TeacherActor:
         """`student_tokenizer`: set for a teacher whose tokenizer differs from the student's
         (cross-tokenizer, see `actors/xtok.py`); its signals come in the student's vocab."""
         torch.set_num_threads(threads)
+        model = self.model_path = local_model(model)  # a known name: this node's copy
+        if student_tokenizer is not None:
+            student_tokenizer = local_model(student_tokenizer)
         self.name = name
         self.replica = replica
         self.served = {"calls": 0, "rows": 0}  # shards scored that had rows in them
@@ -105,11 +109,12 @@ class TeacherActor:
             )
             self.vllm.set_temperature(temperature)
 
-    def node(self) -> str:
-        """The Ray node this replica runs on (the run records where each actor landed)."""
+    def node(self) -> dict[str, str]:
+        """The Ray node this replica runs on and the model folder it loaded there (the run
+        records where each actor landed)."""
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        return {"node": ray.get_runtime_context().get_node_id(), "model": self.model_path}
 
     def info(self) -> dict[str, Any]:
         return {**self._info, "served": dict(self.served), "replica": self.replica}

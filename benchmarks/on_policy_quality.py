@@ -73,8 +73,8 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from actors.model_store import fetch_model
     from orchestrator.driver import execute, new_run_dir
-    from orchestrator.model_store import fetch_model
     from orchestrator.preflight import preflight
     from orchestrator.recipe import load_recipe
 

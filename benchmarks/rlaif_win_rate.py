@@ -63,8 +63,8 @@ def main() -> None:
     import matplotlib.pyplot as plt
     from common import history
 
+    from actors.model_store import fetch_model
     from orchestrator.driver import execute, new_run_dir
-    from orchestrator.model_store import fetch_model
     from orchestrator.preflight import preflight
     from orchestrator.recipe import load_recipe
 

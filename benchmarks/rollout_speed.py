@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
-    from orchestrator.model_store import fetch_model
+    from actors.model_store import fetch_model
     from orchestrator.rollouts import stop_token_ids_of
 
     model = fetch_model("smollm2-135m-instruct")

@@ -136,7 +136,7 @@ def _execute(recipe: Any, run_dir: Path, stop_after: int | None) -> int:
 
 
 def _fetch(name: str) -> int:
-    from orchestrator.model_store import KNOWN_MODELS, fetch_model
+    from actors.model_store import KNOWN_MODELS, fetch_model
 
     if name not in KNOWN_MODELS:
         raise RecipeError(name, f"unknown model; known: {', '.join(sorted(KNOWN_MODELS))}")

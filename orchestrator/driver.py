@@ -13,6 +13,7 @@ from typing import Any
 import ray
 from transformers import AutoTokenizer
 
+from actors.model_store import local_model
 from actors.models import vocab_size_of
 from orchestrator.checkpoint import (
     prune_uncommitted,
@@ -164,10 +165,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def build_dataset(recipe: Recipe, pools: list[TeacherPool]) -> Dataset:
     data = recipe.data
+    student_path = local_model(recipe.student.model)
     if data.source == "synthetic":
-        vocab = pools[0].info()["vocab_size"] if pools else vocab_size_of(recipe.student.model)
+        vocab = pools[0].info()["vocab_size"] if pools else vocab_size_of(student_path)
         return synthetic_dataset(data, vocab, recipe.run.seed)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.student.model)
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
     writer = pools[0] if pools else None
     gen = data.generation
     written = [0]
@@ -193,7 +195,7 @@ def build_dataset(recipe: Recipe, pools: list[TeacherPool]) -> Dataset:
     if data.responses == "teacher":  # responses are reused only from the same writer
         info = writer.info()
         try:  # the template the teacher renders its prompts with (read here, no actor call)
-            template = AutoTokenizer.from_pretrained(writer.cfg.model).chat_template
+            template = AutoTokenizer.from_pretrained(local_model(writer.cfg.model)).chat_template
         except (OSError, ValueError):
             template = None
         key = writer_key(info["model_hash"], info["tokenizer_hash"], template)

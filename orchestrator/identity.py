@@ -40,10 +40,11 @@ def student_tokenizer_hash(model: str) -> str:
     (tiny test models: the data is then token ids, and nothing can drift)."""
     from transformers import AutoTokenizer
 
+    from actors.model_store import local_model
     from actors.models import tokenizer_hash
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(local_model(model))
     except (OSError, ValueError):
         return "none"
     return tokenizer_hash(tokenizer)

@@ -118,8 +118,9 @@ def check_reachable(run_dir: Path, timeout_s: float = 60.0) -> None:
             )
 
 
-def record(run_dir: Path, pools: list[Any], students: Any) -> dict[str, list[str]]:
-    """Write `placement.json`: the node id of every teacher replica and student rank."""
+def record(run_dir: Path, pools: list[Any], students: Any) -> dict[str, list[dict]]:
+    """Write `placement.json`: the node of every teacher replica and student rank, and the
+    model folder each loaded there."""
     what = {f"teacher {p.name}": p.replicas for p in pools}
     what[f"student {students.name}"] = students.workers
     where = {k: gather([a.node.remote() for a in v], f"{k} node") for k, v in what.items()}

@@ -8,15 +8,16 @@ from typing import Any
 
 from transformers import AutoConfig
 
+from actors.model_store import KNOWN_MODELS, ModelNotFetchedError, local_model, resolve_model
 from orchestrator.data import read_records, routes_of
-from orchestrator.model_store import ModelNotFetchedError, resolve_model
 from orchestrator.recipe import Recipe, RecipeError
 from orchestrator.tokenizer_identity import tokenizer_difference
 
 
 @dataclass
 class ModelFacts:
-    path: str
+    path: str  # where the driver reads it
+    spec: str  # what the actors get: a known name stays a name, each node resolves its own
     vocab_size: int
     num_layers: int
 
@@ -34,12 +35,13 @@ def _facts(field: str, spec: str) -> ModelFacts:
     except (OSError, ValueError) as exc:
         raise RecipeError(field, f"cannot load a model config from {spec!r}") from exc
     layers = int(getattr(config, "num_hidden_layers", 0))
-    return ModelFacts(path=path, vocab_size=int(config.vocab_size), num_layers=layers)
+    spec = spec if spec in KNOWN_MODELS else path
+    return ModelFacts(path, spec, vocab_size=int(config.vocab_size), num_layers=layers)
 
 
 def preflight(recipe: Recipe) -> Recipe:
-    """Resolve model names to folders and check everything a run needs; returns the recipe
-    with resolved model paths."""
+    """Check everything a run needs; returns the recipe with model paths made absolute
+    (known model names stay names: each node resolves them in its own cache)."""
     _check_tracking(recipe.tracking.uri)
     data = recipe.data
     if data.source == "file" and not Path(data.path or "").is_file():
@@ -79,7 +81,7 @@ def preflight(recipe: Recipe) -> Recipe:
         )
     _check_backends(recipe)
     _check_judges(recipe)
-    recipe.student.model = student.path
+    recipe.student.model = student.spec
     return recipe
 
 
@@ -101,8 +103,8 @@ def _check_judges(recipe: Recipe) -> None:
                 raise RecipeError(f"judges.{i}.function", str(exc)) from exc
             continue
         if judge.model:
-            judge.model = _facts(f"judges.{i}.model", judge.model).path
-        path = judge.model or models[judge.teacher or ""]
+            judge.model = _facts(f"judges.{i}.model", judge.model).spec
+        path = local_model(judge.model or models[judge.teacher or ""])
         try:
             tok = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as exc:
@@ -127,7 +129,7 @@ def _tokenizer(path: str) -> Any:
 def _same_tokenizer(
     field: str, kind: str, holder: Any, student: ModelFacts, student_tok: Any, why: str
 ) -> str:
-    """The resolved path of a model that must share the student's tokenizer, unless it
+    """The spec (see ModelFacts) of a model that must share the student's tokenizer, unless it
     chose a cross-tokenizer method. Tokenizers are compared by behaviour (see
     `tokenizer_identity`); models without a tokenizer (token-only data) by vocab size."""
     facts = _facts(field, holder.model)
@@ -142,7 +144,7 @@ def _same_tokenizer(
                 f"{kind} {holder.name!r} has vocab {facts.vocab_size} but the student has "
                 f"{student.vocab_size}; {why}",
             )
-        return facts.path
+        return facts.spec
     diff = tokenizer_difference(student_tok, tok)
     if diff is not None and not cross:
         raise RecipeError(
@@ -150,7 +152,7 @@ def _same_tokenizer(
             f"{kind} {holder.name!r} ({holder.model}) and the student ({student.path}) have "
             f"different tokenizers ({diff}); {why}",
         )
-    return facts.path
+    return facts.spec
 
 
 def _check_tracking(uri: str | None) -> None:

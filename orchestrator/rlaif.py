@@ -76,7 +76,9 @@ class RlaifLoop(OnPolicyLoop):
         if recipe.data.source == "file":
             from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(recipe.student.model)
+            from actors.model_store import local_model
+
+            self.tokenizer = AutoTokenizer.from_pretrained(local_model(recipe.student.model))
         self._judged: dict[int, dict[str, float]] = {}
         self._win_snapshots: dict[int, ray.ObjectRef] = {}
         self._start_texts: list[str] = []

@@ -33,8 +33,11 @@ def stop_and_pad(recipe: Recipe) -> tuple[list[int], int]:
         return [], 0
     from transformers import AutoTokenizer
 
-    stops = stop_token_ids_of(recipe.student.model)
-    pad = AutoTokenizer.from_pretrained(recipe.student.model).pad_token_id
+    from actors.model_store import local_model
+
+    path = local_model(recipe.student.model)
+    stops = stop_token_ids_of(path)
+    pad = AutoTokenizer.from_pretrained(path).pad_token_id
     return stops, int(pad if pad is not None else (stops or [0])[0])
 
 

@@ -5,31 +5,53 @@ Ray): a head and two worker nodes on 127.0.0.1, one offering `teacher_node`, one
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
 from ray.cluster_utils import Cluster
 
+from actors.model_store import MARKER
 from orchestrator.driver import execute, new_run_dir
 from orchestrator.placement import check_reachable
 from orchestrator.preflight import preflight
 from orchestrator.recipe import Recipe, RecipeError
 
+KNOWN = "smollm2-135m-instruct"
 NODE = {"node_ip_address": "127.0.0.1", "object_store_memory": 256 * 2**20}
+
+
+def _cache_with(teacher: str, root: Path) -> Path:
+    """A model cache holding the tiny teacher under a known model name (as if fetched)."""
+    folder = root / KNOWN
+    shutil.copytree(teacher, folder)
+    (folder / MARKER).write_text(json.dumps({"name": KNOWN}))
+    return folder
 
 
 def main(raw_path: str) -> None:
     raw = json.loads(Path(raw_path).read_text())
+    # the teacher by known name: the driver and the teacher node each have their own cache
+    work = Path(raw["run"]["output_dir"]).parent
+    driver_copy = _cache_with(raw["teachers"][0]["model"], work / "driver_cache")
+    node_copy = _cache_with(raw["teachers"][0]["model"], work / "node_cache")
+    raw["teachers"][0]["model"] = KNOWN
+    os.environ["RAYDISTILL_MODELS"] = str(driver_copy.parent)
     cluster = Cluster(initialize_head=True, head_node_args={**NODE, "num_cpus": 1})
+    os.environ["RAYDISTILL_MODELS"] = str(node_copy.parent)  # the node inherits it
     teacher_node = cluster.add_node(**NODE, num_cpus=1, resources={"teacher_node": 2})
+    os.environ["RAYDISTILL_MODELS"] = str(driver_copy.parent)
     student_node = cluster.add_node(**NODE, num_cpus=1, resources={"student_node": 2})
     cluster.wait_for_nodes()
     out: dict = {
+        "driver_cache": str(driver_copy.resolve()),
+        "teacher_node_cache": str(node_copy.resolve()),
         "nodes": {
             "head": cluster.head_node.node_id,
             "teacher_node": teacher_node.node_id,
             "student_node": student_node.node_id,
-        }
+        },
     }
     raw["cluster"] = {"address": cluster.address}
     recipe = preflight(Recipe.model_validate(raw))

@@ -42,8 +42,12 @@ def test_actors_land_where_the_recipe_asks(tmp_path: Path, tiny_models: dict[str
     nodes = out["nodes"]
     assert len(set(nodes.values())) == 3
     assert out["steps"] == 3
-    assert out["placement"]["teacher tiny"] == [nodes["teacher_node"]] * 2
-    assert out["placement"]["student student"] == [nodes["student_node"]] * 2
+    teachers, students = out["placement"]["teacher tiny"], out["placement"]["student student"]
+    assert [t["node"] for t in teachers] == [nodes["teacher_node"]] * 2
+    assert [s["node"] for s in students] == [nodes["student_node"]] * 2
+    # the teacher is a known model name: each node loads its own cache's copy
+    assert [t["model"] for t in teachers] == [out["teacher_node_cache"]] * 2
+    assert out["driver_cache"] != out["teacher_node_cache"]
     refusals = out["refusals"]
     assert "needs 3 student_node at once" in refusals["too_many"]
     assert "has 2" in refusals["too_many"]

@@ -9,8 +9,8 @@ import pytest
 from conftest import write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from actors.model_store import fetch_model
 from orchestrator.cli import main
-from orchestrator.model_store import fetch_model
 
 pytestmark = pytest.mark.slow
 

