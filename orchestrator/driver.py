@@ -129,6 +129,8 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
                     f"{ledger['step']} ({restores}/{recipe.cluster.max_student_restores})",
                     flush=True,
                 )
+                tracker.discard()  # rows of the steps about to be trained again
+                tracker.set_tags({"student_restores": str(restores)})
                 loop.shutdown()
                 students.shutdown(graceful=False)
                 loop = students = None

@@ -23,9 +23,16 @@ class RuntimeFault(RuntimeError):
 
 
 def gather(
-    refs: list[ray.ObjectRef], what: str, *, timeout_s: float | None = None, poll_s: float = 1.0
+    refs: list[ray.ObjectRef],
+    what: str,
+    *,
+    timeout_s: float | None = None,
+    poll_s: float = 1.0,
+    students: bool = False,
 ) -> list[Any]:
-    """The refs' values; a failed ref raises RuntimeFault at once, naming `what`."""
+    """The refs' values; a failed ref raises RuntimeFault at once, naming `what`.
+    `students`: the refs are the student group's, so a wait past `timeout_s` means a rank is
+    stuck (frozen, or blocked in a collective with one that is) and the group is lost."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     pending = list(refs)
     while pending:
@@ -40,11 +47,30 @@ def gather(
                 )
                 raise fault from exc
         if deadline is not None and time.monotonic() > deadline and pending:
-            raise RuntimeFault(f"{what}: no answer within {timeout_s:.0f}s")
+            fault = RuntimeFault(f"{what}: no answer within {timeout_s:.0f}s")
+            fault.student_lost = students
+            raise fault
     return ray.get(list(refs))
 
 
+OUT_OF_MEMORY_HINT = "lower train.micro_batch_size or data.seq_len, or give the actors more memory"
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    """Torch's allocator, Python's MemoryError, or Ray's memory monitor killing a worker."""
+    if isinstance(exc, ray.exceptions.OutOfMemoryError):
+        return True
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, MemoryError):
+        return True
+    text = str(cause if cause is not None else exc).lower()
+    return "can't allocate memory" in text or "out of memory" in text
+
+
 def _reason(exc: Exception) -> str:
+    if _out_of_memory(exc):
+        where = getattr(exc, "function_name", None) or "a worker"
+        return f"out of memory in {where}; {OUT_OF_MEMORY_HINT}"
     if isinstance(exc, ray.exceptions.ActorDiedError | ray.exceptions.RayActorError):
         return "an actor died (" + str(exc).strip().splitlines()[0][:160] + ")"
     cause = getattr(exc, "cause", None)

@@ -72,7 +72,12 @@ class MutualLoop(TrainLoop):
 
     def _step_metrics(self, item: Queued, metrics: dict[str, float]) -> None:
         for group, refs in zip(self.peers, self._peer_metrics.pop(item.step), strict=True):
-            per_rank = gather(refs, f"{group.name} train step {item.step + 1}")
+            per_rank = gather(
+                refs,
+                f"{group.name} train step {item.step + 1}",
+                timeout_s=self.recipe.cluster.step_timeout_s,
+                students=True,
+            )
             peer = self._aggregate(per_rank, metrics["step_time_s"], 0)
             for key in ("loss", "ce", "kd", "kl", "student_busy_s", "student_cpu_s"):
                 metrics[f"{group.name}/{key}"] = peer[key]

@@ -43,6 +43,9 @@ def requested(recipe: Recipe) -> list[tuple[str, int, Placed]]:
     return out
 
 
+_UNITS = {"CPU": "CPUs", "GPU": "GPUs"}
+
+
 def _field(what: str, key: str) -> str:
     name = {"CPU": "num_cpus", "GPU": "num_gpus"}.get(key, f"resources.{key}")
     return f"{what}.{name}"
@@ -60,7 +63,8 @@ def check_resources(recipe: Recipe) -> None:
             parts = ", ".join(f"{what} {n} x {d[key]:g}" for what, n, d in asks if key in d)
             raise RecipeError(
                 "cluster",
-                f"the run needs {want:g} {key} at once ({parts}) but the Ray cluster has {have:g}",
+                f"the run needs {want:g} {_UNITS.get(key, key)} at once ({parts}) but the Ray "
+                f"cluster has {have:g}",
             )
     for what, _, d in asks:
         if nodes and not any(_fits(d, node) for node in nodes):

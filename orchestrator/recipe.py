@@ -287,6 +287,12 @@ class ClusterConfig(_Strict):
     setup_timeout_s: float = Field(
         900.0, gt=0, description="actors not placed and loaded within this: a fault"
     )
+    step_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="a train step with no answer from every rank within this (a rank frozen, "
+        "or blocked in a collective with one): the group is brought back from the checkpoint",
+    )
     dashboard: bool = Field(
         False, description="a local Ray's dashboard, bound to 127.0.0.1 (never all interfaces)"
     )

@@ -1,14 +1,14 @@
 """MLflow tracking: one run per job, the recipe as params and artifact, buffered metrics.
 
 We talk to MLflow only through an explicit MlflowClient, never `set_tracking_uri`, so no
-tracking URI leaks into the environment of actor processes. Metrics are written by a
-background thread, so a slow store never holds up the control loop.
+tracking URI leaks into the environment of actor processes. Metrics are held until their
+step is final (a checkpoint commits it, or the run ends), so a step that a fault rolls back
+and trains again has one row, not two; the console shows every step live.
 """
 
 from __future__ import annotations
 
 import re
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -64,14 +64,7 @@ class Tracker:
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
-        self._buffer: list[Metric] = []
-        self._lock = threading.Lock()  # guards _buffer
-        self._write_lock = threading.Lock()  # one writer at a time
-        self._wake = threading.Event()
-        self._closed = False
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._writer, name="mlflow-writer", daemon=True)
-        self._thread.start()
+        self._pending: list[Metric] = []
 
     def log_params(self, params: dict[str, str]) -> None:
         existing = self.client.get_run(self.run_id).data.params
@@ -80,35 +73,23 @@ class Tracker:
             self.client.log_batch(self.run_id, params=new[i : i + 100])
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        """Queue metrics; the background writer sends them every few seconds."""
+        """Held until `commit`: a step a restore rolls back is trained and logged again, and
+        only its final row reaches MLflow (one row per step)."""
         now = int(time.time() * 1000)
-        with self._lock:
-            self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-            if len(self._buffer) >= 500:
-                self._wake.set()
+        self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
 
-    def _writer(self) -> None:
-        while not self._closed:
-            self._wake.wait(timeout=5.0)
-            self._wake.clear()
-            try:
-                self._write()
-            except Exception as exc:  # surfaced by the next flush()
-                self._error = exc
+    def commit(self) -> None:
+        """Write every row held so far; called once a checkpoint (or the run's end) makes
+        their steps final, before the ledger records the checkpoint."""
+        batch, self._pending = self._pending, []
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
-    def _write(self) -> None:
-        with self._write_lock:
-            with self._lock:
-                batch, self._buffer = self._buffer, []
-            for i in range(0, len(batch), 1000):
-                self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
-
-    def flush(self) -> None:
-        """Everything logged so far is in the store when this returns."""
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        self._write()
+    def discard(self) -> int:
+        """Drop the rows of steps that will be trained again (a restore, a failed run that
+        a resume continues); returns how many."""
+        dropped, self._pending = len(self._pending), []
+        return dropped
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if path.is_dir():
@@ -121,9 +102,10 @@ class Tracker:
             self.client.set_tag(self.run_id, k, v)
 
     def finish(self, status: str) -> None:
-        """FINISHED, KILLED (stopped, resumable) or FAILED."""
-        self._closed = True
-        self._wake.set()
-        self._thread.join(timeout=30)
-        self.flush()
+        """FINISHED, KILLED (stopped, resumable) or FAILED. Rows of steps past the last
+        checkpoint of a run that did not finish are dropped: a resume trains them again."""
+        if status == "FINISHED":
+            self.commit()
+        else:
+            self.discard()
         self.client.set_terminated(self.run_id, status=status)

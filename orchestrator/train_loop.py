@@ -259,14 +259,19 @@ class TrainLoop:
                 if not queued:
                     break
                 item = queued.popleft()
-                per_rank = gather(item.metrics, f"train step {item.step + 1}")
+                per_rank = gather(
+                    item.metrics,
+                    f"train step {item.step + 1}",
+                    timeout_s=self.recipe.cluster.step_timeout_s,
+                    students=True,
+                )
                 now = time.perf_counter()
                 metrics = self._aggregate(per_rank, now - last, len(self._window))
                 metrics["driver_cpu_s"] = time.process_time() - last_cpu  # incl. its threads
                 self._step_metrics(item, metrics)
                 last, last_cpu, step = now, time.process_time(), item.step + 1
                 tokens_total += metrics["tokens"]
-                self.tracker.log_metrics(step, metrics)  # written by a background thread
+                self.tracker.log_metrics(step, metrics)  # written when a checkpoint commits
                 progress.update(
                     metrics["loss"], metrics["kl"], metrics["tokens_per_s"], self._headline(metrics)
                 )
@@ -332,7 +337,7 @@ class TrainLoop:
         the ledger: a committed step is never lost from either. The ledger records the run's
         identity for resume checks."""
         gather(saved, f"checkpoint at step {step}")
-        self.tracker.flush()
+        self.tracker.commit()
         extra = {"summary": summary, "identity": self.identity}
         commit_checkpoint(self.run_dir, step, extra, self.recipe.checkpoint.keep)
 
@@ -341,7 +346,7 @@ class TrainLoop:
         self.tracker.log_metrics(
             self.recipe.train.steps, {f"eval/{k}": v for k, v in after.items()}
         )
-        self.tracker.flush()
+        self.tracker.commit()
         kl_keys = [f"kl/{p.name}" for p in self.pools]
         runs = {self.run_dir.name: (self.tracker.client, self.tracker.run_id)}
         curves = plot_curves(runs, ["loss", *kl_keys, "tokens_per_s"], self.run_dir / "curves.png")
