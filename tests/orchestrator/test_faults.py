@@ -61,12 +61,13 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "student" / "model.safetensors")
 
 
-def _killer(class_name, method, times, killed, stop, ready=lambda: True):
-    """SIGKILL an actor of `class_name` while one of its `method` calls is running (Ray
-    titles a worker `ray::Class.method` while it runs one), `times` times, a new process
-    each time, once `ready()`."""
+def _killer(class_name, method, times, killed, stop, ready=lambda: True, hit=None):
+    """SIGKILL (or `hit(pid)`) an actor of `class_name` while one of its `method` calls is
+    running (Ray titles a worker `ray::Class.method` while it runs one), `times` times, a
+    new process each time, once `ready()`."""
     import psutil
 
+    hit = hit or (lambda pid: os.kill(pid, signal.SIGKILL))
     title = f"ray::{class_name}.{method}"
     while not ready() and not stop.is_set():
         time.sleep(0.05)
@@ -74,16 +75,16 @@ def _killer(class_name, method, times, killed, stop, ready=lambda: True):
         for proc in psutil.process_iter(["pid", "cmdline"]):
             cmd = " ".join(proc.info["cmdline"] or [])
             if cmd.startswith(title) and proc.info["pid"] not in killed:
-                os.kill(proc.info["pid"], signal.SIGKILL)
+                hit(proc.info["pid"])
                 killed.append(proc.info["pid"])
                 break
         time.sleep(0.02)
 
 
-def _with_kills(class_name: str, method: str, times: int, run, ready=lambda: True):
+def _with_kills(class_name: str, method: str, times: int, run, ready=lambda: True, hit=None):
     killed: list[int] = []
     stop = threading.Event()
-    args = (class_name, method, times, killed, stop, ready)
+    args = (class_name, method, times, killed, stop, ready, hit)
     thread = threading.Thread(target=_killer, args=args)
     thread.start()
     try:
@@ -93,11 +94,22 @@ def _with_kills(class_name: str, method: str, times: int, run, ready=lambda: Tru
         thread.join()
 
 
+@pytest.fixture(scope="module")
+def clean(ray_session, tiny_models, slow_teacher, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The final weights of the uninterrupted run every faulted run must end with."""
+    tmp_path = tmp_path_factory.mktemp("clean")
+    raw = _raw(tmp_path, tiny_models, slow_teacher, "clean")
+    assert main(["run", str(write_recipe(tmp_path, raw, "clean.yaml"))]) == 0
+    return _weights(_run_dir(tmp_path, "clean"))
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_teacher_killed_three_times_while_scoring_loses_nothing(
-    ray_session, tiny_models, slow_teacher, tmp_path
+    clean, tiny_models, slow_teacher, tmp_path
 ):
-    clean = _raw(tmp_path, tiny_models, slow_teacher, "clean")
-    assert main(["run", str(write_recipe(tmp_path, clean, "clean.yaml"))]) == 0
     faulty = _raw(tmp_path, tiny_models, slow_teacher, "faulty")
     path = write_recipe(tmp_path, faulty, "faulty.yaml")
     code, killed = _with_kills("TeacherActor", "score", 3, lambda: main(["run", str(path)]))
@@ -105,8 +117,7 @@ def test_teacher_killed_three_times_while_scoring_loses_nothing(
     run_dir = _run_dir(tmp_path, "faulty")
     assert read_ledger(run_dir)["step"] == 12
     assert _steps_logged(run_dir) == list(range(1, 13))  # every step once
-    a, b = _weights(_run_dir(tmp_path, "clean")), _weights(run_dir)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _same(clean, _weights(run_dir))
 
 
 def _after_first_checkpoint(tmp_path: Path):
@@ -117,10 +128,8 @@ def _after_first_checkpoint(tmp_path: Path):
 
 
 def test_dead_student_rank_is_brought_back_from_the_checkpoint_in_the_same_run(
-    ray_session, tiny_models, slow_teacher, tmp_path, capsys
+    clean, tiny_models, slow_teacher, tmp_path, capsys
 ):
-    clean = _raw(tmp_path, tiny_models, slow_teacher, "clean")
-    assert main(["run", str(write_recipe(tmp_path, clean, "clean.yaml"))]) == 0
     path = write_recipe(tmp_path, _raw(tmp_path, tiny_models, slow_teacher, "faulty"), "f.yaml")
     capsys.readouterr()
     code, killed = _with_kills(
@@ -134,16 +143,89 @@ def test_dead_student_rank_is_brought_back_from_the_checkpoint_in_the_same_run(
     assert "bringing the student group back from the checkpoint" in capsys.readouterr().out
     run_dir = _run_dir(tmp_path, "faulty")
     assert read_ledger(run_dir)["step"] == 12
-    assert set(_steps_logged(run_dir)) == set(range(1, 13))  # rolled-back steps logged again
-    a, b = _weights(_run_dir(tmp_path, "clean")), _weights(run_dir)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the rolled-back steps were trained and logged again: MLflow holds each step once
+    assert _steps_logged(run_dir) == list(range(1, 13))
+    assert _same(clean, _weights(run_dir))
+
+
+def test_frozen_student_rank_is_detected_within_the_step_bound_and_restored(
+    clean, tiny_models, slow_teacher, tmp_path, capsys
+):
+    """SIGSTOP: the rank does not die, it stops answering; its peers wait in a collective."""
+    raw = _raw(tmp_path, tiny_models, slow_teacher, "faulty")
+    raw["cluster"] = {"step_timeout_s": 20}
+    path = write_recipe(tmp_path, raw, "f.yaml")
+    capsys.readouterr()
+    frozen_at: list[float] = []
+
+    def freeze(pid: int) -> None:
+        os.kill(pid, signal.SIGSTOP)
+        frozen_at.append(time.monotonic())
+
+    code, frozen = _with_kills(
+        "StudentWorker",
+        "train_step",
+        1,
+        lambda: main(["run", str(path)]),
+        _after_first_checkpoint(tmp_path),
+        hit=freeze,
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and len(frozen) == 1
+    assert "no answer within 20s; bringing the student group back" in out
+    run_dir = _run_dir(tmp_path, "faulty")
+    assert _steps_logged(run_dir) == list(range(1, 13))
+    assert _same(clean, _weights(run_dir))
+    import psutil
+
+    assert not psutil.pid_exists(frozen[0]) or psutil.Process(frozen[0]).status() == "zombie"
+
+
+def test_out_of_memory_in_a_rank_is_one_line_and_resumable(
+    ray_session, tiny_models, tmp_path, capsys
+):
+    """An address-space limit (RLIMIT_AS) on one rank's process, set inside a step: its
+    next large allocation fails as it would on a full machine. A 64k vocab makes each
+    step's logits large enough (> 32 MB) that the allocator maps new memory for them."""
+    import resource
+
+    big = {
+        k: save_tiny_llama(str(tmp_path / k), seed=i, vocab_size=65536, hidden=16, layers=1)
+        for i, k in enumerate(("teacher", "student"))
+    }
+    raw = _raw(tmp_path, big, big["teacher"], "faulty")
+    raw["distill"]["chunk_mb"] = 256
+    path = write_recipe(tmp_path, raw, "f.yaml")
+    capsys.readouterr()
+
+    def squeeze(pid: int) -> None:
+        import psutil
+
+        vms = psutil.Process(pid).memory_info().vms
+        resource.prlimit(pid, resource.RLIMIT_AS, (vms // 2, vms // 2))
+
+    code, hit = _with_kills(
+        "StudentWorker",
+        "train_step",
+        1,
+        lambda: main(["run", str(path)]),
+        _after_first_checkpoint(tmp_path),
+        hit=squeeze,
+    )
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert code == 1 and len(hit) == 1, cap.out[-3000:] + cap.err[-3000:]
+    assert err[-1].startswith("raydistill: run stopped: train step ")
+    assert "out of memory in " in err[-1] and "lower train.micro_batch_size" in err[-1]
+    run_dir = _run_dir(tmp_path, "faulty")
+    assert f"raydistill resume {run_dir}" in err[-1]
+    assert main(["resume", str(run_dir)]) == 0
+    assert _steps_logged(run_dir) == list(range(1, 13))
 
 
 def test_dead_student_rank_stops_the_run_in_one_line_and_resume_finishes_it(
-    ray_session, tiny_models, slow_teacher, tmp_path, capsys
+    clean, tiny_models, slow_teacher, tmp_path, capsys
 ):
-    clean = _raw(tmp_path, tiny_models, slow_teacher, "clean")
-    assert main(["run", str(write_recipe(tmp_path, clean, "clean.yaml"))]) == 0
     faulty = _raw(tmp_path, tiny_models, slow_teacher, "faulty")
     faulty["cluster"] = {"max_student_restores": 0}
     path = write_recipe(tmp_path, faulty, "faulty.yaml")
@@ -165,8 +247,8 @@ def test_dead_student_rank_stops_the_run_in_one_line_and_resume_finishes_it(
     assert "raydistill resume" in err[-1] and str(run_dir) in err[-1]
     assert main(["resume", str(run_dir)]) == 0
     assert read_ledger(run_dir)["step"] == 12
-    a, b = _weights(_run_dir(tmp_path, "clean")), _weights(run_dir)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _steps_logged(run_dir) == list(range(1, 13))  # the failed run's extra rows dropped
+    assert _same(clean, _weights(run_dir))
 
 
 def test_unreachable_ray_address_is_one_line(tmp_path, tiny_models, capsys):
