@@ -20,6 +20,7 @@ class ModelFacts:
     spec: str  # what the actors get: a known name stays a name, each node resolves its own
     vocab_size: int
     num_layers: int
+    context: int | None  # max_position_embeddings, where the config says
 
 
 def _facts(field: str, spec: str) -> ModelFacts:
@@ -33,10 +34,20 @@ def _facts(field: str, spec: str) -> ModelFacts:
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
+        if not looks_local and "/" in spec:  # a hub name: say what was tried and how to fix it
+            why = str(exc).strip().splitlines()[0][:140] if str(exc).strip() else "no answer"
+            raise RecipeError(
+                field,
+                f"{spec!r} is not a local folder or a known model, and the Hugging Face hub "
+                f"did not provide it ({why}); download it where a hub is reachable and point "
+                f"at the folder",
+            ) from exc
         raise RecipeError(field, f"cannot load a model config from {spec!r}") from exc
-    layers = int(getattr(config, "num_hidden_layers", 0))
+    text = config.get_text_config()
+    layers = int(getattr(text, "num_hidden_layers", 0))
+    context = getattr(text, "max_position_embeddings", None)
     spec = spec if spec in KNOWN_MODELS else path
-    return ModelFacts(path, spec, vocab_size=int(config.vocab_size), num_layers=layers)
+    return ModelFacts(path, spec, int(text.vocab_size), layers, context)
 
 
 def preflight(recipe: Recipe) -> Recipe:
@@ -66,12 +77,14 @@ def preflight(recipe: Recipe) -> Recipe:
             "distill.top_k",
             f"{recipe.distill.top_k} is larger than the vocab ({student.vocab_size})",
         )
+    _check_context("student", student, recipe)
     student_tok = _tokenizer(student.path)
     for i, teacher in enumerate(recipe.teachers):
         why = f"set teachers[{i}].cross_tokenizer: span_map to distill across tokenizers"
         teacher.model = _same_tokenizer(
             f"teachers[{i}].model", "teacher", teacher, student, student_tok, why
         )
+        _check_context(f"teacher {teacher.name!r}", _facts("", teacher.model), recipe)
         if teacher.cross_tokenizer and teacher.backend != "hf":
             raise RecipeError(f"teachers[{i}].backend", "cross_tokenizer needs the hf backend")
     for i, peer in enumerate(recipe.mutual.peers if recipe.distill.mode == "mutual" else []):
@@ -114,6 +127,21 @@ def _check_judges(recipe: Recipe) -> None:
                 rating_token_ids(tok, list(judge.rating_tokens), render_prompt(tok, "x"))
             except ValueError as exc:
                 raise RecipeError(f"judges.{i}.rating_tokens", str(exc)) from exc
+
+
+def _check_context(kind: str, facts: ModelFacts, recipe: Recipe) -> None:
+    """A training row (plus what a rollout writes onto it) must fit the model's positions:
+    past them a model computes garbage, or fails deep inside an actor."""
+    longest, what = recipe.data.seq_len, "data.seq_len"
+    if recipe.distill.mode in ("on_policy", "rlaif"):
+        longest += recipe.rollout.max_new_tokens
+        what = "data.seq_len + rollout.max_new_tokens"
+    if facts.context is not None and longest > facts.context:
+        raise RecipeError(
+            "data.seq_len",
+            f"{what} = {longest} is longer than the {kind}'s context "
+            f"(max_position_embeddings {facts.context} in {facts.path})",
+        )
 
 
 def _tokenizer(path: str) -> Any:

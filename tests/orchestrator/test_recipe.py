@@ -184,6 +184,33 @@ def test_known_model_not_fetched_says_how(tmp_path, tiny_models, capsys, monkeyp
     assert "raydistill models fetch gemma3-270m" in _one_line(capsys)
 
 
+def test_hub_name_without_a_hub_says_what_to_do(tmp_path, tiny_models, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without network sees
+    raw = base_recipe(tmp_path, tiny_models)
+    raw["teachers"][0]["model"] = "someorg/some-model-7b"
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
+    line = _one_line(capsys)
+    assert line.startswith("raydistill: error: teachers[0].model: 'someorg/some-model-7b' is ")
+    assert "not a local folder or a known model" in line and "point at the folder" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sequences_longer_than_the_context_are_refused(tmp_path, tiny_models, capsys):
+    raw = base_recipe(tmp_path, tiny_models, data={"seq_len": 600})
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
+    assert "data.seq_len: data.seq_len = 600 is longer than the student's context " in (
+        _one_line(capsys)
+    )
+    raw = base_recipe(tmp_path, tiny_models, data={"seq_len": 500})
+    raw["distill"]["mode"] = "on_policy"
+    raw["rollout"] = {"max_new_tokens": 16}
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
+    line = _one_line(capsys)
+    assert "data.seq_len + rollout.max_new_tokens = 516 is longer than" in line
+    assert "(max_position_embeddings 512 in " in line
+    assert not (tmp_path / "runs").exists()
+
+
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["resume", str(tmp_path)]) == 2
     assert "not a run directory" in _one_line(capsys)

@@ -69,6 +69,11 @@ def test_resume_matches_uninterrupted_run(ray_session, tiny_models, tmp_path, ca
         assert sorted(steps) == list(range(1, 13))
         assert client.get_run(run_id).info.status == "FINISHED"
 
+    capsys.readouterr()  # a finished run is not resumed again
+    assert main(["resume", str(stopped)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"raydistill: error: {stopped}: this run already finished"]
+
 
 def test_mlflow_run_params_metrics_and_student(ray_session, tiny_models, tmp_path):
     raw = base_recipe(tmp_path, tiny_models, train={"steps": 10})
