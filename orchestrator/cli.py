@@ -1,4 +1,4 @@
-"""`raydistill` command line: run, resume, submit, models fetch.
+"""`raydistill` command line: run, resume, submit, cache build/verify, models fetch.
 
 Problems with the user's input print one line naming what is wrong and exit with code 2.
 """
@@ -35,6 +35,15 @@ def _parser() -> argparse.ArgumentParser:
     sub_job.add_argument("--address", required=True, help="the Jobs API, http://HEAD:8265")
     sub_job.add_argument("--stop", metavar="JOB", help="stop this job instead")
     sub_job.add_argument("--no-follow", action="store_true", help="do not follow the logs")
+    cache = sub.add_parser("cache", help="offline teacher signals")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    build = cache_sub.add_parser(
+        "build", help="run the recipe's cached teachers once over its data"
+    )
+    build.add_argument("recipe")
+    build.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.top_k=64")
+    check = cache_sub.add_parser("verify", help="check every shard's checksum")
+    check.add_argument("path")
     models = sub.add_parser("models", help="local model cache")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     fetch = models_sub.add_parser("fetch", help="download and convert a known small model")
@@ -62,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
             if not args.recipe:
                 raise RecipeError("submit", "give a RECIPE, or --stop JOB")
             return submit.submit(args.recipe, args.overrides, args.address, not args.no_follow)
+        if args.command == "cache":
+            from orchestrator import offline
+
+            if args.cache_command == "verify":
+                return offline.verify_cache(args.path)
+            from orchestrator.preflight import preflight
+            from orchestrator.recipe import load_recipe
+
+            return offline.build_command(preflight(load_recipe(args.recipe, args.overrides)))
         return _fetch(args.name)
     except RecipeError as exc:
         if args.debug:

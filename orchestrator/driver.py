@@ -23,9 +23,10 @@ from orchestrator.checkpoint import (
 from orchestrator.data import Dataset, file_dataset, synthetic_dataset, writer_key
 from orchestrator.faults import RuntimeFault
 from orchestrator.identity import check_identity, run_identity
+from orchestrator.offline import CachedTeacherPool, cached_teachers
 from orchestrator.placement import check_reachable, check_resources, record
 from orchestrator.ray_env import ensure_ray
-from orchestrator.recipe import Recipe, RecipeError, to_yaml
+from orchestrator.recipe import Recipe, RecipeError, TeacherConfig, to_yaml
 from orchestrator.students import StudentGroup
 from orchestrator.teachers import TeacherPool
 from orchestrator.tracking import Tracker, default_tracking_uri, flatten
@@ -70,42 +71,29 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
         raise
     prune_uncommitted(run_dir)  # folders a crash left before their ledger entry
     ledger = read_ledger(run_dir)
-    state_path = run_dir / "state.json"
-    state = _read_json(state_path)
-    uri = recipe.tracking.uri or default_tracking_uri(recipe.run.output_dir)
-    artifacts = Path(recipe.run.output_dir).resolve() / "mlartifacts"
-    tracker = Tracker(uri, recipe.tracking.experiment, artifacts, run_dir.name, state.get("run_id"))
-    write_json(state_path, {**state, "run_id": tracker.run_id, "tracking_uri": uri})
-    pools: list[TeacherPool] = []
+    pools: list[Any] = []
+    tracker: Tracker | None = None
     students: StudentGroup | None = None
     loop: TrainLoop | None = None
     status = "FAILED"
     try:
-        if ledger is None:
-            tracker.log_params(flatten(recipe.model_dump(mode="json", by_alias=True)))
-            tracker.log_artifact(run_dir / "recipe.yaml")
-        pools = [
-            TeacherPool(
-                t,
-                recipe.distill,
-                teacher_max_len(recipe),
-                student_tokenizer=recipe.student.model,
-                cluster=recipe.cluster,
-            )
-            for t in recipe.teachers
-        ]
+        cached = {t.name: CachedTeacherPool(recipe, t) for t in cached_teachers(recipe)}
+        pools = [cached.get(t.name) or live_pool(recipe, t) for t in recipe.teachers]
         infos = [p.info() for p in pools]
         identity = run_identity(recipe, infos)
         if ledger is not None and ledger.get("identity"):  # older ledgers have none
-            try:
-                check_identity(ledger["identity"], identity)
-            except RecipeError:
-                status = "KILLED"  # refused, not failed: still resumable as it was
-                raise
+            check_identity(ledger["identity"], identity)
+        dataset = build_dataset(recipe, pools)
+        for pool in cached.values():  # refused before anything of the run starts
+            pool.check(dataset)
+            pool.start()
+        tracker = open_tracker(recipe, run_dir)
+        if ledger is None:
+            tracker.log_params(flatten(recipe.model_dump(mode="json", by_alias=True)))
+            tracker.log_artifact(run_dir / "recipe.yaml")
         tracker.log_params(
             {f"teacher.{i['name']}.{k}": str(v) for i in infos for k, v in i.items()}
         )
-        dataset = build_dataset(recipe, pools)
         mode = loop_class(recipe.distill.mode)
         end = None if stop_after is None else _step(ledger) + stop_after
         restores = 0
@@ -138,7 +126,8 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
         status = "FINISHED" if result.finished else "KILLED"  # KILLED: stopped, resumable
         return result
     finally:
-        tracker.finish(status)
+        if tracker is not None:
+            tracker.finish(status)
         if loop is not None:
             loop.shutdown()
         if students is not None:
@@ -147,6 +136,28 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
             pool.shutdown()
         if started_ray:
             ray.shutdown()
+
+
+def live_pool(recipe: Recipe, cfg: TeacherConfig) -> TeacherPool:
+    return TeacherPool(
+        cfg,
+        recipe.distill,
+        teacher_max_len(recipe),
+        student_tokenizer=recipe.student.model,
+        cluster=recipe.cluster,
+    )
+
+
+def open_tracker(recipe: Recipe, run_dir: Path) -> Tracker:
+    """The run's MLflow run (the one it had, on a resume), opened once the run is sure to
+    start: a refused run leaves no MLflow run behind."""
+    state_path = run_dir / "state.json"
+    state = _read_json(state_path)
+    uri = recipe.tracking.uri or default_tracking_uri(recipe.run.output_dir)
+    artifacts = Path(recipe.run.output_dir).resolve() / "mlartifacts"
+    tracker = Tracker(uri, recipe.tracking.experiment, artifacts, run_dir.name, state.get("run_id"))
+    write_json(state_path, {**state, "run_id": tracker.run_id, "tracking_uri": uri})
+    return tracker
 
 
 def _step(ledger: dict[str, Any] | None) -> int:

@@ -80,6 +80,11 @@ class TeacherConfig(Placed):
         description="a teacher whose tokenizer differs from the student's: span_map scores "
         "its own tokenization of the text and maps its top-k onto the student's pieces",
     )
+    cache: str | None = Field(
+        None,
+        description="its signal cache folder (raydistill cache build): the run reads its top-k "
+        "there and loads no model; default in mode offline: <output_dir>/signal_cache/<name>",
+    )
 
 
 class StudentConfig(Placed):
@@ -132,7 +137,7 @@ class DataConfig(_Strict):
         return self
 
 
-MODES = ("off_policy", "on_policy", "mutual", "rlaif")
+MODES = ("off_policy", "offline", "on_policy", "mutual", "rlaif")
 
 
 class DistillConfig(_Strict):
@@ -140,7 +145,8 @@ class DistillConfig(_Strict):
 
     mode: Literal[MODES] = Field(  # type: ignore[valid-type]
         "off_policy",
-        description="off_policy: fixed text; on_policy: the student's own samples (GKD); "
+        description="off_policy: fixed text; offline: fixed text, every teacher read from "
+        "its signal cache (raydistill cache build); on_policy: the student's own samples (GKD); "
         "mutual: students distill from each other; rlaif: judges' feedback on its samples",
     )
     lmbda: float = Field(
@@ -367,6 +373,14 @@ class Recipe(_Strict):
             )
         if not self.teachers and self.data.responses == "teacher":
             raise ValueError("data.responses: 'teacher' needs a teacher in `teachers`")
+        for i, t in enumerate(self.teachers):
+            if (t.cache or mode == "offline") and mode in ("on_policy", "rlaif"):
+                raise ValueError(
+                    f"teachers.{i}.cache: a cached teacher cannot score the student's own "
+                    f"samples (distill.mode {mode})"
+                )
+            if t.cache and t.cross_tokenizer:
+                raise ValueError(f"teachers.{i}.cache: not with cross_tokenizer (yet)")
         if mode == "mutual":
             if not peers:
                 raise ValueError("mutual.peers: distill.mode 'mutual' needs at least one peer")
@@ -490,6 +504,9 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         candidate = base / recipe.data.path
         if candidate.exists() or not Path(recipe.data.path).exists():
             recipe.data.path = str(candidate.resolve())
+    for t in recipe.teachers:  # like output_dir: relative to where the run starts
+        if t.cache:
+            t.cache = str(Path(t.cache).expanduser().resolve())
     for model_holder in [*recipe.teachers, recipe.student, *recipe.mutual.peers]:
         spec = model_holder.model
         if spec.startswith(("./", "../")) and (base / spec).exists():

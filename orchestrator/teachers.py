@@ -62,9 +62,14 @@ class TeacherPool:
             )[0]
         return self._info
 
-    def score(self, shard_ref: ray.ObjectRef, rows: list[int] | None = None) -> ray.ObjectRef:
+    def score(
+        self,
+        shard_ref: ray.ObjectRef,
+        rows: list[int] | None = None,
+        examples: list[int] | None = None,
+    ) -> ray.ObjectRef:
         """A TeacherSignal ref for the shard (or only its `rows`), from the replica with the
-        fewest outstanding requests."""
+        fewest outstanding requests (`examples`: for cached teachers only)."""
         i = self.balance.pick()
         ref = self.replicas[i].score.remote(shard_ref, rows)
         self.balance.track(i, ref)

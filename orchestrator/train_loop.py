@@ -116,18 +116,28 @@ class TrainLoop:
     # -- submitting work ------------------------------------------------------------------
 
     def _signals_for(
-        self, shards: list[ray.ObjectRef], routes: np.ndarray | None = None
+        self,
+        shards: list[ray.ObjectRef],
+        routes: np.ndarray | None = None,
+        examples: np.ndarray | None = None,
     ) -> list[list[ray.ObjectRef]]:
         """[rank][teacher] signal refs; all teachers are sent their work at once and run
         concurrently. With `routes` (each row's teacher, `distill.teacher_key`), a teacher
-        scores only the rows routed to it."""
-        if routes is None:
-            return [[pool.score(shard) for pool in self.pools] for shard in shards]
-        per_shard = np.array_split(routes, len(shards))  # shards are equal row slices
-        pools = self.pools
+        scores only the rows routed to it. `examples`: each row's cache row (what a cached
+        teacher reads; live ones ignore it)."""
+        n = len(shards)  # shards are equal row slices
+        routed = [None] * n if routes is None else np.array_split(routes, n)
+        rows = [None] * n if examples is None else np.array_split(examples, n)
         return [
-            [pool.score(shard, np.flatnonzero(r == i).tolist()) for i, pool in enumerate(pools)]
-            for shard, r in zip(shards, per_shard, strict=True)
+            [
+                pool.score(
+                    shard,
+                    None if r is None else np.flatnonzero(r == i).tolist(),
+                    **({} if ex is None else {"examples": ex.tolist()}),
+                )
+                for i, pool in enumerate(self.pools)
+            ]
+            for shard, r, ex in zip(shards, routed, rows, strict=True)
         ]
 
     def _issue(self, step: int) -> InFlight:
@@ -135,12 +145,14 @@ class TrainLoop:
         batch = self.dataset.train.take(rows).trimmed()
         shards = [ray.put(s) for s in batch.shard(self.world)]
         routes = self.dataset.train_routes[rows] if self.dataset.train_routes is not None else None
-        return InFlight(step, shards, self._signals_for(shards, routes), batch.num_tokens)
+        signals = self._signals_for(shards, routes, rows)
+        return InFlight(step, shards, signals, batch.num_tokens)
 
     def _put_heldout(self, heldout: TokenBatch) -> InFlight:
         parts = np.array_split(np.arange(len(heldout)), self.world)
         shards = [ray.put(heldout.rows(int(p[0]), int(p[-1]) + 1).trimmed()) for p in parts]
-        return InFlight(-1, shards, self._signals_for(shards), heldout.num_tokens)
+        examples = len(self.dataset.train) + np.arange(len(heldout))  # cache rows
+        return InFlight(-1, shards, self._signals_for(shards, None, examples), heldout.num_tokens)
 
     def _submit(self, step: int, end: int) -> Queued:
         """Queue step's train_step on every rank (teachers already d steps ahead), followed,

@@ -1,0 +1,77 @@
+"""CachedTeacher: a teacher's top-k read back from its offline cache (`actors/signal_cache.py`)
+instead of computed: no model, the same TeacherSignal a live replica sends, through the
+object store the same way. The cache is keyed by dataset row, so each call names the cache
+rows of the shard's rows (`examples`)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from actors.batch import TokenBatch
+from actors.signal import TeacherSignal
+from actors.signal_cache import CacheReader
+
+
+class CachedTeacher:
+    def __init__(self, name: str, root: str, top_k: int, temperature: float) -> None:
+        self.name = name
+        self.reader = CacheReader(Path(root))
+        self.top_k = top_k
+        self.temperature = temperature
+        self.served = {"calls": 0, "rows": 0}  # shards read, as a live teacher counts them
+        prov = self.reader.provenance
+        self._info = {
+            "name": name,
+            "vocab_size": int(prov.get("vocab_size", 0)),
+            "num_params": int(prov.get("num_params", 0)),
+            "model_hash": prov["model_hash"],
+            "tokenizer_hash": prov["tokenizer_hash"],
+            "device": "cache",
+            "backend": "cache",
+            "cross_tokenizer": False,
+        }
+
+    def node(self) -> dict[str, str]:
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(), "model": str(self.reader.root)}
+
+    def info(self) -> dict[str, Any]:
+        return {**self._info, "served": dict(self.served), "replica": 0}
+
+    def score(
+        self, batch: TokenBatch, rows: list[int] | None = None, examples: list[int] | None = None
+    ) -> TeacherSignal:
+        """The cached top-k at the loss positions of the shard (or of only its `rows`);
+        `examples[i]`: the cache row of the shard's row i."""
+        if examples is None or len(examples) != len(batch):
+            raise ValueError(f"cached teacher {self.name}: each shard row needs its cache row")
+        start, cpu_start = time.perf_counter(), time.process_time()
+        picked = batch if rows is None else batch.take(rows)
+        cache_rows = examples if rows is None else [examples[r] for r in rows]
+        ids, logprobs = self.reader.read(cache_rows, self.top_k) if cache_rows else _empty(self)
+        if len(ids) != picked.num_tokens:  # the cache is of other data: never a silent mismatch
+            raise ValueError(
+                f"cached teacher {self.name}: {len(ids)} cached positions for a shard with "
+                f"{picked.num_tokens} loss positions"
+            )
+        if cache_rows:
+            self.served["calls"] += 1
+            self.served["rows"] += len(cache_rows)
+        signal = TeacherSignal(
+            teacher=self.name, ids=ids, logprobs=logprobs, temperature=self.temperature
+        )
+        if rows is not None:
+            signal.routed_rows = np.asarray(rows, dtype=np.int64)
+        signal.busy_s = time.perf_counter() - start
+        signal.cpu_s = time.process_time() - cpu_start
+        return signal
+
+
+def _empty(teacher: CachedTeacher) -> tuple[np.ndarray, np.ndarray]:
+    ids, logprobs = teacher.reader.read([0], teacher.top_k)
+    return ids[:0], logprobs[:0]

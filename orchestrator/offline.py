@@ -1,0 +1,294 @@
+"""Offline distillation: teacher signals computed once into a provenance-checked Parquet
+cache (`raydistill cache build`), then served to any number of student runs with no teacher
+model loaded (`distill.mode: offline`, or `teachers[i].cache` for one teacher of a run).
+
+A cache is used only when what its signals were computed from matches the recipe exactly:
+teacher weights (a hash of the weight files), tokenizer, k (a cache of k serves any k' <= k,
+truncated on read), temperature, dtype, and the token ids and loss masks the signals are
+aligned to (so seq_len, chat template, BOS and truncation all count). Otherwise the run
+stops before any actor starts with one line naming the field and both values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from actors.batch import TokenBatch
+from actors.cached_teacher import CachedTeacher
+from actors.model_store import local_model
+from actors.signal_cache import (
+    CacheCorrupt,
+    CacheMismatch,
+    CacheReader,
+    CacheWriter,
+    bytes_per_position,
+    data_hash,
+    verify,
+)
+from orchestrator.balance import LeastOutstanding
+from orchestrator.faults import gather
+from orchestrator.ray_env import service_options
+from orchestrator.recipe import Recipe, RecipeError, TeacherConfig
+
+
+@lru_cache(maxsize=16)
+def weights_digest(model: str) -> str:
+    """sha256 over the model folder's config and weight files (names and contents): what
+    a cache's signals were computed from, known without loading the model."""
+    path = Path(local_model(model))
+    if not path.is_dir():
+        raise RecipeError("teachers.cache", f"{model!r} is not a local folder: cannot hash it")
+    files = sorted(
+        p for p in path.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin")
+    )
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_digest(model: str) -> str:
+    from orchestrator.identity import student_tokenizer_hash
+
+    return student_tokenizer_hash(model)
+
+
+def provenance(recipe: Recipe, cfg: TeacherConfig, dataset: Any) -> dict[str, Any]:
+    """What the recipe asks of teacher `cfg`'s signals (the fields a cache must match)."""
+    d = recipe.distill
+    return {
+        "teacher": cfg.name,
+        "model_hash": weights_digest(cfg.model),
+        "tokenizer_hash": tokenizer_digest(cfg.model),
+        "top_k": int(cfg.top_k or d.top_k),
+        "temperature": float(cfg.temperature or d.temperature),
+        "dtype": cfg.dtype,
+        "data_hash": data_hash([dataset.train, dataset.heldout]),
+    }
+
+
+def cache_path(recipe: Recipe, cfg: TeacherConfig) -> Path:
+    return Path(cfg.cache or Path(recipe.run.output_dir) / "signal_cache" / cfg.name).resolve()
+
+
+def cached_teachers(recipe: Recipe) -> list[TeacherConfig]:
+    """The teachers served from a cache in this run (all of them in mode offline)."""
+    offline = recipe.distill.mode == "offline"
+    return [t for t in recipe.teachers if t.cache or offline]
+
+
+class CachedTeacherPool:
+    """A TeacherPool's interface over a teacher's cache. The manifest is read on the driver
+    (what the run needs to know of the teacher, no actor); `check` compares its provenance
+    with the recipe's once the data is tokenized, and only then `start` starts the one
+    CachedTeacher actor (no model, a little CPU) that reads the shards."""
+
+    def __init__(self, recipe: Recipe, cfg: TeacherConfig) -> None:
+        self.recipe, self.cfg = recipe, cfg
+        self.field = f"teachers[{recipe.teachers.index(cfg)}].cache"
+        self.root = cache_path(recipe, cfg)
+        if not (self.root / "manifest.json").is_file():
+            raise RecipeError(
+                self.field, f"no cache at {self.root}; build it first: raydistill cache build"
+            )
+        try:
+            self.reader = CacheReader(self.root)
+        except (CacheCorrupt, ValueError) as exc:
+            raise RecipeError(self.field, str(exc)) from exc
+        prov = self.reader.provenance
+        self._info = {
+            "name": cfg.name,
+            "vocab_size": int(prov["vocab_size"]),
+            "num_params": int(prov["num_params"]),
+            "model_hash": prov["live_model_hash"],  # as a live replica reports it
+            "tokenizer_hash": prov["live_tokenizer_hash"],
+            "backend": "cache",
+            "cache": str(self.root),
+        }
+        self.replicas: list[Any] = []
+        self.balance = LeastOutstanding(1)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def info(self) -> dict[str, Any]:
+        return self._info
+
+    def check(self, dataset: Any) -> None:
+        try:
+            self.reader.check(provenance(self.recipe, self.cfg, dataset))
+        except CacheMismatch as exc:
+            raise RecipeError(self.field, str(exc)) from exc
+
+    def start(self) -> None:
+        d, cluster = self.recipe.distill, self.recipe.cluster
+        options = service_options(self.cfg, cluster.max_restarts)
+        options.update(num_cpus=min(self.cfg.num_cpus, 0.25), num_gpus=0)
+        actor = ray.remote(CachedTeacher).options(**options)
+        temperature = float(self.cfg.temperature or d.temperature)
+        self.replicas = [actor.remote(self.name, str(self.root), int(d.top_k), temperature)]
+
+    def score(
+        self,
+        shard_ref: ray.ObjectRef,
+        rows: list[int] | None = None,
+        examples: list[int] | None = None,
+    ) -> ray.ObjectRef:
+        ref = self.replicas[0].score.remote(shard_ref, rows, examples)
+        self.balance.track(0, ref)
+        return ref
+
+    def generate(self, *args: Any, **kwargs: Any) -> list[dict[str, str]]:
+        raise RecipeError(
+            "data.responses",
+            f"teacher {self.name} is served from its cache and its responses are not in the "
+            "response cache: run `raydistill cache build` with this recipe first",
+        )
+
+    def served(self) -> dict[str, int]:
+        info = gather([self.replicas[0].info.remote()], f"cache {self.name}")[0]
+        return {k: int(info["served"][k]) for k in ("calls", "rows")}
+
+    def load(self) -> dict[str, float]:
+        return {}
+
+    def shutdown(self) -> None:
+        for actor in self.replicas:
+            ray.kill(actor)
+
+
+def build(recipe: Recipe, pools: list[Any], dataset: Any, chunk_rows: int = 32) -> dict:
+    """Run every cached teacher once over the train and held-out rows (cache row i is train
+    row i, then the held-out rows follow), pipelined over its replicas, and write its
+    cache. A killed build continues after its last committed shard."""
+    by_name = {p.name: p for p in pools}
+    report: dict[str, Any] = {}
+    for cfg in cached_teachers(recipe):
+        pool = by_name[cfg.name]
+        root = cache_path(recipe, cfg)
+        root.mkdir(parents=True, exist_ok=True)
+        info = pool.info()
+        prov = provenance(recipe, cfg, dataset)
+        prov.update(  # what a run served from this cache reports of its teacher
+            vocab_size=int(info["vocab_size"]),
+            num_params=int(info["num_params"]),
+            live_model_hash=info["model_hash"],
+            live_tokenizer_hash=info["tokenizer_hash"],
+        )
+        total = len(dataset.train) + len(dataset.heldout)
+        try:
+            writer = CacheWriter(root, prov, num_rows=total)
+        except CacheMismatch as exc:
+            i = recipe.teachers.index(cfg)
+            raise RecipeError(f"teachers[{i}].cache", f"{root} holds another cache: {exc}") from exc
+        report[cfg.name] = _fill(pool, writer, dataset, chunk_rows)
+        report[cfg.name].update(bytes_per_position=bytes_per_position(root), path=str(root))
+    return report
+
+
+def _chunks(dataset: Any, first: int, size: int) -> list[tuple[int, TokenBatch]]:
+    """(cache row, rows) chunks from cache row `first` on; none straddles train/held-out."""
+    out, offset = [], 0
+    for part in (dataset.train, dataset.heldout):
+        for start in range(max(first - offset, 0), len(part), size):
+            out.append((offset + start, part.rows(start, min(start + size, len(part)))))
+        offset += len(part)
+    return out
+
+
+def _fill(pool: Any, writer: CacheWriter, dataset: Any, size: int) -> dict[str, Any]:
+    total = len(dataset.train) + len(dataset.heldout)
+    begin, start = writer.next_row, time.monotonic()
+    todo = deque(_chunks(dataset, begin, size))
+    inflight: deque[tuple[int, TokenBatch, ray.ObjectRef]] = deque()
+    depth = 2 * len(pool.replicas) + 1  # every replica busy, the next chunk queued
+
+    def issue() -> None:
+        if todo:
+            first, part = todo.popleft()
+            inflight.append((first, part, pool.score(ray.put(part.trimmed()))))
+
+    for _ in range(depth):
+        issue()
+    while inflight:
+        first, part, ref = inflight.popleft()
+        signal = gather([ref], f"teacher {pool.name} scoring cache rows from {first}")[0]
+        issue()
+        ends = np.cumsum(part.loss_mask.sum(axis=1))
+        for r, (a, b) in enumerate(zip(np.concatenate([[0], ends[:-1]]), ends, strict=True)):
+            writer.add(first + r, signal.ids[a:b], signal.logprobs[a:b])
+        done = first + len(part)
+        rate = (done - begin) / max(time.monotonic() - start, 1e-9)
+        print(
+            f"cache {pool.name}: {done}/{total} rows ({rate:.1f} rows/s, "
+            f"eta {(total - done) / max(rate, 1e-9):.0f}s)",
+            flush=True,
+        )
+    writer.close()
+    return {"rows": total, "resumed_at": begin, "seconds": time.monotonic() - start}
+
+
+def verify_cache(path: str) -> int:
+    """`raydistill cache verify PATH`: one line per bad shard; exit 1 if any."""
+    root = Path(path)
+    try:
+        bad = verify(root)
+    except CacheCorrupt as exc:
+        raise RecipeError(path, str(exc)) from exc
+    for name in bad:
+        print(f"bad shard: {root / name}", flush=True)
+    reader = CacheReader(root)
+    print(
+        f"{root}: {reader.num_rows} rows, k={reader.top_k}, "
+        f"{'all shards intact' if not bad else f'{len(bad)} bad shard(s)'}",
+        flush=True,
+    )
+    return 1 if bad else 0
+
+
+def build_command(recipe: Recipe) -> int:
+    """`raydistill cache build RECIPE`: start the cached teachers (and the first teacher, if
+    it writes the responses), tokenize the data as a run would, write each cache."""
+    from orchestrator.driver import build_dataset, live_pool
+    from orchestrator.placement import check_resources
+    from orchestrator.ray_env import ensure_ray
+
+    names = {t.name for t in cached_teachers(recipe)}
+    if not names:
+        raise RecipeError(
+            "teachers", "no teacher to cache: set teachers[i].cache or distill.mode: offline"
+        )
+    writer = recipe.teachers[0] if recipe.data.responses == "teacher" else None
+    wanted = [t for t in recipe.teachers if t.name in names or t is writer]
+    started = ensure_ray(recipe.cluster)
+    pools: list[Any] = []
+    try:
+        check_resources(recipe.model_copy(update={"teachers": wanted}))
+        pools = [live_pool(recipe, t) for t in wanted]
+        dataset = build_dataset(recipe, pools)
+        report = build(recipe, pools, dataset)
+    finally:
+        for pool in pools:
+            pool.shutdown()
+        if started:
+            ray.shutdown()
+    for name, r in report.items():
+        resumed = f" (resumed at row {r['resumed_at']})" if r["resumed_at"] else ""
+        print(
+            f"cache {name}: {r['rows']} rows in {r['seconds']:.0f}s{resumed}, "
+            f"{r['bytes_per_position']:.0f} bytes per position -> {r['path']}",
+            flush=True,
+        )
+    return 0

@@ -1,0 +1,211 @@
+"""Offline distillation on the real Ray, teacher actor and DeepSpeed ranks: `cache build`
+writes the teacher's top-k once; a run from the cache starts no teacher and ends with the
+weights of the live run; every provenance mismatch and every damaged shard is one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import base_recipe, write_recipe
+from safetensors.torch import load_file
+
+from actors.models import save_tiny_llama
+from actors.signal_cache import CacheReader
+from orchestrator.cli import main
+
+
+def _raw(tmp_path: Path, models: dict[str, str], name: str, **teacher) -> dict:
+    raw = base_recipe(
+        tmp_path,
+        models,
+        train={"steps": 8, "batch_size": 8, "micro_batch_size": 4, "log_every": 4},
+        checkpoint={"every": 4},
+    )
+    raw["run"]["name"] = name
+    raw["teachers"][0].update(teacher)
+    return raw
+
+
+def _run_dir(tmp_path: Path, name: str) -> Path:
+    (run_dir,) = (tmp_path / "runs").glob(f"{name}-*")
+    return run_dir
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "student" / "model.safetensors")
+
+
+def _titles_during(run) -> tuple[int, set[str]]:
+    """Run `run()` while sampling the titles of Ray's worker processes (once the actors of
+    earlier runs, killed asynchronously, are gone)."""
+    import psutil
+
+    def titles() -> set[str]:
+        out = set()
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if cmd.startswith("ray::"):
+                out.add(cmd.split()[0].split(".")[0])
+        return out
+
+    deadline = time.monotonic() + 60
+    while {"ray::TeacherActor", "ray::CachedTeacher"} & titles() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.update(titles())
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        return run(), seen
+    finally:
+        stop.set()
+        thread.join()
+
+
+@pytest.fixture(scope="module")
+def built(ray_session, tiny_models, tmp_path_factory):
+    """A cache built once by `raydistill cache build`, and the live run it must reproduce."""
+    tmp_path = tmp_path_factory.mktemp("offline")
+    live = _raw(tmp_path, tiny_models, "live")
+    assert main(["run", str(write_recipe(tmp_path, live, "live.yaml"))]) == 0
+    offline = _raw(tmp_path, tiny_models, "offline")
+    offline["distill"]["mode"] = "offline"
+    path = write_recipe(tmp_path, offline, "offline.yaml")
+    assert main(["cache", "build", str(path)]) == 0
+    return {
+        "tmp": tmp_path,
+        "raw": offline,
+        "path": path,
+        "cache": tmp_path / "runs" / "signal_cache" / "tiny",
+    }
+
+
+def test_cache_holds_the_live_teachers_signals_bit_for_bit(built, tiny_models):
+    from actors.teacher import TeacherActor
+    from orchestrator.data import synthetic_dataset
+    from orchestrator.recipe import DataConfig
+
+    reader = CacheReader(built["cache"])
+    data = synthetic_dataset(DataConfig(**built["raw"]["data"]), 96, seed=0)
+    teacher = TeacherActor("tiny", tiny_models["teacher"], top_k=16, temperature=1.0)
+    rows = [70, 3, 41]
+    live = teacher.score(data.train.take(rows).trimmed())
+    ids, logprobs = reader.read(rows)
+    assert ids.dtype == np.uint16 and logprobs.dtype == np.float16
+    assert np.array_equal(ids, live.ids) and np.array_equal(logprobs, live.logprobs)
+    assert reader.num_rows == len(data.train) + len(data.heldout)
+
+
+def test_offline_run_starts_no_teacher_and_equals_the_live_run(built, capsys):
+    capsys.readouterr()
+    code, titles = _titles_during(lambda: main(["run", str(built["path"])]))
+    assert code == 0
+    assert "ray::CachedTeacher" in titles and "ray::TeacherActor" not in titles
+    tmp = built["tmp"]
+    offline, live = _weights(_run_dir(tmp, "offline")), _weights(_run_dir(tmp, "live"))
+    assert offline.keys() == live.keys() and all(torch.equal(offline[k], live[k]) for k in live)
+    summary = json.loads((_run_dir(tmp, "offline") / "summary.json").read_text())
+    assert summary["teacher_served"]["tiny"]["calls"] > 0  # every shard came from the cache
+
+
+def _refused(tmp_path: Path, raw: dict, capsys) -> str:
+    capsys.readouterr()
+    assert main(["run", str(write_recipe(tmp_path, raw, "bad.yaml"))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_each_provenance_mismatch_is_refused_in_one_line(built, tiny_models, tmp_path, capsys):
+    raw = json.loads(json.dumps(built["raw"]))
+    raw["teachers"][0]["cache"] = str(built["cache"])
+    raw["run"]["output_dir"] = str(tmp_path / "runs")
+    other = save_tiny_llama(str(tmp_path / "other"), seed=7, hidden=48, layers=2)
+    with_tok = tmp_path / "with_tokenizer"
+    shutil.copytree(tiny_models["teacher"], with_tok)
+    from chat_tokenizers import build_tokenizer
+
+    build_tokenizer("smollm").save_pretrained(with_tok)
+    cases = {
+        "model_hash": ("teachers", {"model": other}),
+        "tokenizer_hash": ("teachers", {"model": str(with_tok)}),
+        "top_k": ("distill", {"top_k": 32}),
+        "temperature": ("teachers", {"temperature": 2.0}),
+        "data_hash": ("data", {"seq_len": 24}),
+    }
+    for field, (section, change) in cases.items():
+        bad = json.loads(json.dumps(raw))
+        target = bad["teachers"][0] if section == "teachers" else bad[section]
+        target.update(change)
+        line = _refused(tmp_path, bad, capsys)
+        assert line.startswith(f"raydistill: error: teachers[0].cache: {field}: the cache has ")
+        assert ", the recipe wants " in line
+    assert not list((tmp_path / "runs").glob("offline-*"))
+    ok = json.loads(json.dumps(raw))
+    ok["distill"]["top_k"] = 8  # a cache of k=16 serves k=8 (truncated on read)
+    ok["train"]["steps"] = 2
+    assert main(["run", str(write_recipe(tmp_path, ok, "k8.yaml"))]) == 0
+
+
+def _data_page_offset(path: Path) -> int:
+    """A byte inside the first column chunk's data (well before the footer)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    col = meta.row_group(0).column(1)
+    return int(col.data_page_offset) + int(col.total_compressed_size) // 2
+
+
+def test_a_damaged_shard_is_named_by_verify_and_stops_training(built, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    shutil.copytree(built["cache"], cache)
+    assert main(["cache", "verify", str(cache)]) == 0
+    shard = sorted(cache.glob("shard-*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[_data_page_offset(shard)] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["cache", "verify", str(cache)]) == 1
+    assert f"bad shard: {shard}" in capsys.readouterr().out
+    raw = json.loads(json.dumps(built["raw"]))
+    raw["teachers"][0]["cache"] = str(cache)
+    raw["run"]["output_dir"] = str(tmp_path / "runs")
+    capsys.readouterr()
+    assert main(["run", str(write_recipe(tmp_path, raw, "c.yaml"))]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("raydistill: run stopped: ") and shard.name in err[-1]
+    raw["run"]["output_dir"] = str(tmp_path / "runs2")  # a fresh run directory
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated
+    capsys.readouterr()
+    assert main(["cache", "verify", str(cache)]) == 1
+    assert f"bad shard: {shard}" in capsys.readouterr().out
+    assert main(["run", str(write_recipe(tmp_path, raw, "c.yaml"))]) == 1
+    assert shard.name in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_one_cached_and_one_live_teacher_in_one_run(built, tiny_models, tmp_path):
+    raw = json.loads(json.dumps(built["raw"]))
+    raw["distill"]["mode"] = "off_policy"
+    raw["run"]["output_dir"] = str(tmp_path / "runs")
+    raw["teachers"][0]["cache"] = str(built["cache"])
+    raw["teachers"].append({"name": "live", "model": tiny_models["teacher"], "num_cpus": 0.25})
+    raw["distill"]["aggregate"] = "weighted"
+    code, titles = _titles_during(lambda: main(["run", str(write_recipe(tmp_path, raw))]))
+    assert code == 0 and {"ray::CachedTeacher", "ray::TeacherActor"} <= titles
+    run_dir = next((tmp_path / "runs").glob("offline-*"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    served = summary["teacher_served"]
+    assert served["tiny"]["calls"] > 0 and served["live"]["calls"] > 0
