@@ -37,20 +37,21 @@ def recipe(m: dict[str, str], root: Path, name: str, steps: int) -> dict:
         "run": {"name": name, "output_dir": str(root / "runs"), "seed": 0},
         "teachers": [{"name": "t", "model": m["teacher"], "num_cpus": 0.4}],
         "student": {"model": m["student"], "world_size": 2, "num_cpus": 0.3},
-        "data": {"source": "synthetic", "seq_len": 64, "heldout": 4},
+        "data": {"source": "synthetic", "seq_len": 128, "heldout": 4},
         "distill": {"top_k": 32, "prefetch_depth": 3},
-        "train": {"steps": steps, "batch_size": 8, "micro_batch_size": 4, "log_every": 4},
+        "train": {"steps": steps, "batch_size": 16, "micro_batch_size": 8, "log_every": 4},
         "checkpoint": {"every": 6},
         "cluster": {"num_cpus": os.cpu_count()},
     }
 
 
-def kill_once(title: str, after: float, killed: list[int], stop: threading.Event) -> None:
+def kill_once(title: str, ready: Path, killed: list[int], stop: threading.Event) -> None:
     """SIGKILL the first process titled `ray::<title>` (Ray's title while a worker runs that
-    method) seen `after` seconds from now."""
+    method) seen once a run under `ready` has a checkpoint (so a lost rank can restore)."""
     import psutil
 
-    time.sleep(after)
+    while not any(ready.glob("*/checkpoints/latest.json")) and not stop.is_set():
+        time.sleep(0.02)
     while not killed and not stop.is_set():
         for proc in psutil.process_iter(["pid", "cmdline"]):
             if " ".join(proc.info["cmdline"] or []).startswith(f"ray::{title}"):
@@ -60,12 +61,14 @@ def kill_once(title: str, after: float, killed: list[int], stop: threading.Event
         time.sleep(0.01)
 
 
-def timed(path: Path, raw: dict, kill: str | None, after: float):
+def timed(path: Path, raw: dict, kill: str | None):
     killed: list[int] = []
     stop = threading.Event()
     thread = None
     if kill:
-        thread = threading.Thread(target=kill_once, args=(kill, after, killed, stop), daemon=True)
+        runs = Path(raw["run"]["output_dir"])
+        args = (kill, runs, killed, stop)
+        thread = threading.Thread(target=kill_once, args=args, daemon=True)
         thread.start()
     start = time.perf_counter()
     result = run_recipe(path, raw)
@@ -93,19 +96,19 @@ def main() -> None:
     }
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
-        base, base_wall = timed(root / "base.yaml", recipe(m, root, "base", args.steps), None, 0)
+        base, base_wall = timed(
+            root / "base.yaml", recipe(m, root / "base", "base", args.steps), None
+        )
         steps = history(base, "step_time_s")
         step = median([v for s, v in steps.items() if s > WARMUP])
-        after = base_wall * 0.55  # past the first checkpoint, before the end
         runs = {
             "teacher": timed(
-                root / "t.yaml", recipe(m, root, "tkill", args.steps), "TeacherActor.score", after
+                root / "t.yaml", recipe(m, root / "t", "tkill", args.steps), "TeacherActor.score"
             ),
             "student": timed(
                 root / "s.yaml",
-                recipe(m, root, "skill", args.steps),
+                recipe(m, root / "s", "skill", args.steps),
                 "StudentWorker.train_step",
-                after,
             ),
         }
     finally:
