@@ -115,6 +115,10 @@ def _resume(run_dir_arg: str, stop_after: int | None) -> int:
     run_dir = Path(run_dir_arg).resolve()
     if not (run_dir / "recipe.yaml").is_file():
         raise RecipeError(run_dir_arg, "not a run directory (no recipe.yaml)")
+    if (run_dir / "stages.json").exists() or (run_dir / "stages").is_dir():
+        if (run_dir / "summary.json").exists():
+            raise RecipeError(run_dir_arg, "this run already finished")
+        return _execute(preflight(load_recipe(run_dir / "recipe.yaml")), run_dir, stop_after)
     ledger = read_ledger(run_dir)
     if ledger is None:
         raise RecipeError(run_dir_arg, "has no checkpoint to resume from")
@@ -136,17 +140,31 @@ def _execute(recipe: Any, run_dir: Path, stop_after: int | None) -> int:
     from orchestrator.checkpoint import read_ledger
     from orchestrator.driver import execute
 
+    def kept() -> bool:  # anything worth resuming: a checkpoint, or a finished stage
+        return read_ledger(run_dir) is not None or (run_dir / "stages").is_dir()
+
     try:
-        result = execute(recipe, run_dir, stop_after=stop_after)
+        if recipe.stages:
+            from orchestrator.stages import run_stages
+
+            result = run_stages(recipe, run_dir, stop_after)
+        else:
+            result = execute(recipe, run_dir, stop_after=stop_after)
     except RecipeError:
-        if read_ledger(run_dir) is None:  # nothing worth keeping was written yet
+        if not kept():  # nothing worth keeping was written yet
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     except RuntimeFault as exc:
-        if read_ledger(run_dir) is not None:
+        if kept():
             raise RuntimeFault(f"{exc}; continue with: raydistill resume {run_dir}") from exc
         raise RuntimeFault(f"{exc}; no checkpoint was written yet ({run_dir})") from exc
-    if result.finished:
+    if result.finished and recipe.stages:
+        for name, figures in result.summary["stages"].items():
+            shown = {k: v for k, v in figures.items() if not isinstance(v, dict)}
+            kl = {k: figures[k].get("kl") for k in ("eval_before", "eval_after") if k in figures}
+            print(f"stage {name}: {shown or ''} {kl or ''}".rstrip())
+        print(f"run directory: {run_dir}")
+    elif result.finished:
         print(summary_table(result.summary, run_dir))
     else:
         print(f"stopped at step {result.steps_done}; continue with: raydistill resume {run_dir}")

@@ -59,8 +59,11 @@ def new_run_dir(recipe: Recipe) -> Path:
     return run_dir
 
 
-def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> RunResult:
-    """Run (or continue, if the run dir has a checkpoint) the job described by `recipe`."""
+def execute(
+    recipe: Recipe, run_dir: Path, *, stop_after: int | None = None, parent: str | None = None
+) -> RunResult:
+    """Run (or continue, if the run dir has a checkpoint) the job described by `recipe`;
+    `parent`: the MLflow run of the staged run this is a stage of."""
     started_ray = ensure_ray(recipe.cluster)
     try:
         check_resources(recipe)
@@ -78,7 +81,8 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
     status = "FAILED"
     try:
         cached = {t.name: CachedTeacherPool(recipe, t) for t in cached_teachers(recipe)}
-        pools = [cached.get(t.name) or live_pool(recipe, t) for t in recipe.teachers]
+        for t in recipe.teachers:  # one by one: a failure leaves the started ones to kill
+            pools.append(cached.get(t.name) or live_pool(recipe, t))
         infos = [p.info() for p in pools]
         identity = run_identity(recipe, infos)
         if ledger is not None and ledger.get("identity"):  # older ledgers have none
@@ -87,7 +91,7 @@ def execute(recipe: Recipe, run_dir: Path, *, stop_after: int | None = None) -> 
         for pool in cached.values():  # refused before anything of the run starts
             pool.check(dataset)
             pool.start()
-        tracker = open_tracker(recipe, run_dir)
+        tracker = open_tracker(recipe, run_dir, parent)
         if ledger is None:
             tracker.log_params(flatten(recipe.model_dump(mode="json", by_alias=True)))
             tracker.log_artifact(run_dir / "recipe.yaml")
@@ -148,14 +152,16 @@ def live_pool(recipe: Recipe, cfg: TeacherConfig) -> TeacherPool:
     )
 
 
-def open_tracker(recipe: Recipe, run_dir: Path) -> Tracker:
+def open_tracker(recipe: Recipe, run_dir: Path, parent: str | None = None) -> Tracker:
     """The run's MLflow run (the one it had, on a resume), opened once the run is sure to
     start: a refused run leaves no MLflow run behind."""
     state_path = run_dir / "state.json"
     state = _read_json(state_path)
     uri = recipe.tracking.uri or default_tracking_uri(recipe.run.output_dir)
     artifacts = Path(recipe.run.output_dir).resolve() / "mlartifacts"
-    tracker = Tracker(uri, recipe.tracking.experiment, artifacts, run_dir.name, state.get("run_id"))
+    name = run_dir.name if parent is None else f"{run_dir.parent.parent.name}/{run_dir.name}"
+    exp = recipe.tracking.experiment
+    tracker = Tracker(uri, exp, artifacts, name, state.get("run_id"), parent_run_id=parent)
     write_json(state_path, {**state, "run_id": tracker.run_id, "tracking_uri": uri})
     return tracker
 

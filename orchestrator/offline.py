@@ -275,7 +275,9 @@ def build_command(recipe: Recipe) -> int:
     started = ensure_ray(recipe.cluster)
     pools: list[Any] = []
     try:
-        check_resources(recipe.model_copy(update={"teachers": wanted}))
+        live = [t.model_copy(update={"cache": None}) for t in wanted]  # here they all run
+        mode = recipe.distill.model_copy(update={"mode": "off_policy"})
+        check_resources(recipe.model_copy(update={"teachers": live, "distill": mode}))
         pools = [live_pool(recipe, t) for t in wanted]
         dataset = build_dataset(recipe, pools)
         report = build(recipe, pools, dataset)

@@ -7,6 +7,7 @@ becomes a RecipeError naming the field, which the CLI prints as one line with ex
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -304,6 +305,42 @@ class ClusterConfig(_Strict):
     )
 
 
+class ExpandConfig(_Strict):
+    """Self-instruct: the teacher writes new instructions from a few seed examples."""
+
+    seeds: int = Field(8, ge=1, description="input prompts used as examples (never returned)")
+    shots: int = Field(3, ge=1, description="seed examples shown in each request")
+    requests: int = Field(32, ge=1, description="requests sent; each may give one instruction")
+    near_duplicate: float = Field(
+        0.7, gt=0, le=1, description="word ROUGE-L at or above: a near-duplicate (Self-Instruct)"
+    )
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.9, ge=0)
+
+
+class CurateConfig(_Strict):
+    """A judge scores each (prompt, response); the stage keeps the best."""
+
+    judge: str | None = Field(None, description="a judge of `judges`; default: the teacher")
+    threshold: float | None = Field(None, description="keep scores at or above this")
+    keep_fraction: float | None = Field(None, gt=0, le=1, description="or keep the top share")
+
+
+class StageConfig(_Strict):
+    """One stage of a staged recipe. expand/label/curate write a Parquet dataset the next
+    stage reads; train runs the recipe (with `overrides`) on the current data, starting from
+    the student the previous train stage ended with."""
+
+    name: str
+    kind: Literal["expand", "label", "curate", "train"]
+    teacher: str | None = Field(None, description="the teacher that writes; default: the first")
+    expand: ExpandConfig = ExpandConfig()
+    curate: CurateConfig = CurateConfig()
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="train stages: dotted recipe keys, e.g. train.steps"
+    )
+
+
 class Recipe(_Strict):
     run: RunConfig = RunConfig()
     teachers: list[TeacherConfig] = Field(default_factory=list)
@@ -318,12 +355,16 @@ class Recipe(_Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
+    stages: list[StageConfig] = Field(
+        default_factory=list, description="run in order, e.g. expand -> label -> train"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         names = [t.name for t in self.teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"teachers: names must be unique, got {names}")
+        self._check_stages(names)
         self._check_mode()
         if self.data.heldout < self.student.world_size:
             raise ValueError(
@@ -412,6 +453,33 @@ class Recipe(_Strict):
                 f"rollout.samples_per_prompt: {r.samples_per_prompt} does not divide the "
                 f"per-rank batch {per_rank} (a prompt's samples stay on one rank)"
             )
+
+    def _check_stages(self, teachers: list[str]) -> None:
+        if len({s.name for s in self.stages}) != len(self.stages):
+            raise ValueError("stages: names must be unique")
+        for i, s in enumerate(self.stages):
+            if s.kind != "train" and not teachers:
+                raise ValueError(f"stages.{i}: a {s.kind} stage needs a teacher in `teachers`")
+            if s.kind != "train" and self.data.source != "file":
+                raise ValueError(f"stages.{i}: a {s.kind} stage reads prompts: data.source: file")
+            if s.teacher and s.teacher not in teachers:
+                raise ValueError(f"stages.{i}.teacher: no teacher named {s.teacher!r}")
+            if s.kind == "curate":
+                c = s.curate
+                if (c.threshold is None) == (c.keep_fraction is None):
+                    raise ValueError(f"stages.{i}.curate: set one of threshold, keep_fraction")
+                if c.judge and c.judge not in [j.name for j in self.judges]:
+                    raise ValueError(f"stages.{i}.curate.judge: no judge named {c.judge!r}")
+            if s.kind == "train":
+                raw = self.model_dump(mode="json", by_alias=True, exclude={"stages"})
+                items = [f"{k}={json.dumps(v)}" for k, v in s.overrides.items()]
+                try:
+                    Recipe.model_validate(apply_overrides(raw, items))
+                except (ValidationError, RecipeError) as exc:
+                    why = _first_error(exc) if isinstance(exc, ValidationError) else str(exc)
+                    raise ValueError(f"stages.{i}.overrides: {why}") from exc
+            elif s.overrides:
+                raise ValueError(f"stages.{i}.overrides: only train stages take overrides")
 
     def _check_rlaif(self) -> None:
         if not self.judges:

@@ -49,8 +49,15 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 
 class Tracker:
     def __init__(
-        self, uri: str, experiment: str, artifact_root: Path, run_name: str, run_id: str | None
+        self,
+        uri: str,
+        experiment: str,
+        artifact_root: Path,
+        run_name: str,
+        run_id: str | None,
+        parent_run_id: str | None = None,
     ) -> None:
+        """`parent_run_id`: a stage of a staged run is a nested run of the run's own."""
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
         if run_id is None:
@@ -60,7 +67,8 @@ class Tracker:
                 exp_id = self.client.create_experiment(experiment, artifact_location=location)
             else:
                 exp_id = exp.experiment_id
-            run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+            tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+            run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id

@@ -42,6 +42,23 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     }
 
 
+@pytest.fixture(scope="session")
+def chat_models(tiny_models, tmp_path_factory) -> dict[str, str]:
+    """The tiny teacher and student with a real (char-level) tokenizer saved beside them."""
+    import shutil
+
+    from chat_tokenizers import build_tokenizer
+
+    root = tmp_path_factory.mktemp("chat_models")
+    out = {}
+    for name in ("teacher", "student"):
+        path = root / name
+        shutil.copytree(tiny_models[name], path)
+        build_tokenizer("smollm").save_pretrained(path)
+        out[name] = str(path)
+    return out
+
+
 def base_recipe(tmp_path: Path, models: dict[str, str], **sections: Any) -> dict[str, Any]:
     recipe: dict[str, Any] = {
         "run": {"name": "t", "output_dir": str(tmp_path / "runs"), "seed": 0},

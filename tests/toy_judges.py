@@ -16,3 +16,8 @@ def garbage(sample: str, prompt: str) -> str:
 def hangs(sample: str, prompt: str) -> float:
     time.sleep(3600)
     return 0.0
+
+
+def response_length(sample: str, prompt: str) -> float:
+    """A deterministic score: longer responses rank higher (curation tests)."""
+    return float(len(sample))

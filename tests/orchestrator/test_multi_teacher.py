@@ -6,15 +6,12 @@ blended run logs per-teacher KL, shares and replica load to MLflow."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import ray
 import toy_teachers
-from chat_tokenizers import build_tokenizer
 from conftest import base_recipe, write_recipe
 from mlflow.tracking import MlflowClient
 
@@ -24,19 +21,6 @@ from orchestrator.recipe import DistillConfig, TeacherConfig
 from orchestrator.teachers import TeacherPool
 
 ray.cloudpickle.register_pickle_by_value(toy_teachers)  # the actors need not import tests/
-
-
-@pytest.fixture(scope="module")
-def chat_models(tiny_models, tmp_path_factory) -> dict[str, str]:
-    """The tiny teacher and student with a real (char-level) tokenizer saved beside them."""
-    root = tmp_path_factory.mktemp("chat_models")
-    out = {}
-    for name in ("teacher", "student"):
-        path = root / name
-        shutil.copytree(tiny_models[name], path)
-        build_tokenizer("smollm").save_pretrained(path)
-        out[name] = str(path)
-    return out
 
 
 def _data(tmp_path: Path, n: int = 40) -> Path:
