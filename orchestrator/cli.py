@@ -160,9 +160,11 @@ def _execute(recipe: Any, run_dir: Path, stop_after: int | None) -> int:
         raise RuntimeFault(f"{exc}; no checkpoint was written yet ({run_dir})") from exc
     if result.finished and recipe.stages:
         for name, figures in result.summary["stages"].items():
-            shown = {k: v for k, v in figures.items() if not isinstance(v, dict)}
-            kl = {k: figures[k].get("kl") for k in ("eval_before", "eval_after") if k in figures}
-            print(f"stage {name}: {shown or ''} {kl or ''}".rstrip())
+            if "eval_after" in figures:
+                before, after = figures["eval_before"]["kl"], figures["eval_after"]["kl"]
+                print(f"stage {name}: held-out KL {before:.4f} -> {after:.4f}")
+            else:
+                print(f"stage {name}: " + ", ".join(f"{k} {v:g}" for k, v in figures.items()))
         print(f"run directory: {run_dir}")
     elif result.finished:
         print(summary_table(result.summary, run_dir))
