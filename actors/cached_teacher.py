@@ -23,17 +23,6 @@ class CachedTeacher:
         self.top_k = top_k
         self.temperature = temperature
         self.served = {"calls": 0, "rows": 0}  # shards read, as a live teacher counts them
-        prov = self.reader.provenance
-        self._info = {
-            "name": name,
-            "vocab_size": int(prov.get("vocab_size", 0)),
-            "num_params": int(prov.get("num_params", 0)),
-            "model_hash": prov["model_hash"],
-            "tokenizer_hash": prov["tokenizer_hash"],
-            "device": "cache",
-            "backend": "cache",
-            "cross_tokenizer": False,
-        }
 
     def node(self) -> dict[str, str]:
         import ray
@@ -41,7 +30,8 @@ class CachedTeacher:
         return {"node": ray.get_runtime_context().get_node_id(), "model": str(self.reader.root)}
 
     def info(self) -> dict[str, Any]:
-        return {**self._info, "served": dict(self.served), "replica": 0}
+        """What it served (the rest of a teacher's info is in the manifest, on the driver)."""
+        return {"name": self.name, "served": dict(self.served), "replica": 0}
 
     def score(
         self, batch: TokenBatch, rows: list[int] | None = None, examples: list[int] | None = None
@@ -53,7 +43,7 @@ class CachedTeacher:
         start, cpu_start = time.perf_counter(), time.process_time()
         picked = batch if rows is None else batch.take(rows)
         cache_rows = examples if rows is None else [examples[r] for r in rows]
-        ids, logprobs = self.reader.read(cache_rows, self.top_k) if cache_rows else _empty(self)
+        ids, logprobs = self.reader.read(cache_rows, self.top_k)
         if len(ids) != picked.num_tokens:  # the cache is of other data: never a silent mismatch
             raise ValueError(
                 f"cached teacher {self.name}: {len(ids)} cached positions for a shard with "
@@ -70,8 +60,3 @@ class CachedTeacher:
         signal.busy_s = time.perf_counter() - start
         signal.cpu_s = time.process_time() - cpu_start
         return signal
-
-
-def _empty(teacher: CachedTeacher) -> tuple[np.ndarray, np.ndarray]:
-    ids, logprobs = teacher.reader.read([0], teacher.top_k)
-    return ids[:0], logprobs[:0]

@@ -487,7 +487,7 @@ class CacheReader:
             done = m["shards"][-1]["row_stop"] if m["shards"] else 0
             raise ValueError(
                 f"{self.root}: the signal cache is incomplete ({done} of {m['num_rows']} rows "
-                "committed); resume its build with CacheWriter"
+                "committed); finish it with: raydistill cache build RECIPE"
             )
         for i, entry in enumerate(m["shards"]):
             if entry["row_start"] != i * m["rows_per_shard"]:

@@ -110,6 +110,9 @@ def check_reachable(run_dir: Path, timeout_s: float = 60.0) -> None:
 
     marker = str(run_dir / "recipe.yaml")
     nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.get_runtime_context().get_node_id()
+    if [n["NodeID"] for n in nodes] == [here]:  # one node, the driver's: it wrote the dir
+        return
     refs = [
         _sees.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
