@@ -19,7 +19,9 @@ counted most at each position (the `share/<teacher>` metric):
 
 Weights: the recipe's weights are normalised to sum to one, and at every position again over
 the teachers that sent something there (a cross-tokenizer teacher may not cover a position):
-the weights a position trains with always sum to one.
+the weights a position trains with sum to one where some teacher covered it and to zero where
+none did. A position nobody covered adds nothing to the KD sum or its gradient, whatever the
+aggregation (CE still trains there when alpha > 0).
 
 The mass outside a teacher's top-k (the rule every aggregation uses): a teacher that sent k
 ids spreads its tail mass 1 - sum(top-k) evenly over the V - k ids it did not send, so its
@@ -97,8 +99,10 @@ def entropy(t: SparseTarget, vocab: int) -> torch.Tensor:
 
 def mixture(targets: list[SparseTarget], weights: torch.Tensor, vocab: int) -> SparseTarget:
     """One target: sum_i weights[i] p_i on the union of the teachers' ids ([T, P] weights,
-    summing to one where a position is covered). Duplicate union entries (an id two teachers
-    sent) become -inf entries that repeat it, as the loss expects."""
+    summing to one where a position is covered, zero where it is not). Duplicate union
+    entries (an id two teachers sent) become -inf entries that repeat it, as the loss
+    expects. Its weight is 1 where some teacher covered the position and 0 where none did:
+    there the mixture is empty and must train nothing."""
     ids = torch.cat([t.ids for t in targets], dim=-1)  # [P, K]
     valid = torch.cat([torch.isfinite(t.logprobs) for t in targets], dim=-1)
     same = (ids[:, :, None] == ids[:, None, :]) & valid[:, None, :]
@@ -109,7 +113,8 @@ def mixture(targets: list[SparseTarget], weights: torch.Tensor, vocab: int) -> S
     first = ids.gather(-1, keep.float().argmax(-1, keepdim=True))  # the row's first kept id
     out_ids = torch.where(keep | ~any_kept, ids, first)
     out_lp = torch.where(keep, mixed.clamp(min=1e-30).log(), -math.inf)
-    return SparseTarget("blend", out_ids, out_lp.float(), 1.0, report=False)
+    covering = (weights.sum(0) > 0).float()
+    return SparseTarget("blend", out_ids, out_lp.float(), covering, report=False)
 
 
 def _normalised(raw: torch.Tensor) -> torch.Tensor:

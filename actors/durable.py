@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -38,3 +40,26 @@ def fsync_tree(path: str | Path) -> None:
                 continue
         fsync_dir(Path(dirpath))
     fsync_dir(root.parent)
+
+
+def seal_file(path: str | Path) -> str:
+    """fsync a file this process wrote and return its sha256. A checkpoint's ranks call it
+    on their own files: only the writer's fsync surely flushes them from its node (the
+    driver's fsync on another node cannot), and the hash lets a reader check the bytes
+    before anything unpickles them."""
+    with open(path, "rb") as f:
+        digest = _sha256(f)
+        os.fsync(f.fileno())
+    return digest
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return _sha256(f)
+
+
+def _sha256(f: BinaryIO, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    while block := f.read(chunk):
+        digest.update(block)
+    return digest.hexdigest()

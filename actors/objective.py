@@ -71,16 +71,20 @@ def objective_sums(
     *,
     chunk: int,
     logp_out: list[torch.Tensor] | None = None,
+    logp_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sum over positions of alpha * CE + (1 - alpha) * sum_t T_t^2 w_t D_t, and the sums of
     each term (detached): `loss`, `ce`, `kd`, and per reported target `kl/<name>` (forward
     KL at its T over the positions it covers) and `cover/<name>` (how many it covers).
 
     features: [P, H] hidden states at the loss positions (or logits with an identity head);
-    head: maps [c, H] -> [c, V] logits; labels: [P] gold next tokens. A target's weight is
-    zero where it sent nothing (see `losses.covered`). `logp_out`, when given, receives
-    log p(label) at T = 1 per position, chunk by chunk, with gradient (the RL terms of RLAIF
-    use them in the same backward; they cost nothing extra: CE computes them).
+    head: maps [c, H] -> [c, V] logits; labels: [P] gold next tokens. Where a target sent
+    nothing (see `losses.covered`) its KD term is exactly 0, value and gradient, whatever
+    its weight says: an all-empty row would otherwise read as "all mass in the tail" and
+    push the student off the padding id. CE still trains there. `logp_out`, when given, receives
+    log_softmax(logits / logp_temperature)[label] per position, chunk by chunk, with gradient
+    (the RL terms of RLAIF use them in the same backward, at the rollouts' sampling T; at
+    T = 1 they cost nothing extra: CE computes them). CE itself is always at T = 1.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -107,14 +111,14 @@ def objective_sums(
                 temp = t.temperature or spec.temperature
                 log_p, log_q = collapsed(logits, ids, lp, temp)
                 d = None
+                cov = covered(lp)
                 if t.train:
                     d = divergence(log_p, log_q, kind=spec.kind, beta=spec.beta, skew=spec.skew)
-                    kd = kd + temp**2 * (w.to(d.dtype) * d).sum()
+                    kd = kd + temp**2 * torch.where(cov, w.to(d.dtype) * d, 0.0).sum()
                 if not t.report:
                     continue
                 if d is None or spec.kind != "forward_kl":
                     d = divergence(log_p.detach(), log_q.detach(), kind="forward_kl")
-                cov = covered(lp)
                 kls.append(torch.where(cov, d.detach(), 0.0).sum())
                 covers.append(cov.sum().to(kls[-1].dtype))
         if spec.alpha >= 1:
@@ -124,7 +128,11 @@ def objective_sums(
         else:
             loss = spec.alpha * ce + (1 - spec.alpha) * kd
         stats = torch.stack([loss.detach(), ce.detach(), kd.detach(), *kls, *covers])
-        return loss, stats, -token_ce
+        logp = -token_ce
+        if logp_out is not None and logp_temperature != 1.0:
+            with torch.set_grad_enabled(grad):
+                logp = -F.cross_entropy(logits / logp_temperature, y, reduction="none")
+        return loss, stats, logp
 
     for a in range(0, n, chunk):
         b = a + chunk
@@ -148,8 +156,10 @@ def objective_sums(
 
 
 @torch.no_grad()
-def label_logprobs(model: torch.nn.Module, batch: TokenBatch, chunk: int) -> torch.Tensor:
-    """log p(next token) at T = 1 at the batch's loss positions (row-major), the vocab
+def label_logprobs(
+    model: torch.nn.Module, batch: TokenBatch, chunk: int, temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(next token) at `temperature` at the batch's loss positions (row-major), the vocab
     projection over chunks of positions: a reference model's, or the check that an engine
     and the ranks compute the same after a sync."""
     device = next(model.parameters()).device
@@ -159,7 +169,9 @@ def label_logprobs(model: torch.nn.Module, batch: TokenBatch, chunk: int) -> tor
     head = output_head(model)
     out = [
         -F.cross_entropy(
-            head(features[c : c + chunk]).float(), labels[c : c + chunk], reduction="none"
+            head(features[c : c + chunk]).float() / temperature,
+            labels[c : c + chunk],
+            reduction="none",
         )
         for c in range(0, features.shape[0], chunk)
     ]

@@ -48,10 +48,11 @@ def group_advantages(
 ) -> torch.Tensor:
     """[N] per-sequence advantages, baselined within each group of K samples of one prompt.
 
-    grpo: (r - mean) / (std + eps), std the POPULATION std (divide by the valid count, not
-    count - 1) over the group. Std scaling up-weights low-variance groups (nearly solved or
-    nearly hopeless prompts, where rewards differ only by judge noise); scale=False gives the
-    Dr. GRPO advantage r - mean, which avoids that bias.
+    grpo: (r - mean) / (std + eps), std the UNBIASED sample std over the group's valid
+    rewards (divide by count - 1, ddof 1), as TRL's GRPOTrainer (torch.std) and veRL compute
+    it. Std scaling up-weights low-variance groups (nearly solved or nearly hopeless prompts,
+    where rewards differ only by judge noise); scale=False gives the Dr. GRPO advantage
+    r - mean, which avoids that bias.
     rloo: r_i - mean of the other valid samples = c / (c - 1) * (r_i - mean) with c valid
     samples, an unbiased leave-one-out baseline; group_size 1 has no other sample and raises.
 
@@ -75,7 +76,7 @@ def group_advantages(
     if kind == "grpo":
         adv = centred
         if scale:
-            std = (centred.square().sum(-1, keepdim=True) / count.clamp(min=1)).sqrt()
+            std = (centred.square().sum(-1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
             adv = centred / (std + eps)
     else:
         adv = centred * count / (count - 1).clamp(min=1)

@@ -12,6 +12,12 @@ on how rows were batched or on what ran before: a resumed run writes the same sa
 The engine returns the step's shards as TokenBatches: prompt + response, the loss on the
 response tokens only, the end-of-turn token kept as the last target when the sample ended
 and nothing appended when `max_new_tokens` cut it.
+
+Each sampled id's log-prob is recorded in the distribution it was drawn from:
+log_softmax(logits / T) (`sampling_temperature`), which is what an importance ratio and a
+KL estimate need (TRL's GRPO divides the logits by the sampling temperature likewise). With
+top_p < 1 (refused for RL by the recipe) it is the truncated, renormalised distribution's,
+as vLLM's "processed_logprobs" are.
 """
 
 from __future__ import annotations
@@ -35,8 +41,14 @@ from actors.weights import WeightSnapshot
 @dataclass
 class Sample:
     response: list[int]  # sampled ids, the stop id included when the sample ended
-    logprobs: list[float]  # log p(id) under the writing weights at T = 1 (the policy's own)
+    logprobs: list[float]  # log_softmax(logits / T)[id] under the writing weights
     finish_reason: str  # "stop" | "length"
+
+
+def sampling_temperature(temperature: float) -> float:
+    """The T of the recorded log-probs: the sampling temperature; greedy (0) draws no
+    distribution, and records the policy's own at T = 1."""
+    return float(temperature) if temperature > 0 else 1.0
 
 
 def request_seed(seed: int, step: int, row: int) -> int:
@@ -88,6 +100,7 @@ class HFSampler:
     ) -> list[Sample]:
         temperature = float(sampling["temperature"])
         top_p, max_new = float(sampling["top_p"]), int(sampling["max_new_tokens"])
+        log_t = sampling_temperature(temperature)
         n = len(prompts)
         ids, attn = left_pad(prompts, pad, self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -100,11 +113,13 @@ class HFSampler:
         tokens, logps = [], []
         for _ in range(max_new):
             logits = out.logits[:, -1].float()
-            logp = torch.log_softmax(logits, -1)  # the policy's own log-prob (T = 1)
+            logp = torch.log_softmax(logits / log_t, -1)  # the sampled distribution's
             if temperature == 0:
                 tok = logits.argmax(-1)
             else:
                 probs = _top_p_filter(torch.softmax(logits / temperature, -1), top_p)
+                if top_p < 1.0:
+                    logp = probs.log()  # -inf outside the nucleus: never drawn
                 tok = torch.stack(
                     [torch.multinomial(probs[i], 1, generator=gens[i])[0] for i in range(n)]
                 )

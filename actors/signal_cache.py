@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +69,7 @@ TMP_PREFIX = ".tmp-"
 CHUNK = 1 << 20  # streaming hash: 1 MiB reads
 _ID_DTYPES = {"uint16": np.dtype(np.uint16), "int32": np.dtype(np.int32)}
 _ARROW_IDS = {"uint16": pa.uint16(), "int32": pa.int32()}
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 
 
 class CacheMismatch(ValueError):
@@ -159,7 +161,18 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else None
         raise CacheCorrupt(MANIFEST, f"format {got!r}, this reader knows format {FORMAT}")
+    for i, entry in enumerate(manifest.get("shards") or []):
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if not _is_plain_name(name):  # a shard is opened, hashed and deleted by this name
+            raise CacheCorrupt(
+                MANIFEST, f"shard {i}: file {name!r} is not a plain file name in the cache folder"
+            )
     return manifest
+
+
+def _is_plain_name(name: Any) -> bool:
+    """A file name inside the cache folder: letters, digits, `._-`, not `.` or `..`."""
+    return isinstance(name, str) and bool(_PLAIN_NAME.fullmatch(name)) and name not in (".", "..")
 
 
 def _sha256(f: Any) -> tuple[str, int]:

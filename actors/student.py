@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from actors.aggregate import Context, aggregate
 from actors.batch import TokenBatch
+from actors.durable import fsync_dir, seal_file
 from actors.model_store import local_model
 from actors.models import backbone, build_student, output_head, pick_device, pick_dtype
 from actors.objective import (
@@ -79,6 +80,10 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
     return f
 
 
+# what DeepSpeed's rank 0 copies into a ZeRO checkpoint folder with `copyfile`
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
 def rng_state_tensors() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """torch (CPU and CUDA), numpy and python RNG states as tensors + JSON metadata, so a
     checkpoint loads without unpickling anything."""
@@ -116,11 +121,14 @@ class DistillStudent(torch.nn.Module):
     """The HF model and the objective as one module, so DeepSpeed sees every use of a
     parameter (under ZeRO-3 its hooks gather the head for each chunk, also in backward)."""
 
-    def __init__(self, lm: torch.nn.Module, spec: LossSpec, chunk_bytes: int) -> None:
+    def __init__(
+        self, lm: torch.nn.Module, spec: LossSpec, chunk_bytes: int, logp_temperature: float = 1.0
+    ) -> None:
         super().__init__()
         self.lm = lm
         self.spec = spec
         self.chunk_bytes = chunk_bytes
+        self.logp_temperature = logp_temperature  # RLAIF: the rollouts' sampling T
         self.head = output_head(lm)
         self.vocab = int(lm.config.get_text_config().vocab_size)
 
@@ -134,9 +142,10 @@ class DistillStudent(torch.nn.Module):
         sft_from: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(objective sum, its detached terms, extras). RLAIF asks for extras in the same
-        pass: `logp`, log p(label) per loss position (with grad), and with `sft_from` the
-        CE sum of the loss positions from that index on (rows appended for supervised
-        targets, which carry no teacher signal)."""
+        pass: `logp`, log_softmax(logits / T)[label] per loss position (with grad) at the
+        rollouts' sampling T, the distribution the behaviour log-probs are of; with
+        `sft_from` the CE sum of the loss positions from that index on (rows appended for
+        supervised targets, which carry no teacher signal)."""
         hidden = backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask)
         features = hidden.last_hidden_state[loss_mask]
         labels = torch.roll(input_ids, shifts=-1, dims=1)[loss_mask]
@@ -151,7 +160,14 @@ class DistillStudent(torch.nn.Module):
         chunk = chunk_positions(self.vocab, len(targets), self.chunk_bytes)
         logps: list[torch.Tensor] | None = [] if with_logp else None
         loss, terms = objective_sums(
-            features, self.head, labels, targets, self.spec, chunk=chunk, logp_out=logps
+            features,
+            self.head,
+            labels,
+            targets,
+            self.spec,
+            chunk=chunk,
+            logp_out=logps,
+            logp_temperature=self.logp_temperature,
         )
         if logps is not None:
             extras["logp"] = torch.cat(logps) if logps else features.new_zeros(0)
@@ -230,8 +246,11 @@ class StudentWorker:
             beta=float(spec["beta"]),
             skew=float(spec["skew"]),
         )
-        model = DistillStudent(lm, self.loss_spec, int(spec["chunk_bytes"]))
         self.rl = spec.get("rl")
+        self.rl_temperature = float(self.rl["temperature"]) if self.rl else 1.0
+        model = DistillStudent(
+            lm, self.loss_spec, int(spec["chunk_bytes"]), logp_temperature=self.rl_temperature
+        )
         self.reference = None
         if self.rl:  # RLAIF: a frozen copy of the starting student, full on every rank
             ref = build_student(spec["model"], spec.get("layers"))
@@ -460,9 +479,10 @@ class StudentWorker:
         return total, out
 
     def _reference_logprobs(self, part: TokenBatch) -> torch.Tensor:
-        """log p_ref(label) at the loss positions, from the frozen starting student."""
+        """log p_ref(label) at the loss positions at the sampling T (the policy's T), from
+        the frozen starting student."""
         assert self.reference is not None
-        return label_logprobs(self.reference, part, self._chunk)
+        return label_logprobs(self.reference, part, self._chunk, self.rl_temperature)
 
     def reference_hash(self) -> str | None:
         """The frozen reference's weights hash (it must never change)."""
@@ -531,12 +551,35 @@ class StudentWorker:
 
     # -- state ----------------------------------------------------------------------------
 
-    def save_checkpoint(self, directory: str, tag: str) -> None:
-        """DeepSpeed state (weights, optimizer, scheduler) plus this rank's RNG state; the
-        driver fsyncs the folder once every rank is done, before the ledger names it."""
-        self.engine.save_checkpoint(directory, tag=tag)
+    def save_checkpoint(self, directory: str, tag: str) -> dict[str, str]:
+        """DeepSpeed state (weights, optimizer, scheduler) plus this rank's RNG state. Each
+        rank fsyncs the files it wrote (only the writer's node surely can) and returns
+        {path: sha256} of them, which the ledger records and a resume checks before
+        DeepSpeed unpickles anything. No `latest` file: the ledger names the checkpoint."""
+        written: list[str] = []
+        io = self.engine.checkpoint_engine
+        engine_save = io.save
+
+        def save(state_dict: Any, path: str) -> None:
+            engine_save(state_dict, path)
+            written.append(str(path))
+
+        io.save = save  # every file DeepSpeed writes for this rank goes through it
+        try:
+            self.engine.save_checkpoint(directory, tag=tag, save_latest=False)
+        finally:
+            io.save = engine_save
+        folder = Path(directory) / tag
+        if self.rank == 0:  # copied by rank 0 beside ZeRO shards, not through the engine
+            written += [str(folder / n) for n in RECOVERY_SCRIPTS if (folder / n).is_file()]
         tensors, meta = rng_state_tensors()
-        save_file(tensors, str(Path(directory) / tag / f"rng_rank{self.rank}.safetensors"), meta)
+        rng = folder / f"rng_rank{self.rank}.safetensors"
+        save_file(tensors, str(rng), meta)
+        written.append(str(rng))
+        hashes = {path: seal_file(path) for path in written}
+        for parent in {Path(path).parent for path in written}:
+            fsync_dir(parent)
+        return hashes
 
     def load_checkpoint(self, directory: str, tag: str) -> None:
         self.engine.load_checkpoint(directory, tag=tag)

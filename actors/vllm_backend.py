@@ -11,6 +11,12 @@ log-probs are the exact top-k of log_softmax(logits / T) — the same numbers as
 transformers backend (after any logit soft-capping, as there), at no extra cost. The scale
 is put back while the teacher writes text.
 
+Sampled ids' log-probs (`logprobs_mode="processed_logprobs"`) are of the distribution the
+id was drawn from: log_softmax(logits / T), after top-k/top-p (RLAIF refuses top_p < 1), the
+same numbers as the transformers sampler records; greedy requests get T = 1. vLLM's default,
+"raw_logprobs", would give log_softmax(logits) whatever T. Prompt log-probs are not
+affected by this mode. On CUDA the mode keeps vLLM off the FlashInfer sampler.
+
 Weight sync. A snapshot is loaded into the running engine with the worker's
 `reload_weights` (checkpoint-format names, as the HF state dict has them), then the prefix
 cache is reset: cached KV blocks of the old weights would otherwise serve new requests.
@@ -43,7 +49,7 @@ def make_llm(path: str, *, dtype: torch.dtype, max_model_len: int, max_logprobs:
         skip_tokenizer_init=True,  # token ids in, token ids out
         max_model_len=max_model_len,
         max_logprobs=max_logprobs,
-        logprobs_mode="raw_logprobs",  # sampled ids' log-probs at T = 1: the policy's own
+        logprobs_mode="processed_logprobs",  # sampled ids' log-probs at T, as drawn
         kv_cache_memory_bytes=KV_CACHE_BYTES,
         distributed_executor_backend="uni",
         enable_prefix_caching=True,
@@ -131,8 +137,10 @@ class VLLMEngine:
         stop_ids: list[int],
         pad: int = 0,
     ) -> list[Any]:
-        """One Sample per prompt (the stop id kept as the last id), each request seeded on
-        its own; `pad` is unused (vLLM batches without padding)."""
+        """One Sample per prompt (the stop id kept as the last id, with its log-prob), each
+        request seeded on its own; `pad` is unused (vLLM batches without padding). The
+        model's own EOS ends a sample only when it is in `stop_ids` (token-only data has
+        none: every sample runs to max_new_tokens, as with the transformers sampler)."""
         from vllm import SamplingParams
 
         from actors.rollout import Sample
@@ -145,6 +153,7 @@ class VLLMEngine:
                 max_tokens=int(sampling["max_new_tokens"]),
                 seed=int(seed),
                 stop_token_ids=list(stop_ids) or None,
+                ignore_eos=True,  # end only on stop_ids, as the transformers sampler does
                 logprobs=0,
             )
             for seed in seeds
@@ -157,10 +166,7 @@ class VLLMEngine:
             c = out.outputs[0]
             ids = list(c.token_ids)
             lps = [d[t].logprob for t, d in zip(ids, c.logprobs or [], strict=True)]
-            reason = STOP if c.finish_reason == "stop" else LENGTH
-            if reason == STOP and (not ids or ids[-1] not in stop_ids):
-                ids.append(int(c.stop_reason))  # the end-of-turn id is the last target
-                lps.append(0.0)
+            reason = STOP if c.finish_reason == "stop" else LENGTH  # the stop id is in ids
             results.append(Sample(ids, lps, reason))
         return results
 

@@ -1,13 +1,29 @@
-"""Cross-tokenizer distillation: span alignment with a vocabulary map where pieces match.
+"""Cross-tokenizer distillation: span alignment, teacher tokens marginalised by byte prefix.
 
 A teacher whose tokenizer differs from the student's gets the student's token rows, turns
 them back into text, tokenizes that text its own way, and scores it. Its distribution at a
 point of the text is comparable with the student's where both predict "the next piece from
 byte b": the student at the position whose context ends at byte b, the teacher at the index
-whose token ends at byte b. At those shared boundaries its top-k ids are mapped onto the
-student ids that stand for exactly the same bytes; ids with no such piece carry no entry, so
-their mass is part of the tail. Other positions (inside a teacher token, or predicting one of
+whose token ends at byte b. Other positions (inside a teacher token, or predicting one of
 the student's special tokens) carry no signal at all.
+
+At those shared boundaries the teacher's top-k is marginalised onto student pieces by byte
+prefix: a teacher token goes to the student piece the student starts its bytes with (the
+first token of the student's encoding of them: " cats" -> " cat" for a student that writes
+" cat" + "s"), and the mass of every teacher token that goes to one student piece is summed
+there. So after " the", P(" cats") = .7 and P(" cat") = .05 give the student's " cat" .75,
+not .05 with .7 in the tail. Teacher tokens with no such piece (special tokens, bytes no
+student piece starts) carry no entry; the mass outside the top-k is the tail, as for any
+teacher.
+
+What remains approximate: the marginal is one teacher token deep. The exact target of a
+student piece s is the teacher's probability of every continuation, however many teacher
+tokens long, that the student would start with s. Here a teacher token longer than s counts
+fully toward s, but a teacher token SHORTER than the student's piece in context counts toward
+the shorter piece the student starts it with, never toward the longer ones it could begin
+(teacher " ca" goes to the student's " ca" or " c", not to " cat" or " cab": splitting it
+would need the teacher's distributions one more token ahead). And the student's first
+token of a piece is taken from the piece alone, not from the text that follows it.
 
 Unlike sorting probabilities (ULD), this keeps which token each probability belongs to: a
 student whose distribution is shifted by one token pays for it.
@@ -95,22 +111,56 @@ def _ordinary_first(tokenizer: Any, pieces: list[bytes | None]) -> list[int]:
     return sorted(ids, key=lambda i: bool(_BYTE_PIECE.match(names[i] or "")))
 
 
+def _first_tokens(tokenizer: Any, texts: list[str]) -> list[int | None]:
+    """The first token of each text in the tokenizer's own encoding (None: no token),
+    markup-looking text read as text."""
+    if not texts:
+        return []
+    try:
+        enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
+    except TypeError:  # a tokenizer without split_special_tokens
+        enc = tokenizer(texts, add_special_tokens=False)
+    return [int(ids[0]) if len(ids) else None for ids in enc["input_ids"]]
+
+
+def _longest_prefix(data: bytes, student: dict[bytes, int], longest: int) -> int:
+    """The student id of the longest piece `data` starts with, or -1."""
+    for n in range(min(len(data), longest), 0, -1):
+        s = student.get(data[:n])
+        if s is not None:
+            return s
+    return -1
+
+
 def vocab_map(teacher_tok: Any, student_tok: Any) -> np.ndarray:
-    """int64 [len(teacher_tok)]: the student id whose piece has exactly the same bytes, or
-    -1. Injective (each student id is the target of at most one teacher id), so mapped top-k
-    ids stay distinct; byte-fallback pieces match only bytes no ordinary piece stands for."""
+    """int64 [len(teacher_tok)]: the student id a teacher token's mass goes to, or -1 (a
+    special token, or no student piece its bytes start with). It is the FIRST token of the
+    student's own encoding of the teacher piece's bytes (" cats" -> " cat" when the student
+    writes " cats" as " cat" + "s"): the student starts that text with that piece. Where the
+    bytes are not text (a piece cut inside a UTF-8 character) or that first token is not a
+    prefix of them (a normaliser or an added prefix space changed the text), the longest
+    student piece they start with, ordinary pieces before byte-fallback ones. Many teacher
+    ids can map to one student id: `TokenAligner.map_topk` sums their mass."""
     s_pieces = piece_bytes(student_tok)
     student: dict[bytes, int] = {}
     for i in _ordinary_first(student_tok, s_pieces):
         student.setdefault(s_pieces[i], i)  # type: ignore[arg-type]
+    longest = max((len(b) for b in student), default=0)
     t_pieces = piece_bytes(teacher_tok)
     out = np.full(len(t_pieces), -1, dtype=np.int64)
-    taken: set[int] = set()
-    for i in _ordinary_first(teacher_tok, t_pieces):
-        s = student.get(t_pieces[i])  # type: ignore[arg-type]
-        if s is not None and s not in taken:
-            out[i] = s
-            taken.add(s)
+    texts: dict[int, str] = {}
+    for i, b in enumerate(t_pieces):
+        if not b:
+            continue
+        try:
+            texts[i] = b.decode("utf-8")
+        except UnicodeDecodeError:
+            out[i] = _longest_prefix(b, student, longest)
+    firsts = _first_tokens(student_tok, list(texts.values()))
+    for i, s in zip(texts, firsts, strict=True):
+        piece = s_pieces[s] if s is not None and 0 <= s < len(s_pieces) else None
+        prefix = bool(piece) and t_pieces[i].startswith(piece)  # type: ignore[union-attr,arg-type]
+        out[i] = s if prefix else _longest_prefix(t_pieces[i], student, longest)  # type: ignore[arg-type]
     return out
 
 
@@ -207,14 +257,26 @@ class TokenAligner:
         return Alignment(ids, np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
 
     def map_topk(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Teacher top-k [n, k] -> (student ids int64, log-probs float32) [n, k]. An id with
-        no student piece becomes an empty (-inf) entry repeating the row's first mapped id,
-        so the student's tail still excludes exactly the row's ids; a row with nothing
+        """Teacher top-k [n, k] -> (student ids int64, log-probs float32) [n, k]. Each
+        student id carries the summed mass of the row's teacher ids that map to it (in the
+        entry of the first of them); the other entries, and ids that map nowhere, become
+        empty (-inf) entries repeating the row's first finite id, so finite ids are distinct
+        and the student's tail still excludes exactly the row's ids. A row with nothing
         mapped is all empty (ids 0)."""
         ids = np.asarray(ids).astype(np.int64)
+        n, k = ids.shape
         inside = (ids >= 0) & (ids < len(self.map))  # a model's padded vocab rows map nowhere
         mapped = np.where(inside, self.map[np.where(inside, ids, 0)], -1)
-        valid = mapped >= 0
-        lp = np.where(valid, np.asarray(logprobs, dtype=np.float32), -np.inf).astype(np.float32)
-        first = np.where(valid.any(1), mapped[np.arange(len(mapped)), valid.argmax(1)], 0)
-        return np.where(valid, mapped, first[:, None]).astype(np.int64), lp
+        lp = np.asarray(logprobs, dtype=np.float64)
+        valid = (mapped >= 0) & np.isfinite(lp)
+        key = np.where(valid, np.arange(n)[:, None] * (int(mapped.max(initial=0)) + 1) + mapped, -1)
+        at = np.flatnonzero(key.ravel() >= 0)
+        _, first, group = np.unique(key.ravel()[at], return_index=True, return_inverse=True)
+        mass = np.bincount(group.ravel(), weights=np.exp(lp.ravel()[at]), minlength=len(first))
+        out_lp = np.full(n * k, -np.inf, dtype=np.float32)
+        with np.errstate(divide="ignore"):  # a mass that underflowed to 0 carries nothing
+            out_lp[at[first]] = np.log(np.minimum(mass, 1.0))  # float16 sums can pass 1
+        out_lp = out_lp.reshape(n, k)
+        kept = np.isfinite(out_lp)
+        row_first = np.where(kept.any(1), mapped[np.arange(n), kept.argmax(1)], 0)
+        return np.where(kept, mapped, row_first[:, None]).astype(np.int64), out_lp

@@ -1,6 +1,7 @@
-"""Run inside the image at build time: every pin of requirements-gpu.txt is what is
-installed, and torch is a CUDA build. Needs no GPU: it reads package metadata and
-`torch.version.cuda` (set in CUDA builds whether or not a GPU is present)."""
+"""Run inside the image at build time: every package of the lock requirements-gpu.txt is
+installed at its locked version, and torch is a CUDA build. Needs no GPU: it reads package
+metadata and `torch.version.cuda` (set in CUDA builds whether or not a GPU is present).
+The hashes themselves are pip's to check (`--require-hashes`, cluster/Dockerfile)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,30 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-PINS = Path(__file__).with_name("requirements-gpu.txt")
+LOCK = Path(__file__).with_name("requirements-gpu.txt")
+_PIN = re.compile(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([^\s;]+)")
 
 
-def pins(path: Path = PINS) -> dict[str, str]:
-    """`name==version` lines (extras dropped), comments and blank lines skipped."""
-    found = {}
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line:
+def requirements(path: Path = LOCK) -> list[tuple[str, str, list[str]]]:
+    """(name, version, sha256 hashes) per requirement of a pip requirements file: lines
+    continued with a backslash are joined, comments dropped, extras ignored. Anything but an
+    exact `name==version` pin with `--hash=sha256:...` options is refused."""
+    found = []
+    for line in path.read_text().replace("\\\n", " ").splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
             continue
-        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([^\s;]+)", line)
-        if not m:
-            raise ValueError(f"{path.name}: {line!r} is not an exact name==version pin")
-        found[m.group(1).lower()] = m.group(3)
+        m = _PIN.fullmatch(words[0])
+        hashes = [w.removeprefix("--hash=sha256:") for w in words[1:]]
+        if not m or any(not re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
+            raise ValueError(f"{path.name}: {' '.join(words)!r} is not an exact pin with hashes")
+        found.append((m.group(1).lower(), m.group(3), hashes))
     return found
+
+
+def pins(path: Path = LOCK) -> dict[str, str]:
+    """name -> version of every requirement in `path`."""
+    return {name: ver for name, ver, _ in requirements(path)}
 
 
 def main() -> int:

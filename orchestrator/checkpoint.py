@@ -2,8 +2,11 @@
 
 `checkpoints/latest.json` is the only truth. A `step_*` folder counts only once the ledger
 names it: a crash while the ranks write shards (or before the ledger is replaced) leaves a
-folder the ledger does not name, and that folder is deleted on resume. Retention keeps the
-newest `keep` *committed* tags, so it can never delete the checkpoint the ledger points to.
+folder the ledger does not name, and that folder is deleted on start-up and resume (never
+during a run: the next checkpoint's folder may be half-written by the ranks while the driver
+commits this one). Retention deletes only committed tags older than the newest `keep`.
+The ledger records the sha256 of every file of each kept checkpoint (hashed by the rank that
+wrote it); `verify_checkpoint` checks them before anything is loaded (DeepSpeed unpickles).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from actors.durable import fsync_dir, fsync_tree
+from actors.durable import fsync_dir, fsync_tree, sha256_file
+from orchestrator.recipe import RecipeError
 
 LEDGER = "latest.json"
+ROWS = "tracker_rows.json"  # the MLflow rows a checkpoint makes final, kept with it
 FAULT_ENV = "RAYDISTILL_FAULT"
 
 
@@ -59,24 +64,82 @@ def prune_uncommitted(run_dir: Path) -> list[str]:
     return stray
 
 
-def commit_checkpoint(run_dir: Path, step: int, extra: dict[str, Any], keep: int) -> None:
-    """Record `step_{step}` (already written by the ranks) as the newest complete checkpoint,
-    then delete what the ledger no longer names. Order matters: shards on disk, then the
-    ledger, then deletions, so a crash at any point leaves the ledger naming complete
-    checkpoints only."""
+def commit_checkpoint(
+    run_dir: Path,
+    step: int,
+    extra: dict[str, Any],
+    keep: int,
+    files: dict[str, str],
+    rows: list[list[Any]] | None = None,
+) -> None:
+    """Record `step_{step}` (already written, fsynced and hashed by the ranks: `files` maps
+    each written file's path to its sha256) as the newest complete checkpoint, with the
+    MLflow `rows` its steps make final, then delete committed tags older than the `keep`
+    newest. Order matters: shards on disk, then the ledger, then deletions, so a crash at
+    any point leaves the ledger naming complete checkpoints only. Folders the ledger does
+    not name are left alone here (the next save may be writing one): `prune_uncommitted`."""
     ckpt = run_dir / "checkpoints"
     tag = tag_for(step)
-    if not (ckpt / tag).is_dir():
-        raise RuntimeError(f"checkpoint {ckpt / tag} was not written; not committing it")
-    fsync_tree(ckpt / tag)
+    folder = ckpt / tag
+    if not folder.is_dir():
+        raise RuntimeError(f"checkpoint {folder} was not written; not committing it")
+    hashes = {Path(p).relative_to(folder).as_posix(): h for p, h in files.items()}
+    if rows is not None:
+        write_json(folder / ROWS, {"rows": rows})
+        hashes[ROWS] = sha256_file(folder / ROWS)
+    unhashed = sorted(set(_files_in(folder)) - set(hashes))
+    if unhashed:
+        raise RuntimeError(f"checkpoint {folder}: no rank hashed {unhashed[0]}; not committing")
+    fsync_tree(folder)
     _fault_point("kill_before_ledger", step)
-    previous = [t for t in committed_tags(run_dir, read_ledger(run_dir)) if t != tag]
+    ledger = read_ledger(run_dir)
+    previous = [t for t in committed_tags(run_dir, ledger) if t != tag]
     committed = [*previous, tag][-keep:]
-    write_json(ckpt / LEDGER, {**extra, "step": step, "tag": tag, "committed": committed})
-    for old in _tag_dirs(run_dir):
-        if old not in committed:
+    known = (ledger or {}).get("files", {})
+    kept_files = {t: known[t] for t in committed if t in known} | {tag: hashes}
+    record = {**extra, "step": step, "tag": tag, "committed": committed, "files": kept_files}
+    write_json(ckpt / LEDGER, record)
+    _fault_point("kill_after_ledger", step)
+    oldest_kept = min(_step_of(t) or 0 for t in committed)
+    for old in previous:
+        if old not in committed and (_step_of(old) or 0) < oldest_kept:
             shutil.rmtree(ckpt / old, ignore_errors=True)
-    (ckpt / "latest").unlink(missing_ok=True)  # DeepSpeed's own pointer; our ledger rules
+    (ckpt / "latest").unlink(missing_ok=True)  # DeepSpeed's pointer, from older runs
+
+
+def verify_checkpoint(run_dir: Path, ledger: dict[str, Any]) -> None:
+    """Refuse (one line naming the file) a checkpoint whose files are not exactly those the
+    ledger hashed: a changed byte, a missing file, or a file nobody recorded. Called before
+    any rank loads it: DeepSpeed's loader unpickles, so an unchecked file could run code."""
+    tag = ledger["tag"]
+    folder = run_dir / "checkpoints" / tag
+    where = f"checkpoint {tag}"
+    expected = ledger.get("files", {}).get(tag)
+    if expected is None:
+        print(f"{where}: the ledger records no file hashes (an older run); not checking")
+        return
+    unknown = sorted(set(_files_in(folder)) - set(expected))
+    if unknown:
+        raise RecipeError(str(folder / unknown[0]), f"not in the ledger of {where}; not loading it")
+    for name, digest in sorted(expected.items()):
+        path = folder / name
+        if not path.is_file():
+            raise RecipeError(str(path), f"missing; the ledger of {where} names it")
+        if sha256_file(path) != digest:
+            raise RecipeError(
+                str(path), f"sha256 differs from the ledger of {where}; not loading it"
+            )
+
+
+def checkpoint_rows(run_dir: Path, ledger: dict[str, Any]) -> list[list[Any]]:
+    """The MLflow rows kept with the ledger's checkpoint (none for older runs)."""
+    path = run_dir / "checkpoints" / ledger["tag"] / ROWS
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
+def _files_in(folder: Path) -> list[str]:
+    """Every file under `folder`, as a path relative to it."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
 def _fault_point(name: str, step: int) -> None:

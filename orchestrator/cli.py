@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orchestrator.faults import RuntimeFault
+from orchestrator import run_lock
+from orchestrator.faults import RAY_CAPACITY_ERRORS, RuntimeFault, capacity_fault
 from orchestrator.recipe import RecipeError
 
-EXIT_USAGE = 2
-EXIT_FAULT = 1
+EXIT_USAGE = 2  # a runtime fault's code is its own (`RuntimeFault.exit_code`)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
     run.add_argument("--stop-after", type=int, help="checkpoint and stop after N steps")
+    run.add_argument(
+        "--run-dir",
+        help="a fixed run directory: continue the run in it, exit 0 if it finished, "
+        "else start the run there (a re-created cluster job picks up where it stopped)",
+    )
     resume = sub.add_parser("resume", help="continue a stopped run from its last checkpoint")
     resume.add_argument("run_dir")
     resume.add_argument("--stop-after", type=int, help="checkpoint and stop after N steps")
@@ -53,14 +58,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)  # submit: overrides may follow --address
-    if extra and (args.command != "submit" or not all("=" in e for e in extra)):
+    args, extra = parser.parse_known_args(argv)  # overrides may follow an option
+    if extra and (args.command not in ("run", "submit") or not all("=" in e for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
         if args.command == "run":
-            return _run(args.recipe, args.overrides, args.stop_after)
+            return _run(args.recipe, args.overrides, args.stop_after, args.run_dir)
         if args.command == "resume":
             return _resume(args.run_dir, args.stop_after)
         if args.command == "submit":
@@ -86,35 +91,87 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"raydistill: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except RuntimeFault as exc:
+    except (RuntimeFault, *RAY_CAPACITY_ERRORS) as exc:
         if args.debug:
             raise
-        print(f"raydistill: run stopped: {exc}", file=sys.stderr)
-        return EXIT_FAULT
+        fault = exc if isinstance(exc, RuntimeFault) else capacity_fault(exc)
+        print(f"raydistill: run stopped: {fault}", file=sys.stderr)
+        return fault.exit_code
 
 
-def _run(recipe_path: str, overrides: list[str], stop_after: int | None) -> int:
+def _run(
+    recipe_path: str, overrides: list[str], stop_after: int | None, run_dir_arg: str | None = None
+) -> int:
     from orchestrator.driver import new_run_dir
     from orchestrator.preflight import preflight
     from orchestrator.recipe import load_recipe
 
+    found = _found_run(Path(run_dir_arg)) if run_dir_arg is not None else None
+    if found == "finished":  # a re-created job whose run had ended: nothing to do, no failure
+        print(
+            f"run directory {run_dir_arg}: this run already finished; nothing to do "
+            "(a new run needs another --run-dir)",
+            flush=True,
+        )
+        return 0
     recipe = preflight(load_recipe(recipe_path, overrides))
-    run_dir = new_run_dir(recipe)
+    if found == "unfinished":
+        _same_recipe(recipe, Path(run_dir_arg))
+        print(f"run directory {run_dir_arg}: continuing its run", flush=True)
+        return _resume(run_dir_arg, stop_after)
+    run_dir = new_run_dir(recipe, run_dir_arg)
     print(f"run directory: {run_dir}", flush=True)
-    return _execute(recipe, run_dir, stop_after)
+    with run_lock.hold(run_dir, "run directory"):
+        return _execute(recipe, run_dir, stop_after)
+
+
+def _found_run(run_dir: Path) -> str | None:
+    """What `run --run-dir` finds in the folder: "finished", "unfinished" (a checkpoint or a
+    finished stage to continue from), or None (absent, empty, or a run that wrote nothing
+    worth keeping yet: the run starts there). A folder of something else is refused."""
+    from orchestrator.checkpoint import read_ledger
+
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return None
+    if not (run_dir / "recipe.yaml").is_file():
+        raise RecipeError("--run-dir", f"{run_dir} is not empty and holds no run (no recipe.yaml)")
+    if (run_dir / "summary.json").exists():
+        return "finished"
+    staged = (run_dir / "stages.json").exists() or (run_dir / "stages").is_dir()
+    return "unfinished" if staged or read_ledger(run_dir) is not None else None
+
+
+def _same_recipe(recipe: Any, run_dir: Path) -> None:
+    """The run in `run_dir` continues only under the recipe it started with."""
+    from orchestrator.identity import recipe_hash
+    from orchestrator.recipe import load_recipe
+
+    if recipe_hash(recipe) != recipe_hash(load_recipe(run_dir / "recipe.yaml")):
+        raise RecipeError(
+            "--run-dir",
+            f"{run_dir} holds an unfinished run of another recipe: continue it with "
+            f"`raydistill resume {run_dir}`, or give another --run-dir",
+        )
 
 
 def _resume(run_dir_arg: str, stop_after: int | None) -> int:
     """Refuses (exit 2, run dir kept) when the recipe, data file or student tokenizer changed
-    since the run started, before any actor starts; teachers are checked once they are up."""
+    since the run started, before any actor starts; teachers are checked once they are up.
+    Refused (exit 2) while another process holds the run directory (see `run_lock`)."""
+    run_dir = Path(run_dir_arg).resolve()
+    if not (run_dir / "recipe.yaml").is_file():
+        raise RecipeError(run_dir_arg, "not a run directory (no recipe.yaml)")
+    with run_lock.hold(run_dir, "run directory"):  # one writer: a second resume is refused
+        return _resume_held(run_dir_arg, run_dir, stop_after)
+
+
+def _resume_held(run_dir_arg: str, run_dir: Path, stop_after: int | None) -> int:
+    """`_resume` once this process holds the run directory's lock."""
     from orchestrator.checkpoint import read_ledger
     from orchestrator.identity import check_identity, driver_side_identity
     from orchestrator.preflight import preflight
     from orchestrator.recipe import load_recipe
 
-    run_dir = Path(run_dir_arg).resolve()
-    if not (run_dir / "recipe.yaml").is_file():
-        raise RecipeError(run_dir_arg, "not a run directory (no recipe.yaml)")
     if (run_dir / "stages.json").exists() or (run_dir / "stages").is_dir():
         if (run_dir / "summary.json").exists():
             raise RecipeError(run_dir_arg, "this run already finished")
@@ -154,10 +211,14 @@ def _execute(recipe: Any, run_dir: Path, stop_after: int | None) -> int:
         if not kept():  # nothing worth keeping was written yet
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    except RuntimeFault as exc:
-        if kept():
-            raise RuntimeFault(f"{exc}; continue with: raydistill resume {run_dir}") from exc
-        raise RuntimeFault(f"{exc}; no checkpoint was written yet ({run_dir})") from exc
+    except (RuntimeFault, *RAY_CAPACITY_ERRORS) as exc:
+        fault = exc if isinstance(exc, RuntimeFault) else capacity_fault(exc)
+        hint = f"continue with: raydistill resume {run_dir}"
+        if not kept():
+            hint = f"no checkpoint was written yet ({run_dir})"
+        told = RuntimeFault(f"{fault}; {hint}")
+        told.exit_code = fault.exit_code  # out of memory: exit 2, the recipe must change
+        raise told from exc
     if result.finished and recipe.stages:
         for name, figures in result.summary["stages"].items():
             if "eval_after" in figures:

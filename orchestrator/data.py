@@ -105,26 +105,65 @@ def _split(
     )
 
 
+MAX_LINE_BYTES = 16 << 20  # one JSONL row; a longer line is a broken file, not an example
+_TEXT_FIELDS = ("text", "prompt", "response")
+
+
 def read_records(path: str) -> list[dict[str, str]]:
-    """Rows of a .jsonl or .parquet file; each needs `text`, or `prompt` (+ `response`)."""
+    """Rows of a .jsonl (UTF-8) or .parquet file; each needs `text`, or `prompt` (+
+    `response`), as strings. Whatever cannot be read is a RecipeError naming the file and
+    its line (JSONL) or row (Parquet)."""
     p = Path(path)
-    if p.suffix == ".parquet":
-        records = pq.read_table(p).to_pylist()
-    else:
-        records = []
-        for lineno, line in enumerate(p.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise RecipeError(f"{path}:{lineno}", "not a JSON object") from exc
-    for i, rec in enumerate(records):
+    rows = _parquet_rows(p) if p.suffix == ".parquet" else _jsonl_rows(p)
+    records = []
+    for where, rec in rows:
         if not isinstance(rec, dict) or not ({"text", "prompt"} & rec.keys()):
-            raise RecipeError(f"{path}: row {i + 1}", "needs a `text` or `prompt` field")
+            raise RecipeError(f"{path}: {where}", "needs a `text` or `prompt` field")
+        for key in _TEXT_FIELDS:
+            value = rec.get(key)
+            if key not in rec or isinstance(value, str) or (key == "response" and value is None):
+                continue  # a null response: none given
+            kind = "null" if value is None else type(value).__name__
+            raise RecipeError(f"{path}: {where}", f"`{key}` is {kind}, expected a string")
+        records.append(rec)
     if not records:
         raise RecipeError("data.path", f"{path} has no rows")
     return records
+
+
+def _parquet_rows(path: Path) -> list[tuple[str, Any]]:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        why = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise RecipeError(str(path), f"not a readable Parquet file ({why})") from exc
+    return [(f"row {i + 1}", rec) for i, rec in enumerate(table.to_pylist())]
+
+
+def _jsonl_rows(path: Path) -> list[tuple[str, Any]]:
+    """(`line N`, parsed row) per non-blank line, read as bytes and decoded as UTF-8 line by
+    line (a byte order mark at the start is allowed), no line longer than MAX_LINE_BYTES."""
+    rows = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 2), b""), 1):
+            where = f"line {lineno}"
+            if len(raw.rstrip(b"\r\n")) > MAX_LINE_BYTES:
+                raise RecipeError(
+                    f"{path}: {where}", f"longer than {MAX_LINE_BYTES >> 20} MiB: not one example"
+                )
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise RecipeError(
+                    f"{path}: {where}", f"not valid UTF-8 (byte {exc.start + 1})"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                rows.append((where, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise RecipeError(f"{path}: {where}", "not a JSON object") from exc
+    return rows
 
 
 Response = dict[str, str]  # {"response": text, "finish_reason": "stop" | "length"}

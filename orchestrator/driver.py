@@ -21,7 +21,7 @@ from orchestrator.checkpoint import (
     write_json,
 )
 from orchestrator.data import Dataset, file_dataset, synthetic_dataset, writer_key
-from orchestrator.faults import RuntimeFault
+from orchestrator.faults import RuntimeFault, finish_tracking
 from orchestrator.identity import check_identity, run_identity
 from orchestrator.offline import CachedTeacherPool, cached_teachers
 from orchestrator.placement import check_reachable, check_resources, record
@@ -50,11 +50,14 @@ def loop_class(mode: str) -> type[TrainLoop]:
     return TrainLoop
 
 
-def new_run_dir(recipe: Recipe) -> Path:
-    """Created only after the recipe passed every check, so bad input leaves nothing."""
+def new_run_dir(recipe: Recipe, at: str | Path | None = None) -> Path:
+    """Created only after the recipe passed every check, so bad input leaves nothing.
+    `at`: a fixed folder (`raydistill run --run-dir`) instead of a time-stamped one."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     run_dir = Path(recipe.run.output_dir).resolve() / f"{recipe.run.name}-{stamp}"
-    (run_dir / "checkpoints").mkdir(parents=True)
+    if at is not None:
+        run_dir = Path(at).resolve()
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=at is not None)
     (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
     return run_dir
 
@@ -130,8 +133,6 @@ def execute(
         status = "FINISHED" if result.finished else "KILLED"  # KILLED: stopped, resumable
         return result
     finally:
-        if tracker is not None:
-            tracker.finish(status)
         if loop is not None:
             loop.shutdown()
         if students is not None:
@@ -140,6 +141,8 @@ def execute(
             pool.shutdown()
         if started_ray:
             ray.shutdown()
+        if tracker is not None:  # last: a store that fails leaves no actor behind
+            finish_tracking(tracker, status)
 
 
 def live_pool(recipe: Recipe, cfg: TeacherConfig) -> TeacherPool:

@@ -3,8 +3,10 @@
 A call goes to the replica with the fewest outstanding calls. The driver never waits on a
 judge without a bound: a call that raises, runs past `timeout_s` or returns something
 unusable is sent once more to another replica (never behind the call that hung: a hung
-replica is replaced by a fresh actor), and if that fails too its samples are dropped (None)
-and counted.
+replica is restarted), and if that fails too its samples are dropped (None) and counted.
+A replica is restarted at most `cluster.max_restarts` times, whether it died or hung; past
+that it is stopped for good and its calls fail at once (dropped, counted): a judge costs
+samples, never the run, and never an unbounded wait.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import ray
 
 from actors.judge import JudgeActor
 from orchestrator.balance import LeastOutstanding
+from orchestrator.faults import probe
 from orchestrator.ray_env import service_options
-from orchestrator.recipe import JudgeConfig
+from orchestrator.recipe import ClusterConfig, JudgeConfig
 
 
 @dataclass
@@ -47,10 +50,15 @@ class Outcome:
 
 
 class JudgePool:
-    def __init__(self, cfg: JudgeConfig, model: str | None) -> None:
+    def __init__(
+        self, cfg: JudgeConfig, model: str | None, cluster: ClusterConfig | None = None
+    ) -> None:
         self.cfg = cfg
-        # a dead replica comes back; the pool itself re-issues a call that failed or timed out
-        options = {**service_options(cfg, -1), "max_task_retries": 0}
+        self.max_restarts = (cluster or ClusterConfig()).max_restarts
+        self.restarts: dict[str, int] = {}  # by replica name: hung ones the pool restarted
+        # a dead replica comes back (as often as a hung one may); the pool itself re-issues
+        # a call that failed or timed out
+        options = {**service_options(cfg, self.max_restarts), "max_task_retries": 0}
         if cfg.function:  # the function's module imports in the actor as on the driver
             paths = [p for p in sys.path if p and os.path.isdir(p)]
             options["runtime_env"]["env_vars"]["PYTHONPATH"] = os.pathsep.join(paths)
@@ -99,7 +107,7 @@ class JudgePool:
                 break
             retried += 1
             if error == "timeout":
-                self._restart(call.replica)  # a hung replica is replaced, not queued behind
+                self._restart(call.replica)  # restarted (or stopped), never queued behind
             retry = self.submit(call.method, *call.args, avoid=call.replica)
             retry.tries = call.tries + 1
             retry.start, retry.depth = call.start, call.depth
@@ -122,10 +130,39 @@ class JudgePool:
             return [], "malformed"
         return [_usable(v) for v in values], None
 
-    def _restart(self, i: int) -> None:
-        ray.kill(self.replicas[i], no_restart=True)
-        self.replicas[i] = self._start()
+    def replica_name(self, i: int) -> str:
+        return f"judge {self.name} replica {i}"
+
+    def actors(self) -> dict[str, Any]:
+        """The replicas by name (what a fault names)."""
+        return {self.replica_name(i): r for i, r in enumerate(self.replicas)}
+
+    def restart_unresponsive(self, timeout_s: float) -> list[str]:
+        """Restart the replicas that do not answer within `timeout_s`; the names of those
+        restarted (not of those past their restarts, stopped for good)."""
+        silent = probe(self.actors(), timeout_s)
+        names = list(self.actors())
+        return [name for name in silent if self._restart(names.index(name))]
+
+    def _restart(self, i: int) -> bool:
+        """Kill replica i and let Ray start it again (one restart of its budget, which Ray
+        also spends on crashes); past `max_restarts` stop it for good. True if restarted."""
+        name = self.replica_name(i)
+        done = self.restarts.get(name, 0)
         self.balance.reset(i)
+        if done > self.max_restarts:  # stopped already
+            return False
+        self.restarts[name] = done + 1
+        if done == self.max_restarts:
+            ray.kill(self.replicas[i], no_restart=True)
+            print(
+                f"{name} hung again after {done} restarts (cluster.max_restarts): stopped, "
+                "its judgments are dropped and counted",
+                flush=True,
+            )
+            return False
+        ray.kill(self.replicas[i], no_restart=False)
+        return True
 
     def shutdown(self) -> None:
         for actor in self.replicas:

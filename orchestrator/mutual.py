@@ -93,7 +93,7 @@ class MutualLoop(TrainLoop):
         return [ref for g in self.groups for ref in g.evaluate(h.shards, h.signals)]
 
     def _eval_result(self, refs: list[ray.ObjectRef]) -> dict[str, float]:
-        parts = gather(refs, "evaluation")
+        parts = self._wait(refs, "evaluation", students=True)
         out = self._pool_eval(parts[: self.world])
         for g, group in enumerate(self.peers, start=1):
             mine = self._pool_eval(parts[g * self.world : (g + 1) * self.world])

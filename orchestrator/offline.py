@@ -12,8 +12,11 @@ stops before any actor starts with one line naming the field and both values.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -33,8 +36,9 @@ from actors.signal_cache import (
     data_hash,
     verify,
 )
+from orchestrator import run_lock
 from orchestrator.balance import LeastOutstanding
-from orchestrator.faults import gather
+from orchestrator.faults import gather, restart_unresponsive
 from orchestrator.ray_env import service_options
 from orchestrator.recipe import Recipe, RecipeError, TeacherConfig
 
@@ -118,6 +122,7 @@ class CachedTeacherPool:
         }
         self.replicas: list[Any] = []
         self.balance = LeastOutstanding(1)
+        self.restarts: dict[str, int] = {}
 
     @property
     def name(self) -> str:
@@ -157,8 +162,20 @@ class CachedTeacherPool:
             "response cache: run `raydistill cache build` with this recipe first",
         )
 
+    def holder(self, ref: ray.ObjectRef) -> str:
+        return f"cache reader {self.name}"
+
+    def actors(self) -> dict[str, Any]:
+        return {f"cache reader {self.name}": actor for actor in self.replicas}
+
+    def restart_unresponsive(self, timeout_s: float) -> list[str]:
+        """Restart the reader if it does not answer within `timeout_s` (see faults.py)."""
+        cap = self.recipe.cluster.max_restarts
+        return restart_unresponsive(self.actors(), self.restarts, cap, timeout_s)
+
     def served(self) -> dict[str, int]:
-        info = gather([self.replicas[0].info.remote()], f"cache {self.name}")[0]
+        bound = self.recipe.cluster.setup_timeout_s
+        info = gather([self.replicas[0].info.remote()], f"cache {self.name}", timeout_s=bound)[0]
         return {k: int(info["served"][k]) for k in ("calls", "rows")}
 
     def load(self) -> dict[str, float]:
@@ -193,7 +210,11 @@ def build(recipe: Recipe, pools: list[Any], dataset: Any, chunk_rows: int = 32) 
         except CacheMismatch as exc:
             i = recipe.teachers.index(cfg)
             raise RecipeError(f"teachers[{i}].cache", f"{root} holds another cache: {exc}") from exc
-        report[cfg.name] = _fill(pool, writer, dataset, chunk_rows)
+        except CacheCorrupt as exc:
+            i = recipe.teachers.index(cfg)
+            raise RecipeError(f"teachers[{i}].cache", f"{root}: {exc}") from exc
+        bound = recipe.cluster.step_timeout_s
+        report[cfg.name] = _fill(pool, writer, dataset, chunk_rows, bound)
         report[cfg.name].update(bytes_per_position=bytes_per_position(root), path=str(root))
     return report
 
@@ -208,7 +229,11 @@ def _chunks(dataset: Any, first: int, size: int) -> list[tuple[int, TokenBatch]]
     return out
 
 
-def _fill(pool: Any, writer: CacheWriter, dataset: Any, size: int) -> dict[str, Any]:
+def _fill(
+    pool: Any, writer: CacheWriter, dataset: Any, size: int, timeout_s: float
+) -> dict[str, Any]:
+    """Score the chunks in order, a few in flight; each is waited for at most `timeout_s`
+    once the ones before it are in."""
     total = len(dataset.train) + len(dataset.heldout)
     begin, start = writer.next_row, time.monotonic()
     todo = deque(_chunks(dataset, begin, size))
@@ -224,7 +249,8 @@ def _fill(pool: Any, writer: CacheWriter, dataset: Any, size: int) -> dict[str, 
         issue()
     while inflight:
         first, part, ref = inflight.popleft()
-        signal = gather([ref], f"teacher {pool.name} scoring cache rows from {first}")[0]
+        what = f"teacher {pool.name} scoring cache rows from {first}"
+        signal = gather([ref], what, timeout_s=timeout_s, who=[pool.holder(ref)])[0]
         issue()
         ends = np.cumsum(part.loss_mask.sum(axis=1))
         for r, (a, b) in enumerate(zip(np.concatenate([[0], ends[:-1]]), ends, strict=True)):
@@ -260,11 +286,8 @@ def verify_cache(path: str) -> int:
 
 def build_command(recipe: Recipe) -> int:
     """`raydistill cache build RECIPE`: start the cached teachers (and the first teacher, if
-    it writes the responses), tokenize the data as a run would, write each cache."""
-    from orchestrator.driver import build_dataset, live_pool
-    from orchestrator.placement import check_resources
-    from orchestrator.ray_env import ensure_ray
-
+    it writes the responses), tokenize the data as a run would, write each cache. Each cache
+    folder is held (`run_lock`) for the whole build: a second build of it is refused."""
     names = {t.name for t in cached_teachers(recipe)}
     if not names:
         raise RecipeError(
@@ -272,20 +295,10 @@ def build_command(recipe: Recipe) -> int:
         )
     writer = recipe.teachers[0] if recipe.data.responses == "teacher" else None
     wanted = [t for t in recipe.teachers if t.name in names or t is writer]
-    started = ensure_ray(recipe.cluster)
-    pools: list[Any] = []
-    try:
-        live = [t.model_copy(update={"cache": None}) for t in wanted]  # here they all run
-        mode = recipe.distill.model_copy(update={"mode": "off_policy"})
-        check_resources(recipe.model_copy(update={"teachers": live, "distill": mode}))
-        pools = [live_pool(recipe, t) for t in wanted]
-        dataset = build_dataset(recipe, pools)
-        report = build(recipe, pools, dataset)
-    finally:
-        for pool in pools:
-            pool.shutdown()
-        if started:
-            ray.shutdown()
+    with ExitStack() as held:  # refused here, before Ray or a model starts
+        for t in cached_teachers(recipe):
+            held.enter_context(_hold_cache(cache_path(recipe, t)))
+        report = _build_with(recipe, wanted)
     for name, r in report.items():
         resumed = f" (resumed at row {r['resumed_at']})" if r["resumed_at"] else ""
         print(
@@ -294,3 +307,40 @@ def build_command(recipe: Recipe) -> int:
             flush=True,
         )
     return 0
+
+
+@contextmanager
+def _hold_cache(root: Path) -> Iterator[None]:
+    """Hold a cache folder's lock; a folder this build created and left without a manifest
+    (it failed first) is removed, so a failed build leaves nothing behind."""
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    with run_lock.hold(root, "signal cache"):
+        try:
+            yield
+        except BaseException:
+            if created and [p.name for p in root.iterdir()] == [run_lock.LOCK_NAME]:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+
+
+def _build_with(recipe: Recipe, wanted: list[TeacherConfig]) -> dict[str, Any]:
+    """Start Ray and the `wanted` teachers, build every cache, tear everything down."""
+    from orchestrator.driver import build_dataset, live_pool
+    from orchestrator.placement import check_resources
+    from orchestrator.ray_env import ensure_ray
+
+    started = ensure_ray(recipe.cluster)
+    pools: list[Any] = []
+    try:
+        live = [t.model_copy(update={"cache": None}) for t in wanted]  # here they all run
+        mode = recipe.distill.model_copy(update={"mode": "off_policy"})
+        check_resources(recipe.model_copy(update={"teachers": live, "distill": mode}))
+        pools = [live_pool(recipe, t) for t in wanted]
+        dataset = build_dataset(recipe, pools)
+        return build(recipe, pools, dataset)
+    finally:
+        for pool in pools:
+            pool.shutdown()
+        if started:
+            ray.shutdown()

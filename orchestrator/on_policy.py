@@ -28,7 +28,6 @@ import ray
 
 from actors.batch import TokenBatch
 from actors.rollout import request_seed
-from orchestrator.faults import gather
 from orchestrator.rollouts import RolloutPool
 from orchestrator.train_loop import InFlight, Queued, TrainLoop
 
@@ -56,6 +55,7 @@ class OnPolicyLoop(TrainLoop):
         super().__init__(*args, **kwargs)
         self.lmbda = self.recipe.distill.lmbda  # RLAIF sets 1: every step writes
         self.rollouts = RolloutPool(self.recipe)
+        self.services.append(self.rollouts)  # probed when a step runs past its bound
         self._snapshots: dict[int, ray.ObjectRef] = {}
         self._metas: dict[int, list[dict[str, Any]]] = {}  # fetched early by a mode (RLAIF)
         self._start = 0
@@ -129,8 +129,8 @@ class OnPolicyLoop(TrainLoop):
         metrics["on_policy"] = float(bool(item.meta))
         if not item.meta:
             return
-        metas = self._metas.pop(item.step, None) or gather(
-            item.meta, f"rollouts of step {item.step + 1}"
+        metas = self._metas.pop(item.step, None) or self._wait(
+            item.meta, f"rollouts of step {item.step + 1}", self.rollouts.engines_of(item.meta)
         )
         step = item.step
         staleness = [step - m["version"] for m in metas]

@@ -134,6 +134,9 @@ def record(run_dir: Path, pools: list[Any], students: Any) -> dict[str, list[dic
     model folder each loaded there."""
     what = {f"teacher {p.name}": p.replicas for p in pools}
     what[f"student {students.name}"] = students.workers
-    where = {k: gather([a.node.remote() for a in v], f"{k} node") for k, v in what.items()}
+    where = {
+        k: gather([a.node.remote() for a in v], f"{k} node", **students.wait)
+        for k, v in what.items()
+    }
     write_json(run_dir / "placement.json", where)
     return where

@@ -189,10 +189,12 @@ def _check_tracking(uri: str | None) -> None:
         return
     import urllib.request
 
+    from orchestrator.credentials import without_userinfo
     from orchestrator.tracking import redact
 
+    probe = without_userinfo(uri).rstrip("/") + "/health"  # urllib takes userinfo for the host
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+        with urllib.request.urlopen(probe, timeout=5) as response:
             response.read(64)
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)

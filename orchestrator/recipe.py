@@ -8,11 +8,13 @@ becomes a RecipeError naming the field, which the CLI prints as one line with ex
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,6 +25,7 @@ from pydantic import (
 
 from actors.aggregate import AGGREGATIONS
 from actors.losses import LOSS_KINDS
+from orchestrator import credentials
 
 
 class RecipeError(Exception):
@@ -36,8 +39,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+def _path_segment(name: str) -> str:
+    """Run, teacher, judge, peer and stage names become folder names: one plain segment."""
+    if not _SEGMENT.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            "must be 1-100 letters, digits, '.', '_' or '-', not '.' or '..' (it names a folder)"
+        )
+    return name
+
+
+Name = Annotated[str, AfterValidator(_path_segment)]
+
+
 class RunConfig(_Strict):
-    name: str = "run"
+    name: Name = "run"
     output_dir: str = "runs"
     seed: int = 0
 
@@ -66,7 +84,7 @@ class Placed(_Strict):
 
 
 class TeacherConfig(Placed):
-    name: str
+    name: Name
     model: str = Field(description="local HF folder, known model name, or hub name")
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="vllm: scores through prompt log-probs (extra `raydistill[vllm]`)"
@@ -204,7 +222,7 @@ class RolloutConfig(Placed):
 class PeerConfig(StudentConfig):
     """Another student of a mutual run: its own DeepSpeed group, model and size."""
 
-    name: str
+    name: Name
 
 
 class MutualConfig(_Strict):
@@ -216,7 +234,7 @@ class JudgeConfig(Placed):
     """One judge of the student's samples (distill.mode: rlaif): a model with a rubric, or a
     Python function `module:function` (sample, prompt) -> float run in the judge actors."""
 
-    name: str
+    name: Name
     kind: Literal["score", "pairwise", "critique"] = "score"
     model: str | None = Field(None, description="a model folder, known name or hub name")
     teacher: str | None = Field(None, description="use this teacher's model")
@@ -272,8 +290,26 @@ class CheckpointConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    uri: str | None = Field(None, description="default: sqlite store under run.output_dir")
+    uri: str | None = Field(
+        None,
+        description="default: sqlite store under run.output_dir; credentials in it are kept "
+        "in memory only (written and shown as ***@), a resume takes them from "
+        "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD",
+    )
     experiment: str = "raydistill"
+
+    @field_validator("uri")
+    @classmethod
+    def _credentials_in_memory(cls, v: str | None) -> str | None:
+        """The field keeps the redacted URI (see `orchestrator/credentials.py`)."""
+        if v is None:
+            return v
+        if credentials.lost(v):  # a resumed run: its recipe file never held the password
+            raise ValueError(
+                f"{v} had credentials, which are never written down; set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+            )
+        return credentials.hold(v)
 
 
 class ClusterConfig(_Strict):
@@ -331,7 +367,7 @@ class StageConfig(_Strict):
     stage reads; train runs the recipe (with `overrides`) on the current data, starting from
     the student the previous train stage ended with."""
 
-    name: str
+    name: Name
     kind: Literal["expand", "label", "curate", "train"]
     teacher: str | None = Field(None, description="the teacher that writes; default: the first")
     expand: ExpandConfig = ExpandConfig()
@@ -404,6 +440,14 @@ class Recipe(_Strict):
                 f"distill.aggregate: {what} needs a gold continuation; the student's own "
                 f"samples have none (use confidence_by: entropy)"
             )
+        if d.aggregate in ("mean", "weighted", "confidence"):  # one mixture, one T and T^2
+            for i, t in enumerate(self.teachers):
+                if t.temperature is not None and t.temperature != d.temperature:
+                    raise ValueError(
+                        f"teachers.{i}.temperature: {t.temperature} differs from "
+                        f"distill.temperature={d.temperature}; distill.aggregate {d.aggregate} "
+                        f"mixes the teachers at distill.temperature (remove it)"
+                    )
 
     def _check_mode(self) -> None:
         self._check_aggregate()
@@ -501,6 +545,12 @@ class Recipe(_Strict):
             )
         if self.rlaif.kd_weight and not self.teachers:
             raise ValueError("rlaif.kd_weight: logit KD needs a teacher in `teachers`")
+        if self.rollout.top_p < 1 and (self.rlaif.rl_weight or self.rlaif.kl_coef):
+            raise ValueError(
+                f"rollout.top_p: {self.rollout.top_p} < 1 is refused for RL (rlaif.rl_weight "
+                f"or rlaif.kl_coef > 0): the ratio and the KL need the log-probs of the "
+                f"distribution sampled from, which top-p truncates; use top_p: 1"
+            )
 
     @property
     def grad_accum(self) -> int:

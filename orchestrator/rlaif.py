@@ -14,8 +14,13 @@ K per prompt), with one stage added between writing and training:
    + `rl_weight` x (GRPO / RLOO policy gradient, or DPO on each prompt's best-vs-worst
    pair) + `kl_coef` x KL(student || frozen reference), + the critique SFT term.
 
-A sample's reward is the weighted mean of the judges that judged it; one no judge could
-judge (all dropped) has no reward and takes no part in the policy gradient.
+A sample's reward is the weighted mean of the judges that judged it. With two or more
+reward judges (score and pairwise; critique judges give no reward) each judge's rewards are
+first standardised within each prompt's group, over the samples that judge scored
+(`standardised`), so a 1..9 rating and a 0/1 function weigh alike and a sample one judge
+dropped is scored on the others' standardised scales, never on a raw scale mixed with
+theirs. With one judge its raw reward reaches the advantage unchanged. A sample no judge
+could judge (all dropped) has no reward and takes no part in the policy gradient.
 Every `rlaif.win_rate_every` steps (and at the end) the student writes one sample for each
 of `win_rate_prompts` held-out prompts, and the first model judge compares it with the
 starting student's sample (cached in the run directory), both orders: `eval/win_rate`.
@@ -31,8 +36,7 @@ import numpy as np
 import ray
 
 from actors.chat import encode_chat
-from actors.rollout import request_seed
-from orchestrator.faults import gather
+from actors.rollout import request_seed, sampling_temperature
 from orchestrator.judges import JudgePool, Outcome
 from orchestrator.on_policy import OnPolicyLoop, prompt_ids
 from orchestrator.recipe import Recipe
@@ -55,6 +59,7 @@ def rl_spec(recipe: Recipe) -> dict[str, Any]:
         "dpo_beta": r.dpo_beta,
         "sft_weight": r.sft_weight,
         "group_size": recipe.rollout.samples_per_prompt,
+        "temperature": sampling_temperature(recipe.rollout.temperature),
     }
 
 
@@ -69,9 +74,10 @@ class RlaifLoop(OnPolicyLoop):
         recipe = self.recipe
         models = {t.name: t.model for t in recipe.teachers}
         self.judges = [
-            JudgePool(j, j.model or (models[j.teacher] if j.teacher else None))
+            JudgePool(j, j.model or (models[j.teacher] if j.teacher else None), recipe.cluster)
             for j in recipe.judges
         ]
+        self.services += self.judges  # probed when a step runs past its bound
         self.tokenizer = None
         if recipe.data.source == "file":
             from transformers import AutoTokenizer
@@ -120,8 +126,8 @@ class RlaifLoop(OnPolicyLoop):
     def _train(self, item: InFlight) -> list[ray.ObjectRef]:
         """Judge the step's samples (the driver waits here, bounded, while the previous
         step trains), then queue the train step with each rank's rewards."""
-        metas = self._metas[item.step] = gather(
-            item.meta, f"rollouts of step {item.step + 1}"
+        metas = self._metas[item.step] = self._wait(
+            item.meta, f"rollouts of step {item.step + 1}", self.rollouts.engines_of(item.meta)
         )  # _step_metrics reads them too
         responses, logprobs = self._samples(metas)
         k = self.recipe.rollout.samples_per_prompt
@@ -167,8 +173,7 @@ class RlaifLoop(OnPolicyLoop):
                 calls.append((pool, pairs, pool.submit("pairwise", *args)))
             else:
                 calls.append((pool, None, pool.submit(kind, prompts, texts)))
-        weighted = np.zeros(len(texts))
-        weights = np.zeros(len(texts))
+        per_judge: list[tuple[float, np.ndarray]] = []
         sft: list[str | None] = [None] * len(texts)
         stats: dict[str, float] = {}
         for pool, pairs, call in calls:
@@ -182,15 +187,13 @@ class RlaifLoop(OnPolicyLoop):
                 sft = [v if isinstance(v, str) and v else None for v in out.values]
                 continue
             values = _per_sample(out.values, pairs, len(texts))
+            per_judge.append((pool.cfg.weight, values))
             ok = ~np.isnan(values)
-            weighted[ok] += pool.cfg.weight * values[ok]
-            weights[ok] += pool.cfg.weight
             if ok.any():
                 stats[f"reward/{name}"] = float(values[ok].mean())
-        rewards = np.where(weights > 0, weighted / np.maximum(weights, 1e-12), np.nan)
-        valid = rewards[~np.isnan(rewards)]
-        stats["reward_mean"] = float(valid.mean()) if valid.size else math.nan
-        stats["reward_std"] = float(valid.std()) if valid.size else math.nan
+                stats[f"reward_std/{name}"] = float(values[ok].std())
+        rewards = combine_rewards(per_judge, len(texts), k)
+        stats.update(reward_stats(per_judge))
         stats["dropped_samples"] = float(np.isnan(rewards).sum())
         return rewards, sft, stats
 
@@ -276,7 +279,7 @@ class RlaifLoop(OnPolicyLoop):
         prompts = [prompt_ids(heldout, i) for i in range(n)]
         seeds = [request_seed(self.recipe.run.seed, _WIN_RATE_SEED, i) for i in range(n)]
         refs, metas = self.rollouts.generate([prompts], [seeds], version, snapshot)
-        meta = gather(metas[:1], "win-rate samples")[0]
+        meta = self._wait(metas[:1], "win-rate samples", self.rollouts.engines_of(metas[:1]))[0]
         del refs
         return [self._text(r) for r in meta["responses"]]
 
@@ -308,6 +311,57 @@ class RlaifLoop(OnPolicyLoop):
         super().shutdown()
         for pool in self.judges:
             pool.shutdown()
+
+
+def standardised(values: np.ndarray, group_size: int) -> np.ndarray:
+    """One judge's rewards [N] as z-scores within each group of K samples of a prompt, over
+    the samples it scored (sample std, ddof 1); NaN (dropped) stays NaN. A group where the
+    judge scored fewer than 2 samples, or scored them all alike, gets 0 there: it ranks
+    nothing within the group."""
+    g = values.reshape(-1, group_size)
+    ok = ~np.isnan(g)
+    count = ok.sum(1, keepdims=True)
+    mean = np.where(ok, g, 0.0).sum(1, keepdims=True) / np.maximum(count, 1)
+    centred = np.where(ok, g - mean, 0.0)
+    std = np.sqrt((centred**2).sum(1, keepdims=True) / np.maximum(count - 1, 1))
+    hi = np.where(ok, g, -np.inf).max(1, keepdims=True)
+    lo = np.where(ok, g, np.inf).min(1, keepdims=True)
+    spread = (count >= 2) & (hi > lo)  # all alike: exactly 0, not rounding noise / std
+    z = np.where(spread, centred / np.where(spread, std, 1.0), 0.0)
+    return np.where(ok, z, np.nan).reshape(-1)
+
+
+def combine_rewards(
+    per_judge: list[tuple[float, np.ndarray]], n: int, group_size: int
+) -> np.ndarray:
+    """Reward per sample [n] from (weight, rewards [n], NaN = dropped) per reward judge: the
+    weighted mean over the judges that scored the sample, NaN where none did. With two or
+    more judges each judge's rewards are `standardised` first (per prompt group): judges on
+    different scales (1..9 ratings, 0/1 checks, preferences) then count by their weights
+    alone, also for a sample one of them dropped. One judge: its raw rewards, unchanged."""
+    scaled = len(per_judge) >= 2
+    weighted, weights = np.zeros(n), np.zeros(n)
+    for weight, values in per_judge:
+        v = standardised(values, group_size) if scaled else values
+        ok = ~np.isnan(v)
+        weighted[ok] += weight * v[ok]
+        weights[ok] += weight
+    return np.where(weights > 0, weighted / np.maximum(weights, 1e-300), np.nan)
+
+
+def reward_stats(per_judge: list[tuple[float, np.ndarray]]) -> dict[str, float]:
+    """`reward_mean` / `reward_std`: each judge's raw mean / std over the samples it scored,
+    weighted by the judges' weights (a trend on the judges' own scales; for one judge, its
+    own mean and std)."""
+    rows = [(w, v[~np.isnan(v)]) for w, v in per_judge]
+    rows = [(w, v) for w, v in rows if v.size]
+    if not rows:
+        return {"reward_mean": math.nan, "reward_std": math.nan}
+    total = sum(w for w, _ in rows)
+    return {
+        "reward_mean": sum(w * float(v.mean()) for w, v in rows) / total,
+        "reward_std": sum(w * float(v.std()) for w, v in rows) / total,
+    }
 
 
 def _per_sample(values: list, pairs: list[tuple[int, int]] | None, n: int) -> np.ndarray:

@@ -9,6 +9,7 @@ import ray
 
 from actors.rollout import RolloutEngine
 from orchestrator.balance import LeastOutstanding
+from orchestrator.faults import restart_unresponsive
 from orchestrator.ray_env import service_options
 from orchestrator.recipe import Recipe
 
@@ -68,6 +69,8 @@ class RolloutPool:
         spec = engine_spec(recipe)
         self.replicas = [remote.remote(spec) for _ in range(r.replicas)]
         self.balance = LeastOutstanding(r.replicas)
+        self.max_restarts = recipe.cluster.max_restarts
+        self.restarts: dict[str, int] = {}  # by engine name, the ones the driver did
         self.sampling = {
             "temperature": r.temperature,
             "top_p": r.top_p,
@@ -109,6 +112,24 @@ class RolloutPool:
             metas.append(refs[-1])
             self.balance.track(e, refs[-1])
         return [r for r in out if r is not None], metas
+
+    def actors(self) -> dict[str, Any]:
+        """The engines by name (what a fault names)."""
+        return {f"rollout engine {i}": e for i, e in enumerate(self.replicas)}
+
+    def engines_of(self, metas: list[ray.ObjectRef]) -> list[str]:
+        """The engine each meta ref (of `generate`, not yet collected) was asked of."""
+        names = list(self.actors())
+        held = [
+            next((names[e] for e, refs in enumerate(self.balance.outstanding) if m in refs), "")
+            for m in metas
+        ]
+        return [h or "a rollout engine" for h in held]
+
+    def restart_unresponsive(self, timeout_s: float) -> list[str]:
+        """Restart the engines that do not answer within `timeout_s`; their names. A
+        restarted engine writes its calls in flight again (see __init__)."""
+        return restart_unresponsive(self.actors(), self.restarts, self.max_restarts, timeout_s)
 
     def shutdown(self) -> None:
         for engine in self.replicas:

@@ -20,6 +20,7 @@ from typing import Any
 import ray
 
 from orchestrator.checkpoint import write_json
+from orchestrator.faults import finish_tracking
 from orchestrator.recipe import Recipe, StageConfig, apply_overrides, to_yaml
 from orchestrator.train_loop import RunResult
 
@@ -96,9 +97,9 @@ def run_stages(recipe: Recipe, run_dir: Path, stop_after: int | None = None) -> 
         status = "FINISHED"
         return RunResult(run_dir, recipe.train.steps, True, {"stages": summaries})
     finally:
-        parent.finish(status)
         if started:
             ray.shutdown()
+        finish_tracking(parent, status)
 
 
 def _built(recipe: Recipe) -> bool:
@@ -126,7 +127,7 @@ def _elicit(
     cfg = next(t for t in recipe.teachers if t.name == teacher)
     if stage.kind == "curate":
         judge_cfg, model = elicit.curate_judge(stage, recipe, teacher)
-        pool: Any = JudgePool(judge_cfg, None if judge_cfg.function else model)
+        pool: Any = JudgePool(judge_cfg, None if judge_cfg.function else model, recipe.cluster)
     else:
         pool = live_pool(recipe, cfg)
     try:

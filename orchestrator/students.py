@@ -70,7 +70,8 @@ class StudentGroup:
         s = student or recipe.student
         spec = spec or worker_spec(recipe, s)
         self.name = str(spec["name"])
-        wait = {"timeout_s": recipe.cluster.setup_timeout_s}
+        # setup, load, save and export: whole-model work, bounded by the setup bound
+        self.wait = wait = {"timeout_s": recipe.cluster.setup_timeout_s}
         # one bundle per rank, reserved together: the group starts whole or not at once
         self.pg = placement_group([demand(s)] * s.world_size, strategy=s.placement.upper())
         self.workers: list[Any] = []
@@ -85,7 +86,12 @@ class StudentGroup:
                 for r in range(s.world_size)
             ]
             addr, port = gather([self.workers[0].rendezvous.remote()], "student rank 0", **wait)[0]
-            infos = gather([w.setup.remote(addr, port) for w in self.workers], "students", **wait)
+            infos = gather(
+                [w.setup.remote(addr, port) for w in self.workers],
+                "students",
+                who=self.ranks(),
+                **wait,
+            )
         except BaseException:
             self.shutdown()  # a group that failed to form leaves no actor behind
             raise
@@ -93,6 +99,10 @@ class StudentGroup:
 
     def __len__(self) -> int:
         return len(self.workers)
+
+    def ranks(self) -> list[str]:
+        """The ranks by name (what a fault names)."""
+        return [f"{self.name} rank {r}" for r in range(len(self.workers))]
 
     def train_step(
         self,
@@ -111,7 +121,7 @@ class StudentGroup:
         ]
 
     def reference_hash(self) -> str | None:
-        return gather([self.workers[0].reference_hash.remote()], "reference hash")[0]
+        return gather([self.workers[0].reference_hash.remote()], "reference hash", **self.wait)[0]
 
     def evaluate(self, shards: list[ray.ObjectRef], signals: list[list[ray.ObjectRef]]) -> list:
         return [
@@ -132,16 +142,17 @@ class StudentGroup:
 
     def save(self, directory: str, tag: str) -> list[ray.ObjectRef]:
         """Queued behind the ranks' current work: it saves the weights of the last queued
-        step. The refs resolve when every rank's files are written."""
+        step. The refs resolve when every rank's files are written and fsynced, each to
+        {path: sha256} of the files that rank wrote (for the ledger)."""
         return [w.save_checkpoint.remote(directory, tag) for w in self.workers]
 
     def load(self, directory: str, tag: str) -> None:
-        gather(
-            [w.load_checkpoint.remote(directory, tag) for w in self.workers], "loading a checkpoint"
-        )
+        refs = [w.load_checkpoint.remote(directory, tag) for w in self.workers]
+        gather(refs, "loading a checkpoint", who=self.ranks(), students=True, **self.wait)
 
     def export(self, path: str, tokenizer_from: str) -> None:
-        gather([w.export.remote(path, tokenizer_from) for w in self.workers], "export")
+        refs = [w.export.remote(path, tokenizer_from) for w in self.workers]
+        gather(refs, "export", who=self.ranks(), **self.wait)
 
     def shutdown(self, graceful: bool = True) -> None:
         """Leave the process group, then kill. After a fault a surviving rank may sit in a

@@ -10,11 +10,15 @@ land in the job's temporary copy of the working directory.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shlex
+import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from orchestrator.credentials import redact
 from orchestrator.recipe import RecipeError, load_recipe
 
 # switches of this machine's environment a job needs as well (when they are set here)
@@ -33,12 +37,48 @@ def _client(address: str):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    warning = plain_http_warning(address)
+    if warning:
+        print(f"raydistill: warning: {warning}", file=sys.stderr, flush=True)
     try:
         return JobSubmissionClient(address)
     except AuthenticationError as exc:
-        raise RecipeError("--address", f"{address!r} wants a token: set RAY_AUTH_TOKEN") from exc
+        shown = redact(address)
+        why = f"{shown!r} wants a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"
+        raise RecipeError("--address", why) from exc
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise RecipeError("--address", f"no Ray Jobs API at {address!r}") from exc
+        raise RecipeError("--address", f"no Ray Jobs API at {redact(address)!r}") from exc
+
+
+def plain_http_warning(address: str) -> str | None:
+    """Why sending to `address` is unsafe, or None. A job goes out as plain http to another
+    machine with no token: whoever can reach that port can run code on the cluster the same
+    way, and the code travels readable. Ray's Jobs client sends a token only when
+    RAY_AUTH_MODE=token (and then refuses to start without one), so that switch decides."""
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "token":
+        return None
+    try:
+        url = urlsplit(address if "://" in address else f"http://{address}")  # Ray's default
+        host = url.hostname or ""
+    except ValueError:  # not a URL: Ray refuses it with its own message
+        return None
+    if url.scheme != "http" or _is_loopback(host):
+        return None
+    return (
+        f"{redact(address)} is plain http to another machine and no Ray token is sent "
+        "(RAY_AUTH_MODE is not 'token'): set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the "
+        "cluster's token, or reach the head through a tunnel on 127.0.0.1 "
+        "(kubectl port-forward, ray dashboard); see cluster/README.md"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 def submit(recipe_path: str, overrides: list[str], address: str, follow: bool = True) -> int:
@@ -56,9 +96,10 @@ def submit(recipe_path: str, overrides: list[str], address: str, follow: bool = 
         entrypoint=entrypoint,
         runtime_env={"working_dir": str(root), "excludes": _EXCLUDES, "env_vars": env},
     )
+    shown = redact(address)
     print(
-        f"submitted job {job} to {address}; stop it with: raydistill submit --stop {job} "
-        f"--address {address}",
+        f"submitted job {job} to {shown}; stop it with: raydistill submit --stop {job} "
+        f"--address {shown}",
         flush=True,
     )
     return follow_job(client, job) if follow else 0
@@ -71,8 +112,11 @@ def follow_job(client, job: str, poll_s: float = 1.0) -> int:
         while True:
             status = str(client.get_job_status(job)).rsplit(".", 1)[-1]
             logs = client.get_job_logs(job)
-            print(logs[shown:], end="", flush=True)
-            shown = len(logs)
+            # whole lines, redacted: no URI is cut between two polls and shown half-redacted
+            end = len(logs) if status in _DONE else logs.rfind("\n", shown) + 1
+            if end > shown:
+                print(redact(logs[shown:end]), end="", flush=True)
+                shown = end
             if status in _DONE:
                 print(f"job {job}: {status}", flush=True)
                 return 0 if status == "SUCCEEDED" else 1

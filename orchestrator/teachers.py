@@ -9,7 +9,7 @@ import ray
 
 from actors.teacher import TeacherActor
 from orchestrator.balance import LeastOutstanding
-from orchestrator.faults import gather
+from orchestrator.faults import gather, restart_unresponsive
 from orchestrator.ray_env import service_options
 from orchestrator.recipe import ClusterConfig, DistillConfig, TeacherConfig
 
@@ -27,10 +27,14 @@ class TeacherPool:
         """`student_tokenizer`: the student's, for a teacher with `cross_tokenizer` set. A
         replica that dies is restarted (`cluster.max_restarts`) and the calls it had in
         flight run again on it: scoring and writing are idempotent (a shard's signal, a
-        prompt chunk's seeded responses)."""
+        prompt chunk's seeded responses). A replica that stops answering (frozen, hung) is
+        found by `restart_unresponsive` and restarted the same way."""
         self.cfg = cfg
         cluster = cluster or ClusterConfig()
         self.setup = {"timeout_s": cluster.setup_timeout_s}
+        self.step_timeout_s = cluster.step_timeout_s
+        self.max_restarts = cluster.max_restarts
+        self.restarts: dict[str, int] = {}  # by replica name, the ones the driver did
         remote = ray.remote(actor_class).options(**service_options(cfg, cluster.max_restarts))
         self.replicas = [
             remote.remote(
@@ -55,10 +59,29 @@ class TeacherPool:
     def name(self) -> str:
         return self.cfg.name
 
+    def replica_name(self, i: int) -> str:
+        return f"teacher {self.name} replica {i}"
+
+    def actors(self) -> dict[str, Any]:
+        """The replicas by name (what a fault names)."""
+        return {self.replica_name(i): r for i, r in enumerate(self.replicas)}
+
+    def holder(self, ref: ray.ObjectRef) -> str:
+        """The replica a call still running was sent to (what a wait past its bound names)."""
+        held = [i for i, refs in enumerate(self.balance.outstanding) if ref in refs]
+        return self.replica_name(held[0]) if held else f"teacher {self.name}"
+
+    def restart_unresponsive(self, timeout_s: float) -> list[str]:
+        """Restart the replicas that do not answer within `timeout_s`; their names."""
+        return restart_unresponsive(self.actors(), self.restarts, self.max_restarts, timeout_s)
+
     def info(self) -> dict[str, Any]:
         if self._info is None:
             self._info = gather(
-                [self.replicas[0].info.remote()], f"teacher {self.name}", **self.setup
+                [self.replicas[0].info.remote()],
+                f"teacher {self.name}",
+                who=[self.replica_name(0)],
+                **self.setup,
             )[0]
         return self._info
 
@@ -78,7 +101,10 @@ class TeacherPool:
     def served(self) -> dict[str, int]:
         """Shards and rows the replicas scored so far (their own counts), summed."""
         infos = gather(
-            [r.info.remote() for r in self.replicas], f"teacher {self.name}", **self.setup
+            [r.info.remote() for r in self.replicas],
+            f"teacher {self.name}",
+            who=list(self.actors()),
+            **self.setup,
         )
         return {k: sum(int(i["served"][k]) for i in infos) for k in ("calls", "rows")}
 
@@ -98,16 +124,19 @@ class TeacherPool:
         on_chunk: Callable[[int], None],
     ) -> list[dict[str, str]]:
         """Responses for all prompts, each `{"response", "finish_reason"}` (see
-        TeacherActor.generate), chunks spread over the replicas, order kept."""
+        TeacherActor.generate), chunks spread over the replicas, order kept. Each chunk is
+        waited for at most `cluster.step_timeout_s` once the ones before it are in."""
         chunks = [prompts[i : i + chunk] for i in range(0, len(prompts), chunk)]
-        refs = []
+        refs, by = [], []
         for i, c in enumerate(chunks):
             r = self.balance.pick()
             refs.append(self.replicas[r].generate.remote(c, {**sampling, "seed": i}))
             self.balance.track(r, refs[-1])
+            by.append(self.replica_name(r))
         out: list[dict[str, str]] = []
-        for ref, c in zip(refs, chunks, strict=True):
-            out.extend(gather([ref], f"teacher {self.name} writing")[0])
+        for i, (ref, c) in enumerate(zip(refs, chunks, strict=True)):
+            what = f"teacher {self.name} writing responses (chunk {i + 1}/{len(chunks)})"
+            out.extend(gather([ref], what, timeout_s=self.step_timeout_s, who=[by[i]])[0])
             on_chunk(len(c))
         return out
 

@@ -3,11 +3,15 @@
 We talk to MLflow only through an explicit MlflowClient, never `set_tracking_uri`, so no
 tracking URI leaks into the environment of actor processes. Metrics are held until their
 step is final (a checkpoint commits it, or the run ends), so a step that a fault rolls back
-and trains again has one row, not two; the console shows every step live.
+and trains again has one row, not two; the console shows every step live. A checkpoint
+keeps its rows beside its shards and they reach MLflow after the ledger: a crash before the
+ledger loses nothing MLflow has, a crash after it is repaired on resume by logging the
+checkpoint's rows again, minus those MLflow already holds (one row per step and metric).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -16,18 +20,14 @@ from typing import Any
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from orchestrator.credentials import redact, redact_uri, reveal
+
 
 def default_tracking_uri(output_dir: str) -> str:
     return f"sqlite:///{(Path(output_dir).resolve() / 'mlflow.db').as_posix()}"
 
 
 _SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_?key|credential)", re.I)
-_URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-
-
-def redact(text: str) -> str:
-    """Credentials in URIs (`scheme://user:pass@host`) become `***@`."""
-    return _URI_USERINFO.sub("***@", text)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -58,8 +58,11 @@ class Tracker:
         parent_run_id: str | None = None,
     ) -> None:
         """`parent_run_id`: a stage of a staged run is a nested run of the run's own."""
-        self.client = MlflowClient(tracking_uri=uri)
-        self.uri = uri
+        self.client = MlflowClient(tracking_uri=reveal(uri))  # the only holder of a password
+        self.uri = redact_uri(uri)  # what summary.json and the console show
+        if reveal(uri) != self.uri:  # else MLflow prints its URL, password and all, at the end
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        resumed = run_id is not None
         if run_id is None:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
@@ -73,6 +76,15 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
         self._pending: list[Metric] = []
+        self._logged = self._last_steps() if resumed else {}
+
+    def _last_steps(self) -> dict[str, int]:
+        """Per metric, the last step MLflow holds. Rows reach MLflow in step order, each
+        step once, so a row at or below it is already there (a resume replays such rows)."""
+        keys = self.client.get_run(self.run_id).data.metrics
+        return {
+            k: max(m.step for m in self.client.get_metric_history(self.run_id, k)) for k in keys
+        }
 
     def log_params(self, params: dict[str, str]) -> None:
         existing = self.client.get_run(self.run_id).data.params
@@ -86,12 +98,25 @@ class Tracker:
         now = int(time.time() * 1000)
         self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
 
+    def pending_rows(self) -> list[list[Any]]:
+        """The rows held so far, as JSON: a checkpoint keeps them until MLflow has them."""
+        return [[m.key, m.value, m.timestamp, m.step] for m in self._pending]
+
+    def replay(self, rows: list[list[Any]]) -> None:
+        """Log a checkpoint's rows (`pending_rows`) that MLflow does not hold yet: those of a
+        crash between the ledger and MLflow."""
+        self._pending[:0] = [Metric(k, float(v), int(t), int(s)) for k, v, t, s in rows]
+        self.commit()
+
     def commit(self) -> None:
-        """Write every row held so far; called once a checkpoint (or the run's end) makes
-        their steps final, before the ledger records the checkpoint."""
+        """Write every row held so far that MLflow does not hold yet; called once the ledger
+        (or the run's end) made their steps final."""
         batch, self._pending = self._pending, []
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+        new = [m for m in batch if m.step > self._logged.get(m.key, -1)]
+        for i in range(0, len(new), 1000):
+            self.client.log_batch(self.run_id, metrics=new[i : i + 1000])
+            for m in new[i : i + 1000]:
+                self._logged[m.key] = max(m.step, self._logged.get(m.key, -1))
 
     def discard(self) -> int:
         """Drop the rows of steps that will be trained again (a restore, a failed run that

@@ -21,9 +21,15 @@ import psutil
 import ray
 
 from actors.batch import TokenBatch
-from orchestrator.checkpoint import commit_checkpoint, tag_for, write_json
+from orchestrator.checkpoint import (
+    checkpoint_rows,
+    commit_checkpoint,
+    tag_for,
+    verify_checkpoint,
+    write_json,
+)
 from orchestrator.data import Dataset
-from orchestrator.faults import gather
+from orchestrator.faults import RuntimeFault, gather
 from orchestrator.plots import plot_curves
 from orchestrator.progress import Progress
 from orchestrator.recipe import Recipe
@@ -112,6 +118,9 @@ class TrainLoop:
         self.identity = identity  # recorded in every ledger, checked on resume
         self._process = psutil.Process()
         self._heldout = self._put_heldout(dataset.heldout)
+        # actors the ranks wait on: probed when a step runs past its bound (modes add theirs)
+        self.services: list[Any] = list(pools)
+        self.ranks = students.ranks()
 
     # -- submitting work ------------------------------------------------------------------
 
@@ -232,10 +241,53 @@ class TrainLoop:
         return out
 
     def _eval_result(self, refs: list[ray.ObjectRef]) -> dict[str, float]:
-        return self._pool_eval(gather(refs, "evaluation"))
+        return self._pool_eval(self._wait(refs, "evaluation", self.ranks, students=True))
 
     def evaluate(self) -> dict[str, float]:
         return self._eval_result(self._submit_eval())
+
+    # -- waiting on actors -----------------------------------------------------------------
+
+    def _wait(
+        self,
+        refs: list[ray.ObjectRef],
+        what: str,
+        who: list[str] | None = None,
+        *,
+        students: bool = False,
+    ) -> list[Any]:
+        """The refs' values, waited for `cluster.step_timeout_s`. Past it, a frozen service
+        (teacher replica, judge, rollout engine) the ranks wait on is the first suspect: the
+        silent ones are restarted, their calls run again, and the wait goes on under a new
+        bound (time to restart and redo the work). With every service answering, the fault
+        stands (`students`: a rank is stuck, the group is brought back)."""
+        c = self.recipe.cluster
+        bound = c.step_timeout_s
+        while True:
+            try:
+                return gather(refs, what, timeout_s=bound, who=who, students=students)
+            except RuntimeFault as fault:
+                if not fault.timed_out or not self._restart_silent_services(what, bound):
+                    raise
+            bound = c.setup_timeout_s + c.step_timeout_s
+
+    def _restart_silent_services(self, what: str, waited: float) -> list[str]:
+        """Probe every service actor (a no-op, `step_timeout_s` at most); restart those that
+        do not answer (each within `cluster.max_restarts`); report them by name, on the
+        console and as MLflow tags `restarts/<actor>`."""
+        c = self.recipe.cluster
+        restarted = []
+        for service in self.services:
+            for name in service.restart_unresponsive(c.step_timeout_s):
+                count = service.restarts[name]
+                print(
+                    f"{what}: no answer within {waited:.0f}s; {name} did not answer a probe: "
+                    f"restarted it ({count}/{c.max_restarts}), its calls run again",
+                    flush=True,
+                )
+                self.tracker.set_tags({f"restarts/{name}": str(count)})
+                restarted.append(name)
+        return restarted
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -246,6 +298,8 @@ class TrainLoop:
         start = 0
         summary: dict[str, Any] = {}
         if ledger is not None:
+            verify_checkpoint(self.run_dir, ledger)  # before DeepSpeed unpickles any of it
+            self.tracker.replay(checkpoint_rows(self.run_dir, ledger))  # if MLflow missed them
             self.students.load(str(self.run_dir / "checkpoints"), ledger["tag"])
             start = int(ledger["step"])
             summary = dict(ledger.get("summary", {}))
@@ -271,11 +325,8 @@ class TrainLoop:
                 if not queued:
                     break
                 item = queued.popleft()
-                per_rank = gather(
-                    item.metrics,
-                    f"train step {item.step + 1}",
-                    timeout_s=self.recipe.cluster.step_timeout_s,
-                    students=True,
+                per_rank = self._wait(
+                    item.metrics, f"train step {item.step + 1}", self.ranks, students=True
                 )
                 now = time.perf_counter()
                 metrics = self._aggregate(per_rank, now - last, len(self._window))
@@ -345,13 +396,19 @@ class TrainLoop:
         return out
 
     def _checkpoint(self, step: int, summary: dict[str, Any], saved: list[ray.ObjectRef]) -> None:
-        """Shards (fsynced by `commit_checkpoint`), then this step's metrics in MLflow, then
-        the ledger: a committed step is never lost from either. The ledger records the run's
-        identity for resume checks."""
-        gather(saved, f"checkpoint at step {step}")
-        self.tracker.commit()
+        """Shards (fsynced and hashed by the ranks that wrote them), then the ledger with
+        their hashes and the MLflow rows this checkpoint makes final, then those rows in
+        MLflow: a committed step is never lost from either, nor logged twice (a crash after
+        the ledger is repaired on resume). The ledger records the run's identity."""
+        files: dict[str, str] = {}
+        bound = self.recipe.cluster.setup_timeout_s  # a save writes the whole state
+        what = f"checkpoint at step {step}"
+        for written in gather(saved, what, timeout_s=bound, who=self.ranks, students=True):
+            files.update(written)
         extra = {"summary": summary, "identity": self.identity}
-        commit_checkpoint(self.run_dir, step, extra, self.recipe.checkpoint.keep)
+        rows = self.tracker.pending_rows()
+        commit_checkpoint(self.run_dir, step, extra, self.recipe.checkpoint.keep, files, rows)
+        self.tracker.commit()
 
     def _finish(self, tokens_total: float, elapsed: float) -> dict[str, Any]:
         after = self.evaluate()

@@ -1,6 +1,15 @@
 """Runs in its own process (a `ray.cluster_utils.Cluster` cannot share the pytest session's
-Ray): a head and two worker nodes on 127.0.0.1, one offering `teacher_node`, one
-`student_node`; a tiny recipe run on them; prints where every actor landed as JSON."""
+Ray), nodes on 127.0.0.1, in one of two ways:
+
+- `multinode_run.py RECIPE.json`: a head and two worker nodes, one offering `teacher_node`,
+  one `student_node`; a tiny recipe runs on them; prints where every actor landed as JSON.
+- `multinode_run.py --node-loss [--base] RECIPE.json`: a head and one worker node, both
+  offering `worker` (the head enough for every actor); once the run commits its first
+  checkpoint, the worker node, which hosts a teacher replica and a student rank, is killed
+  (SIGKILL of its raylet and everything on it, as a lost machine). Prints the run's wall
+  time, MLflow `loss` rows per step and where the actors were before and after. `--base`:
+  first the same recipe uninterrupted on the same cluster (for the seconds lost).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,9 @@ import json
 import os
 import shutil
 import sys
+import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 from ray.cluster_utils import Cluster
@@ -88,5 +100,82 @@ def main(raw_path: str) -> None:
     print("RESULT_JSON " + json.dumps(out), flush=True)
 
 
+def _rows_per_step(summary: dict) -> dict[int, int]:
+    """How many MLflow `loss` rows each step has (exactly one each, when nothing is lost)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    rows = client.get_metric_history(summary["mlflow_run_id"], "loss")
+    return dict(sorted(Counter(m.step for m in rows).items()))
+
+
+def _kill_node_after_checkpoint(cluster: Cluster, node, run_dir: Path, out: dict) -> None:
+    """Once a checkpoint is committed (a rank lost can then be restored), note where the
+    actors are and SIGKILL the node's processes: no graceful drain, as a machine that dies."""
+    ledger = run_dir / "checkpoints" / "latest.json"
+    while not ledger.exists():
+        time.sleep(0.05)
+    out["placement_before"] = json.loads((run_dir / "placement.json").read_text())
+    out["killed_after_step"] = json.loads(ledger.read_text())["step"]
+    cluster.remove_node(node, allow_graceful=False)
+    out["killed_at"] = time.perf_counter()
+
+
+def _timed_run(raw: dict, name: str, kill=None) -> dict:
+    """One run of `raw`; `kill(run_dir, out)`, if given, runs beside it in a thread."""
+    from orchestrator.driver import execute, new_run_dir
+    from orchestrator.preflight import preflight
+
+    recipe = preflight(Recipe.model_validate({**raw, "run": {**raw["run"], "name": name}}))
+    run_dir = new_run_dir(recipe)
+    out: dict = {"run_dir": str(run_dir)}
+    thread = None
+    if kill is not None:
+        thread = threading.Thread(target=kill, args=(run_dir, out), daemon=True)
+        thread.start()
+    start = time.perf_counter()
+    result = execute(recipe, run_dir)
+    out["wall_s"] = time.perf_counter() - start
+    if "killed_at" in out:
+        out["killed_at"] -= start
+    out["steps"] = result.steps_done
+    out["rows_per_step"] = _rows_per_step(result.summary)
+    out["placement_after"] = json.loads((run_dir / "placement.json").read_text())
+    out["student_dir"] = result.summary["student_dir"]
+    return out
+
+
+def node_loss(raw_path: str, with_base: bool) -> None:
+    raw = json.loads(Path(raw_path).read_text())
+    start = time.perf_counter()
+    # the head (the driver's node) survives, with room for every actor once alone
+    head = {**NODE, "num_cpus": 4, "resources": {"worker": 4}, "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    doomed = cluster.add_node(**NODE, num_cpus=2, resources={"worker": 2})
+    cluster.wait_for_nodes()
+    raw["cluster"] = {**raw.get("cluster", {}), "address": cluster.address}
+    out: dict = {
+        "nodes": {"survivor": cluster.head_node.node_id, "doomed": doomed.node_id},
+        "cluster_start_s": time.perf_counter() - start,
+    }
+    import ray
+
+    try:
+        if with_base:
+            out["base"] = _timed_run(raw, "base")
+        out["node_loss"] = _timed_run(
+            raw,
+            "nodeloss",
+            lambda run_dir, o: _kill_node_after_checkpoint(cluster, doomed, run_dir, o),
+        )
+    finally:  # no Ray left behind for the next test to join
+        ray.shutdown()
+        cluster.shutdown()
+    print("RESULT_JSON " + json.dumps(out), flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--node-loss":
+        node_loss(sys.argv[-1], with_base="--base" in sys.argv[2:-1])
+    else:
+        main(sys.argv[1])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from actors.aggregate import Context, aggregate, entropy, gold_logprob, mixture
-from actors.losses import per_position_divergence
+from actors.losses import LOSS_KINDS, per_position_divergence
 from actors.objective import LossSpec, SparseTarget, objective_sums
 
 V = 4
@@ -172,3 +172,48 @@ def test_mixture_of_one_teacher_is_that_teacher():
     a = _target("a", [0, 1], [0.6, 0.2], n=2)
     mixed = mixture([a], torch.ones(1, 2), V)
     torch.testing.assert_close(_dense(mixed), torch.tensor([A_FULL, A_FULL]))
+
+
+def _with_gaps(n: int = 5) -> list[SparseTarget]:
+    """Both teachers at n positions; nobody covered positions 1 and 3 (a cross-tokenizer
+    teacher's unaligned positions: -inf log-probs, ids 0 as the padding carries), and b
+    alone left position 2 empty."""
+    a, b = _teachers(3.0, 1.0, n=n)
+    for t in (a, b):
+        t.logprobs[[1, 3]] = -math.inf
+        t.ids[[1, 3]] = 0
+    b.logprobs[2] = -math.inf
+    return [a, b]
+
+
+def _subset(targets: list[SparseTarget], keep: torch.Tensor) -> list[SparseTarget]:
+    return [SparseTarget(t.name, t.ids[keep], t.logprobs[keep], t.weight) for t in targets]
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+@pytest.mark.parametrize("how", ["sum_of_losses", "mean", "weighted", "confidence", "route"])
+def test_positions_no_teacher_covered_add_no_kd_and_no_gradient(how, kind):
+    """The loss with uncovered positions equals the loss over the covered positions alone
+    (KD), those positions get exactly zero KD gradient, and CE still trains there."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, V, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 2, 1, 3, 2])
+    rows = [0, 0, 0, 1, 1]
+    keep = torch.tensor([True, False, True, False, True])
+    targets = _with_gaps()
+    full = aggregate(how, targets, _ctx(labels.tolist(), rows))
+    alone = aggregate(how, _subset(targets, keep), _ctx(labels[keep].tolist(), [0, 0, 1]))
+    only_kd = LossSpec(kind=kind, temperature=1.0, alpha=0.0, beta=0.3)
+    kd, _ = objective_sums(logits[keep], lambda x: x, labels[keep], alone.targets, only_kd, chunk=2)
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    for alpha in (0.0, 0.4):
+        spec = LossSpec(kind=kind, temperature=1.0, alpha=alpha, beta=0.3)
+        total, terms = objective_sums(logits, lambda x: x, labels, full.targets, spec, chunk=2)
+        torch.testing.assert_close(terms["kd"], kd.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(total, alpha * ce + (1 - alpha) * kd, rtol=1e-12, atol=1e-12)
+        (grad,) = torch.autograd.grad(total, logits)
+        (grad_ce,) = torch.autograd.grad(alpha * ce, logits, retain_graph=True)
+        if alpha == 0:
+            assert torch.equal(grad[~keep], torch.zeros_like(grad[~keep])), grad[~keep]
+        torch.testing.assert_close(grad[~keep], grad_ce[~keep], rtol=1e-12, atol=1e-12)
+        assert grad[keep].abs().sum() > 0

@@ -31,17 +31,24 @@ def leaf(*values: float) -> torch.Tensor:
 # --- group_advantages ------------------------------------------------------------------------
 
 
-def test_grpo_hand_values_population_std():
-    # groups [1, 2] (mean 1.5, population std 0.5) and [3, 6] (mean 4.5, std 1.5)
+def test_grpo_hand_values_unbiased_std():
+    # groups [1, 2] (mean 1.5, sample std sqrt(0.5)) and [3, 6] (mean 4.5, std sqrt(4.5))
+    r2 = 1 / math.sqrt(2.0)
     adv = group_advantages(t(1, 2, 3, 6), 2, "grpo", eps=0.0)
-    torch.testing.assert_close(adv, t(-1, 1, -1, 1))
+    torch.testing.assert_close(adv, t(-r2, r2, -r2, r2))
     # default eps only shrinks by std / (std + 1e-6)
     torch.testing.assert_close(group_advantages(t(1, 2, 3, 6), 2, "grpo"), adv, rtol=1e-5, atol=0)
-    # [0, 3, 6]: mean 3, population std sqrt((9 + 0 + 9) / 3) = sqrt(6) (sample std would be 3)
-    s6 = math.sqrt(6.0)
-    torch.testing.assert_close(
-        group_advantages(t(0, 3, 6), 3, "grpo", eps=0.0), t(-3 / s6, 0, 3 / s6)
-    )
+    # [0, 3, 6]: mean 3, sample std sqrt((9 + 0 + 9) / 2) = 3 (population std would be sqrt 6)
+    torch.testing.assert_close(group_advantages(t(0, 3, 6), 3, "grpo", eps=0.0), t(-1, 0, 1))
+
+
+def test_grpo_std_is_torch_std_as_in_trl():
+    """TRL's GRPOTrainer: (r - mean) / (rewards.view(-1, K).std(dim=1) + eps), torch's
+    default unbiased std (ddof 1); veRL uses torch.std too."""
+    rewards = torch.rand(5 * 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    g = rewards.view(-1, 4)
+    want = ((g - g.mean(1, keepdim=True)) / (g.std(dim=1, keepdim=True) + 1e-6)).reshape(-1)
+    torch.testing.assert_close(group_advantages(rewards, 4, "grpo"), want, rtol=1e-12, atol=0)
 
 
 def test_grpo_unscaled_is_dr_grpo():
@@ -70,9 +77,10 @@ def test_all_equal_group_is_exactly_zero(kind, scale):
 def test_nan_rewards_excluded_and_zeroed():
     nan = math.nan
     rewards = t(nan, 1, 3, 5, nan, nan)
-    # group 0: valid [1, 3], mean 2, population std 1; group 1: one valid reward -> all 0
+    # group 0: valid [1, 3], mean 2, sample std sqrt 2; group 1: one valid reward -> all 0
     grpo = group_advantages(rewards, 3, "grpo", eps=0.0)
-    torch.testing.assert_close(grpo, t(0, -1, 1, 0, 0, 0))
+    r2 = 1 / math.sqrt(2.0)
+    torch.testing.assert_close(grpo, t(0, -r2, r2, 0, 0, 0))
     rloo = group_advantages(rewards, 3, "rloo")
     torch.testing.assert_close(rloo, t(0, -2, 2, 0, 0, 0))
     all_nan = group_advantages(t(nan, nan), 2, "grpo")
@@ -294,3 +302,47 @@ def test_sums_are_additive_over_token_splits():
     a, _ = dpo_sums(seq_lp[c[:1]], seq_lp[r[:1]], seq_ref[c[:1]], seq_ref[r[:1]], beta=0.1)
     b, _ = dpo_sums(seq_lp[c[1:]], seq_lp[r[1:]], seq_ref[c[1:]], seq_ref[r[1:]], beta=0.1)
     torch.testing.assert_close(a + b, full)
+
+
+# --- the log-probs the RL terms take, from the student's one forward ------------------------
+
+
+def test_rl_logprobs_of_policy_and_reference_are_at_the_sampling_temperature():
+    """The policy's log-probs in the RL terms (the student's forward, chunked, with grad)
+    and the reference's are log_softmax(logits / T) at the rollouts' T = 0.7, the
+    distribution the behaviour log-probs are of; the hard-label CE stays at T = 1."""
+    from transformers import AutoModelForCausalLM
+
+    from actors.batch import TokenBatch
+    from actors.models import tiny_llama_config
+    from actors.objective import LossSpec, label_logprobs
+    from actors.student import DistillStudent
+
+    temp = 0.7
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(tiny_llama_config(hidden=32, layers=1)).float()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 96, (2, 9), generator=g)
+    attn = torch.ones_like(ids)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:, -1] = False
+    mask[0, :3] = False  # a prompt: no loss there
+    spec = LossSpec(kind="reverse_kl", temperature=1.0, alpha=1.0)
+    # 2 positions per chunk (1536 bytes each at vocab 96): the log-probs come chunk by chunk
+    student = DistillStudent(lm, spec, chunk_bytes=3 * 1536, logp_temperature=temp)
+    loss, terms, extras = student(ids, attn, mask, [], True)
+    logits = lm(input_ids=ids, attention_mask=attn).logits.float()
+    labels = torch.roll(ids, -1, 1)[mask]
+    want = torch.log_softmax(logits[mask] / temp, -1).gather(-1, labels[:, None])[:, 0]
+    torch.testing.assert_close(extras["logp"], want, rtol=0, atol=1e-5)
+    ce = torch.nn.functional.cross_entropy(logits[mask], labels, reduction="sum")
+    torch.testing.assert_close(terms["ce"].float(), ce.detach(), rtol=1e-5, atol=1e-4)
+    # the gradient the RL terms send back is that of the T-scaled log-probs
+    (got,) = torch.autograd.grad(extras["logp"].sum(), lm.lm_head.weight)
+    (ref,) = torch.autograd.grad(want.sum(), lm.lm_head.weight)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    # the frozen reference, at the same T
+    batch = TokenBatch(ids.int().numpy(), attn.to(torch.int8).numpy(), mask.numpy())
+    torch.testing.assert_close(label_logprobs(lm, batch, 2, temp), want.detach(), atol=1e-5, rtol=0)
+    at_one = torch.log_softmax(logits[mask], -1).gather(-1, labels[:, None])[:, 0]
+    assert (want - at_one).abs().max() > 0.05  # T = 0.7 and T = 1 really differ here

@@ -54,10 +54,37 @@ def test_each_row_draws_from_its_own_seed(tiny_models):
     assert together[1].response == alone[0].response
     again = sampler.sample(prompts, [request_seed(0, 4, i) for i in range(3)], SAMPLING, [], 0)
     assert [s.response for s in again] != [s.response for s in together]
-    # the recorded log-probs are the policy's own (T = 1) for the sampled ids
+    # at T = 1 the recorded log-probs are the policy's own for the sampled ids
     batch = assemble(prompts, together, pad=0)
     recorded = np.concatenate([s.logprobs for s in together])
     np.testing.assert_allclose(sampler.token_logprobs(batch), recorded, rtol=0, atol=1e-5)
+
+
+def _logprobs_at(model: torch.nn.Module, batch: TokenBatch, temperature: float) -> np.ndarray:
+    """log_softmax(logits / T) of each loss position's next token, from one plain forward."""
+    ids, attn, mask = batch.to_torch(torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits.float()
+    lp = torch.log_softmax(logits / temperature, -1)
+    return lp.gather(-1, torch.roll(ids, -1, 1)[..., None])[..., 0][mask].numpy()
+
+
+def test_recorded_logprobs_are_of_the_sampling_distribution(tiny_models):
+    """At T = 0.7 each recorded log-prob is log_softmax(logits / 0.7) of the sampled id: the
+    distribution it was drawn from, which the PPO ratio and the k3 KL estimate need."""
+    sampler = _sampler(tiny_models["teacher"])
+    prompts, seeds = _prompts(), [request_seed(0, 5, i) for i in range(3)]
+    samples = sampler.sample(prompts, seeds, {**SAMPLING, "temperature": 0.7}, [], 0)
+    batch = assemble(prompts, samples, pad=0)
+    recorded = np.concatenate([s.logprobs for s in samples])
+    np.testing.assert_allclose(recorded, _logprobs_at(sampler.model, batch, 0.7), atol=1e-5)
+    assert np.abs(recorded - _logprobs_at(sampler.model, batch, 1.0)).max() > 0.05  # T matters
+    # top-p (on_policy only; RLAIF refuses it): the truncated, renormalised distribution's
+    nucleus = sampler.sample(prompts, seeds, {**SAMPLING, "temperature": 0.7, "top_p": 0.5}, [], 0)
+    assert all(lp <= 0 and np.isfinite(lp) for s in nucleus for lp in s.logprobs)
+    truncated = np.concatenate([s.logprobs for s in nucleus])
+    full = _logprobs_at(sampler.model, assemble(prompts, nucleus, pad=0), 0.7)
+    assert (truncated >= full - 1e-6).all() and (truncated > full + 1e-3).any()
 
 
 def test_stop_id_ends_the_sample_and_is_its_last_target(tiny_models):

@@ -1,7 +1,7 @@
 """The vLLM backend against transformers on the same model, with one vLLM engine (in a Ray
-actor) for the whole module: exact top-k at T = 1 and T = 2, the same greedy ids, and a
-live weight load from real DeepSpeed ranks that leaves the engine computing what the ranks
-compute. vLLM must be installed (`make test` installs it): a missing vLLM fails here.
+actor) for the whole module: exact top-k at T = 1 and T = 2, the same greedy ids, sampled
+ids' log-probs at the sampling temperature, and a live weight load from real DeepSpeed
+ranks that leaves the engine computing what the ranks compute. vLLM must be installed (`make test` installs it): a missing vLLM fails here.
 
 vLLM's CPU attention needs head sizes of 32 or more: these tiny models have hidden 128 and
 4 heads."""
@@ -93,11 +93,29 @@ def test_seeded_sampling_repeats(engine):
     b = ray.get(engine.sample.remote(prompts, [1, 2, 3, 4], sampling, []))
     assert [s.response for s in a] == [s.response for s in b]
     assert len({tuple(s.response) for s in a}) > 1  # different seeds, different samples
-    # the recorded log-probs are the policy's own (T = 1), as the trainer computes them
-    batch = assemble(prompts, a, pad=0)
-    recorded = np.concatenate([s.logprobs for s in a])
-    scored = ray.get(engine.token_logprobs.remote(batch))
-    np.testing.assert_allclose(scored, recorded, rtol=0, atol=1e-3)
+
+
+def test_recorded_logprobs_are_of_the_sampling_distribution(engine, vllm_model):
+    """At T = 0.7 each sampled id's recorded log-prob is log_softmax(logits / 0.7) of it, as
+    transformers computes it on the whole text (vLLM's default would be T = 1's), the
+    end-of-turn id included; the model's EOS (2) ends nothing that is not a stop id."""
+    prompts = [np.array(p, dtype=np.int32) for p in ([5, 9, 11], [7], [3, 4, 5, 6, 8])]
+    sampling = {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 10}
+    free = ray.get(engine.sample.remote(prompts, [4, 5, 6], sampling, []))
+    assert all(s.finish_reason == "length" and len(s.response) == 10 for s in free)
+    stop = free[0].response[4]  # an end-of-turn id: the first sample ends on it
+    samples = ray.get(engine.sample.remote(prompts, [4, 5, 6], sampling, [stop]))
+    assert samples[0].response == free[0].response[: free[0].response.index(stop) + 1]
+    batch = assemble(prompts, samples, pad=0)
+    recorded = np.concatenate([s.logprobs for s in samples])
+    model = AutoModelForCausalLM.from_pretrained(vllm_model, dtype=torch.float32).eval()
+    ids, attn, mask = batch.to_torch(torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits
+    labels = torch.roll(ids, -1, 1)[..., None]
+    at = {t: torch.log_softmax(logits / t, -1).gather(-1, labels)[..., 0][mask] for t in (0.7, 1)}
+    np.testing.assert_allclose(recorded, at[0.7].numpy(), rtol=0, atol=1e-3)
+    assert np.abs(recorded - at[1].numpy()).max() > 0.05  # T = 1 would not pass
 
 
 def test_live_weight_load_from_the_ranks(engine, vllm_model, tiny_models, tmp_path):

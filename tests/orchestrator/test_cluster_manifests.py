@@ -2,14 +2,19 @@
 
 Fast and without Ray running: every YAML parses; the Ray version of every image, manifest
 and pin is the installed one; nothing is pip-installed when a pod or node starts; the image
-pins satisfy pyproject.toml; and every custom resource `recipes/cluster_gpu.yaml` asks for
-is offered by the KubeRay worker groups and by the cluster launcher's node types, with the
-GPUs and CPUs to hold its actors.
+pins satisfy pyproject.toml, and the image installs a full lock with a hash for every
+package; and every custom resource `recipes/cluster_gpu.yaml` asks for is offered by the
+KubeRay worker groups and by the cluster launcher's node types, with the GPUs and CPUs to
+hold its actors. The KubeRay manifests turn Ray's token authentication on, admit traffic to
+a cluster's pods only from that cluster's own pods (and the operator, to the Jobs API), run
+every container without root or privileges, and the RayJob's entrypoint continues the run
+it finds in its fixed run directory. They cannot be deployed here: these read them.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -24,13 +29,21 @@ import torch
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from orchestrator.cli import _parser
 from orchestrator.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 EXAMPLE = ROOT / "recipes" / "cluster_gpu.yaml"
+LOCK = CLUSTER / "requirements-gpu.txt"
+LOCK_INPUT = CLUSTER / "requirements-gpu.in"
+TOKEN_SECRET = "raydistill-ray-token"
+CLUSTER_LABEL = "raydistill.io/cluster"  # on every pod of one cluster; its NetworkPolicy keys
+OPERATOR = {"app.kubernetes.io/component": "kuberay-operator"}
+DASHBOARD_PORT = 8265
 PIP_INSTALL = re.compile(
     r"\b(pip3?|python3?\s+-m\s+pip|uv\s+pip)\s+install\b|\b(conda|mamba|apt-get|apt)\s+install\b"
 )
@@ -91,13 +104,36 @@ def _pyproject() -> dict[str, Any]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
-def _pins() -> dict[str, str]:
-    """cluster/requirements-gpu.txt through the parser the image's build runs."""
+def _verify_pins() -> Any:
+    """cluster/verify_pins.py, the parser the image's build runs."""
     spec = importlib.util.spec_from_file_location("verify_pins", CLUSTER / "verify_pins.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.pins()
+    return module
+
+
+def _pins(path: Path = LOCK) -> dict[str, str]:
+    """name -> version of the lock (or of another requirements file)."""
+    return _verify_pins().pins(path)
+
+
+def _all_pods() -> dict[str, dict[str, Any]]:
+    """Every pod template of the KubeRay manifests, the RayJob's submitter included."""
+    pods = {
+        f"{where}/{group}": pod
+        for where, spec in _cluster_specs().items()
+        for group, pod in _templates(spec).items()
+    }
+    pods["RayJob/submitter"] = _one("RayJob")["spec"]["submitterPodTemplate"]["spec"]
+    return pods
+
+
+def _pod_labels(spec: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Labels of each pod template of a cluster spec."""
+    heads = {"head": spec["headGroupSpec"]["template"]}
+    workers = {g["groupName"]: g["template"] for g in spec["workerGroupSpecs"]}
+    return {k: t.get("metadata", {}).get("labels", {}) for k, t in {**heads, **workers}.items()}
 
 
 # --- resources ------------------------------------------------------------------------------
@@ -217,7 +253,8 @@ def test_every_yaml_in_cluster_parses_and_the_expected_manifests_are_there():
         assert found, f"{name}: empty"
         assert all(isinstance(d, dict) for d in found), f"{name}: a document is not a mapping"
     kinds = sorted(d.get("kind", "launcher") for found in docs.values() for d in found)
-    assert kinds == ["PersistentVolumeClaim", "RayCluster", "RayJob", "launcher"], kinds
+    expected = ["NetworkPolicy", "NetworkPolicy", "PersistentVolumeClaim", "RayCluster", "RayJob"]
+    assert kinds == [*expected, "launcher"], kinds
     assert _one("RayCluster")["apiVersion"] == "ray.io/v1"
     assert _one("RayJob")["apiVersion"] == "ray.io/v1"
 
@@ -227,18 +264,15 @@ def test_ray_version_of_every_image_manifest_and_pin_is_the_installed_one():
         assert spec["rayVersion"] == ray.__version__, f"{where}.rayVersion"
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     bases = re.findall(r"^FROM\s+(\S+)", dockerfile, flags=re.M)
-    assert bases == [f"rayproject/ray:{ray.__version__}-py311-gpu"], bases
+    # the tag, or the tag pinned to its digest (cluster/README.md)
+    base = rf"rayproject/ray:{re.escape(ray.__version__)}-py311-gpu(@sha256:[0-9a-f]{{64}})?"
+    assert len(bases) == 1 and re.fullmatch(base, bases[0]), bases
     requires_python = SpecifierSet(_pyproject()["project"]["requires-python"])
     assert requires_python.contains("3.11"), "the image's Python 3.11 is not supported"
     assert _pins()["ray"] == ray.__version__
     # every pod and node runs the image built from that Dockerfile, tagged with our version
     version = _pyproject()["project"]["version"]
-    images = {
-        c["image"]
-        for spec in _cluster_specs().values()
-        for pod in _templates(spec).values()
-        for c in _containers(pod)
-    }
+    images = {c["image"] for pod in _all_pods().values() for c in _containers(pod)}
     images.add(_launcher()["docker"]["image"])
     assert len(images) == 1, f"pods and nodes run different images: {images}"
     assert images.pop().endswith(f"/raydistill:{version}")
@@ -387,17 +421,249 @@ def test_every_pod_mounts_the_shared_volume_and_caches_on_it():
                 assert (env.get("HF_HOME") or "").startswith("/shared/"), f"{where}/{group}"
 
 
-def test_rayjob_runs_the_recipe_with_output_on_shared_storage():
+def test_rayjob_entrypoint_continues_the_run_in_a_fixed_shared_run_dir():
+    """Parsed by the real command line: `raydistill run --run-dir DIR RECIPE overrides`, DIR
+    on the shared volume, so a re-created job finds the ledger there and continues."""
     job = _one("RayJob")["spec"]
     words = shlex.split(job["entrypoint"])
-    assert words[:2] == ["raydistill", "run"], words
-    assert "run.output_dir=/shared/runs" in words[3:]
-    assert not any(w.startswith("cluster.address=") for w in words), "RAY_ADDRESS is set"
-    recipe_dir = str(Path(words[2]).parent)
+    assert words[0] == "raydistill", words
+    args, extra = _parser().parse_known_args(words[1:])
+    assert args.command == "run" and not extra, (args, extra)
+    assert args.run_dir and args.run_dir.startswith("/shared/"), args.run_dir
+    assert Path(args.run_dir).is_absolute() and ".." not in Path(args.run_dir).parts
+    assert "run.output_dir=/shared/runs" in args.overrides
+    assert not any(o.startswith("cluster.address=") for o in args.overrides), "RAY_ADDRESS is set"
+    assert args.stop_after is None, "the job would stop short of its run every time"
     head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert recipe_dir in {m["mountPath"] for m in head["volumeMounts"]}, "recipe not mounted"
+    mounts = {m["mountPath"] for m in head["volumeMounts"]}
+    assert str(Path(args.recipe).parent) in mounts, "recipe not mounted"
+    assert "/shared" in mounts
 
 
 def test_rayjob_cluster_is_the_raycluster():
-    specs = _cluster_specs()
+    """The same spec but for the label that tells each cluster's pods apart."""
+    specs = copy.deepcopy(_cluster_specs())
+    values = {
+        where: {lab.get(CLUSTER_LABEL) for lab in _pod_labels(spec).values()}
+        for where, spec in specs.items()
+    }
+    for spec in specs.values():
+        for labels in _pod_labels(spec).values():
+            labels.pop(CLUSTER_LABEL, None)
     assert specs["RayJob"] == specs["RayCluster"], "kuberay-rayjob.yaml and -raycluster differ"
+    assert len(values["RayCluster"]) == len(values["RayJob"]) == 1, values
+    assert values["RayCluster"] != values["RayJob"], "both clusters' pods carry one label"
+
+
+# --- access: token, network, containers ------------------------------------------------------
+
+
+def test_ray_token_authentication_is_on_with_the_token_from_a_secret():
+    for where, spec in _cluster_specs().items():
+        # KubeRay (>= 1.6) sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from the Secret's key
+        # auth_token on every Ray container and on the RayJob's submitter
+        assert spec.get("authOptions") == {"mode": "token", "secretName": TOKEN_SECRET}, where
+        assert Version(spec["rayVersion"]) >= Version("2.52"), f"{where}: no token auth"
+    for name, pod in _all_pods().items():
+        for c in _containers(pod):
+            own = {e["name"] for e in c.get("env", [])} & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
+            assert not own, f"{name}/{c['name']}: sets {own}, which KubeRay sets from the Secret"
+    # the token is never in the repository: no Secret manifest; the README says how to make one
+    assert not _kind("Secret"), "a Secret in cluster/ would put the token in git"
+    readme = (CLUSTER / "README.md").read_text()
+    assert f"kubectl create secret generic {TOKEN_SECRET}" in readme
+    assert "--from-literal=auth_token=" in readme
+
+
+def _check_network_policy(policy: dict[str, Any], label: str, head: dict[str, Any]) -> None:
+    """`policy` admits traffic to the pods labelled `label` only from those pods (any port)
+    and from the KubeRay operator (the Jobs API port only); `head` is the head's pod spec."""
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": {CLUSTER_LABEL: label}}, spec["podSelector"]
+    assert "Ingress" in spec.get("policyTypes", ["Ingress"]), spec.get("policyTypes")
+    rules = spec.get("ingress")
+    assert rules, "no ingress rule: nothing at all could reach the head"
+    own_rules = 0
+    for rule in rules:
+        peers = rule.get("from")
+        assert peers, f"a rule without `from` admits every source: {rule}"
+        for peer in peers:
+            assert "ipBlock" not in peer, f"an address block is not a pod of the cluster: {peer}"
+            assert "podSelector" in peer, f"a namespace as a whole is not a pod of it: {peer}"
+        if all(peer == {"podSelector": {"matchLabels": {CLUSTER_LABEL: label}}} for peer in peers):
+            own_rules += 1
+            ports = {p.get("port") for p in rule.get("ports", [])}
+            head_ports = {p["containerPort"] for p in head["containers"][0]["ports"]}
+            assert not ports or head_ports <= ports, f"own pods miss head ports: {ports}"
+            continue
+        for peer in peers:  # anything else: the operator, to the Jobs API alone
+            assert peer["podSelector"] == {"matchLabels": OPERATOR}, f"unknown peer: {peer}"
+            names = peer.get("namespaceSelector", {}).get("matchLabels", {})
+            assert list(names) == ["kubernetes.io/metadata.name"], f"not one namespace: {peer}"
+        ports = [(p.get("protocol", "TCP"), p.get("port")) for p in rule.get("ports", [])]
+        assert ports == [("TCP", DASHBOARD_PORT)], f"the operator gets more than 8265: {rule}"
+    assert own_rules == 1, "the cluster's own pods are not admitted"
+
+
+def _policies() -> dict[str, dict[str, Any]]:
+    """NetworkPolicy per cluster label value it protects."""
+    out = {}
+    for policy in _kind("NetworkPolicy"):
+        labels = policy["spec"]["podSelector"].get("matchLabels", {})
+        assert CLUSTER_LABEL in labels, f"{policy['metadata']['name']}: selects {labels}"
+        out[labels[CLUSTER_LABEL]] = policy
+    return out
+
+
+def test_network_policy_admits_each_cluster_only_from_its_own_pods():
+    policies = _policies()
+    assert len(policies) == len(_kind("NetworkPolicy")) == 2
+    for where, spec in _cluster_specs().items():
+        labels = _pod_labels(spec)
+        (value,) = {lab.get(CLUSTER_LABEL) for lab in labels.values()}  # every pod, one value
+        assert value in policies, f"{where}: no NetworkPolicy selects its pods ({value})"
+        _check_network_policy(policies[value], value, _templates(spec)["head"])
+    # the RayJob's submitter reaches its head's Jobs API as one of the cluster's pods
+    submitter = _one("RayJob")["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    job_head = _pod_labels(_cluster_specs()["RayJob"])["head"]
+    assert submitter[CLUSTER_LABEL] == job_head[CLUSTER_LABEL]
+    assert _one("RayJob")["spec"].get("submissionMode", "K8sJobMode") == "K8sJobMode"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda rules: rules.append({}),  # every source, every port
+        lambda rules: rules[0]["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}}),
+        lambda rules: rules[0]["from"].append({"namespaceSelector": {}}),
+        lambda rules: rules[0]["from"].append({"podSelector": {}}),  # the whole namespace
+        lambda rules: rules[1].pop("ports"),  # the operator on every port
+        lambda rules: rules[1]["from"][0].pop("namespaceSelector"),
+        lambda rules: rules.pop(0),  # the cluster's own pods shut out
+    ],
+)
+def test_network_policy_check_refuses_a_wider_policy(change):
+    spec = _cluster_specs()["RayCluster"]
+    value = _pod_labels(spec)["head"][CLUSTER_LABEL]
+    policy = copy.deepcopy(_policies()[value])
+    _check_network_policy(copy.deepcopy(policy), value, _templates(spec)["head"])
+    change(policy["spec"]["ingress"])
+    with pytest.raises(AssertionError):
+        _check_network_policy(policy, value, _templates(spec)["head"])
+
+
+def _check_pod_security(pod: dict[str, Any], where: str) -> None:
+    """No service-account token; every container, init containers included, non-root,
+    no privilege escalation, no capability, the runtime's default seccomp profile."""
+    assert pod.get("automountServiceAccountToken") is False, f"{where}: service-account token"
+    user = pod.get("securityContext", {}).get("runAsUser")
+    for c in _containers(pod):
+        sc = c.get("securityContext") or {}
+        name = f"{where}/{c['name']}"
+        assert sc.get("runAsNonRoot") is True, f"{name}: runAsNonRoot"
+        assert sc.get("allowPrivilegeEscalation") is False, f"{name}: allowPrivilegeEscalation"
+        assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{name}: capabilities"
+        assert not sc.get("capabilities", {}).get("add"), f"{name}: capabilities added"
+        assert not sc.get("privileged"), f"{name}: privileged"
+        assert sc.get("seccompProfile") == {"type": "RuntimeDefault"}, f"{name}: seccomp"
+        # the image's user is a name (`ray`): the kubelet checks runAsNonRoot on a number
+        uid = sc.get("runAsUser", user)
+        assert isinstance(uid, int) and uid > 0, f"{name}: runAsUser {uid!r}"
+
+
+def test_every_container_runs_without_root_privileges_or_a_service_account_token():
+    pods = _all_pods()
+    assert len(pods) == 7, sorted(pods)  # head + 2 groups, twice, and the submitter
+    for where, pod in pods.items():
+        _check_pod_security(pod, where)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda pod: pod.pop("automountServiceAccountToken"),
+        lambda pod: pod["containers"][0].pop("securityContext"),
+        lambda pod: pod["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True),
+        lambda pod: pod["containers"][0]["securityContext"]["capabilities"].update(
+            add=["SYS_PTRACE"]
+        ),
+        lambda pod: pod["securityContext"].update(runAsUser=0),
+        lambda pod: pod.setdefault("initContainers", []).append({"name": "init", "image": "x"}),
+    ],
+)
+def test_pod_security_check_refuses_a_weaker_pod(change):
+    pod = copy.deepcopy(_templates(_cluster_specs()["RayCluster"])["students"])
+    _check_pod_security(copy.deepcopy(pod), "students")
+    change(pod)
+    with pytest.raises(AssertionError):
+        _check_pod_security(pod, "students")
+
+
+# --- the lock --------------------------------------------------------------------------------
+
+
+def test_the_lock_has_a_hash_for_every_package_and_pins_what_the_input_asks_for():
+    text = LOCK.read_text()
+    header = " ".join(line.lstrip("# ") for line in text.splitlines()[:3])
+    for flag in ("--generate-hashes", "--python-version 3.11", "x86_64-manylinux_2_28"):
+        assert flag in header, f"requirements-gpu.txt was not compiled with {flag}"
+    # no other index, no URL, no editable: nothing but name==version and its hashes
+    options = re.findall(r"^\s*(-[-\w]+)", text, flags=re.M)
+    assert set(options) <= {"--hash"}, set(options)
+    reqs = _verify_pins().requirements(LOCK)  # refuses a line that is not a hashed pin
+    assert all(hashes for _, _, hashes in reqs), [n for n, _, h in reqs if not h]
+    lock = {canonicalize_name(n): v for n, v, _ in reqs}
+    assert len(lock) == len(reqs), "a package is locked twice"
+    wanted = {canonicalize_name(n): v for n, v in _pins(LOCK_INPUT).items()}
+    assert wanted.items() <= lock.items(), {n: (v, lock.get(n)) for n, v in wanted.items()}
+    assert len(lock) > 4 * len(wanted), "the lock holds little more than the input: not full"
+
+
+def test_the_lock_holds_every_dependency_of_what_it_locks():
+    """Checked with the metadata of the packages installed here at the locked version
+    (torch's CUDA libraries are not requirements of the +cpu build here: not checked)."""
+    lock = {canonicalize_name(n): v for n, v in _pins().items()}
+    extras = {"ray": "default"}
+    checked = 0
+    for name, locked in lock.items():
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if Version(dist.version).base_version != Version(locked).base_version:
+            continue
+        checked += 1
+        for line in dist.requires or []:
+            req = Requirement(line)
+            env = {"extra": extras.get(name, "")}
+            if req.marker is None or req.marker.evaluate(env):  # this Linux, Python 3.11
+                assert canonicalize_name(req.name) in lock, f"{name} needs {req.name}: not locked"
+    assert checked >= 100, f"only {checked} locked packages installed here to check against"
+
+
+def test_the_image_installs_the_lock_with_require_hashes_and_nothing_else_from_an_index():
+    lines = (CLUSTER / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
+    runs = [ln for ln in lines if re.match(r"\s*RUN\b", ln)]
+    installs = [cmd for ln in runs for cmd in ln.split("&&") if PIP_INSTALL.search(cmd)]
+    assert installs, "the Dockerfile installs nothing"
+    with_lock = [c for c in installs if "requirements-gpu.txt" in c]
+    assert len(with_lock) == 1, with_lock
+    (cmd,) = with_lock
+    words = shlex.split(cmd)
+    assert "--require-hashes" in words and words[words.index("-r") + 1].endswith(LOCK.name)
+    assert "--no-build-isolation" in words, "build dependencies would come unhashed"
+    for other in installs:
+        if other is cmd:
+            continue
+        words = shlex.split(other)
+        assert {"--no-index", "--no-deps"} <= set(words), f"fetches from an index: {other}"
+    assert "requirements-gpu.txt" in (CLUSTER / "verify_pins.py").read_text()
+
+
+def test_the_readme_says_how_to_pin_the_base_image_digest():
+    readme = (CLUSTER / "README.md").read_text()
+    base = re.search(r"^FROM\s+(\S+)", (CLUSTER / "Dockerfile").read_text(), flags=re.M)
+    assert base is not None
+    tag = base.group(1).split("@", 1)[0]
+    assert f"docker buildx imagetools inspect {tag}" in readme
+    assert "@sha256:" in readme

@@ -209,3 +209,80 @@ def test_teacher_written_rows_keep_their_finish_reason(tmp_path):
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     ends = sorted(_targets(rows, i)[-1] == eot for i in range(len(rows)))
     assert ends == [False, True, True]  # "CD" was cut by the limit
+
+
+# -- unreadable data files: one line naming the file and line, exit 2, no run dir ---------
+
+
+def _parquet(rows: dict) -> bytes:
+    import io
+
+    import pyarrow as pa
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table(rows), buf)
+    return buf.getvalue()
+
+
+BAD_FILES = {
+    "null text": ("rows.jsonl", b'{"text": "ok"}\n\n{"text": null}\n', "line 3: `text` is null"),
+    "number prompt": ("rows.jsonl", b'{"prompt": 7}\n', "line 1: `prompt` is int, expected a"),
+    "invalid utf-8": (
+        "rows.jsonl",
+        b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
+        "line 2: not valid UTF-8",
+    ),
+    "corrupt parquet": (
+        "rows.parquet",
+        b"PAR1 not really parquet PAR1",
+        "not a readable Parquet file",
+    ),
+    "null text in parquet": (
+        "rows.parquet",
+        _parquet({"text": ["ok", None]}),
+        "rows.parquet: row 2: `text` is null",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_an_unreadable_data_file_stops_the_run_in_one_line(tmp_path, tiny_models, capsys, case):
+    from conftest import base_recipe, write_recipe
+
+    from orchestrator.cli import main
+
+    name, content, expected = BAD_FILES[case]
+    (tmp_path / name).write_bytes(content)
+    raw = base_recipe(tmp_path, tiny_models, data={"source": "file", "path": name})
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and f"{name}: " in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_line_over_the_size_limit_stops_the_run_in_one_line(tmp_path, tiny_models, capsys):
+    from conftest import base_recipe, write_recipe
+
+    from orchestrator.cli import main
+    from orchestrator.data import MAX_LINE_BYTES
+
+    big = json.dumps({"text": "x" * MAX_LINE_BYTES})
+    (tmp_path / "big.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + big + "\n")
+    raw = base_recipe(tmp_path, tiny_models, data={"source": "file", "path": "big.jsonl"})
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "big.jsonl: line 2: longer than 16 MiB" in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_jsonl_is_read_as_utf8_line_by_line(tmp_path):
+    """A byte order mark is allowed; a U+2028 inside a string is text, not a line break (it
+    used to split the row in two); a null response is no response."""
+    from orchestrator.data import read_records
+
+    path = tmp_path / "rows.jsonl"
+    rows = [{"text": "caf\u00e9 \u2028 na\u00efve"}, {"prompt": "hi", "response": None}]
+    path.write_bytes(
+        b"\xef\xbb\xbf" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode()
+    )
+    assert read_records(str(path)) == rows

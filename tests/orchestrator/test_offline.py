@@ -209,3 +209,66 @@ def test_one_cached_and_one_live_teacher_in_one_run(built, tiny_models, tmp_path
     summary = json.loads((run_dir / "summary.json").read_text())
     served = summary["teacher_served"]
     assert served["tiny"]["calls"] > 0 and served["live"]["calls"] > 0
+
+
+def _small_cache(root: Path) -> Path:
+    """A complete two-row cache written by the real CacheWriter (no teacher needed)."""
+    from actors.signal_cache import CacheWriter
+
+    prov = {
+        "teacher": "tiny",
+        "model_hash": "m",
+        "tokenizer_hash": "t",
+        "top_k": 2,
+        "temperature": 1.0,
+        "dtype": "auto",
+        "data_hash": "d",
+    }
+    with CacheWriter(root, prov, num_rows=2, rows_per_shard=2) as w:
+        for r in range(2):
+            w.add(r, np.array([[1, 2]], dtype=np.uint16), np.array([[-0.1, -2.0]], np.float16))
+    return root
+
+
+@pytest.mark.parametrize("name", ["../outside.parquet", "/tmp/abs.parquet", "..", "a/b.parquet"])
+def test_a_manifest_naming_a_file_outside_its_folder_is_refused(tmp_path, capsys, name):
+    """The manifest names the files a reader opens and a resumed build deletes: a name with a
+    path in it (even one whose file is intact, elsewhere) is refused in one line."""
+    from actors.signal_cache import CacheCorrupt, CacheReader
+
+    root = _small_cache(tmp_path / "cache")
+    manifest = json.loads((root / "manifest.json").read_text())
+    shard = root / manifest["shards"][0]["file"]
+    if name.startswith("../"):  # the very shard, moved out: its sha256 still matches
+        shutil.move(shard, root / name)
+    manifest["shards"][0]["file"] = name
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["cache", "verify", str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"manifest.json: shard 0: file {name!r} is not a plain file name" in err[0]
+    with pytest.raises(CacheCorrupt, match="not a plain file name"):
+        CacheReader(root)
+
+
+def test_a_second_cache_build_of_a_held_cache_is_refused_naming_the_holder(tmp_path, tiny_models):
+    """`cache build` holds each cache folder (a second build would delete the first one's
+    unfinished shards as strays); it is refused before Ray or a model starts."""
+    from test_run_lock import hold_in_another_process, raydistill
+
+    raw = _raw(tmp_path, tiny_models, "offline")
+    raw["distill"]["mode"] = "offline"
+    cache = tmp_path / "runs" / "signal_cache" / "tiny"
+    cache.mkdir(parents=True)
+    holder = hold_in_another_process(cache)
+    try:
+        done = raydistill("cache", "build", str(write_recipe(tmp_path, raw)))
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"{cache}: this signal cache is in use by another raydistill process " in err[0]
+    assert f"(pid {holder.pid})" in err[0]
+    assert [p.name for p in cache.iterdir()] == [".lock"]

@@ -60,6 +60,10 @@ CASES = {
         "mutual.peers: distill.mode 'mutual' needs at least one peer",
     ),
     "no teacher": (lambda r: r.update(teachers=[]), "teachers: at least one teacher is needed"),
+    "mixture at a teacher's own temperature": (
+        lambda r: (r["distill"].update(aggregate="mean"), r["teachers"][0].update(temperature=2)),
+        "teachers.0.temperature: 2.0 differs from distill.temperature=1.0",
+    ),
 }
 
 
@@ -107,7 +111,7 @@ def test_data_rows_without_text_or_prompt(tmp_path, tiny_models, capsys):
     raw = base_recipe(tmp_path, tiny_models)
     raw["data"].update(source="file", path=str(data))
     assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
-    assert "rows.jsonl: row 2: needs a `text` or `prompt` field" in capsys.readouterr().err
+    assert "rows.jsonl: line 2: needs a `text` or `prompt` field" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
@@ -214,3 +218,53 @@ def test_sequences_longer_than_the_context_are_refused(tmp_path, tiny_models, ca
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["resume", str(tmp_path)]) == 2
     assert "not a run directory" in _one_line(capsys)
+
+
+def test_a_mixture_takes_every_teacher_at_distill_temperature(tmp_path, tiny_models):
+    """mean / weighted / confidence score one mixture at distill.temperature with one T^2, so
+    a teacher at its own temperature is refused, naming the field; per-teacher losses
+    (sum_of_losses, route) compare each teacher at its own and keep it."""
+    path = write_recipe(tmp_path, base_recipe(tmp_path, tiny_models))
+    own = ["teachers.0.temperature=2.0", "distill.temperature=1.5"]
+    for how in ("mean", "weighted", "confidence"):
+        with pytest.raises(RecipeError) as err:
+            load_recipe(path, [*own, f"distill.aggregate={how}"])
+        assert (
+            "teachers.0.temperature: 2.0 differs from distill.temperature=1.5; "
+            f"distill.aggregate {how} mixes the teachers at distill.temperature" in str(err.value)
+        )
+        same = ["teachers.0.temperature=1.5", "distill.temperature=1.5", f"distill.aggregate={how}"]
+        assert load_recipe(path, same).teachers[0].temperature == 1.5
+    for how in ("sum_of_losses", "route"):
+        assert load_recipe(path, [*own, f"distill.aggregate={how}"]).teachers[0].temperature == 2.0
+
+
+NAME_FIELDS = {
+    "run.name": lambda r, v: r["run"].update(name=v),
+    "teachers.0.name": lambda r, v: r["teachers"][0].update(name=v),
+    "judges.0.name": lambda r, v: r.update(judges=[{"name": v, "function": "m:f"}]),
+    "stages.0.name": lambda r, v: r.update(stages=[{"name": v, "kind": "train"}]),
+    "mutual.peers.0.name": lambda r, v: r.update(mutual={"peers": [{"name": v, "model": "m"}]}),
+}
+
+
+@pytest.mark.parametrize("field", sorted(NAME_FIELDS))
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".", "", "tab\there", "x" * 101])
+def test_names_that_become_folders_are_plain_segments(tmp_path, tiny_models, field, name):
+    """A run, teacher, judge, stage or peer name is a folder name under the run or cache
+    directory: one segment of letters, digits and `._-`, else refused naming the field."""
+    raw = base_recipe(tmp_path, tiny_models)
+    NAME_FIELDS[field](raw, name)
+    with pytest.raises(RecipeError, match=rf"{field}: must be 1-100 letters, digits"):
+        load_recipe(write_recipe(tmp_path, raw))
+    NAME_FIELDS[field](raw, "ok_name-2.b")
+    if field != "mutual.peers.0.name":  # a peer needs a model folder; its name is what counts
+        load_recipe(write_recipe(tmp_path, raw))
+
+
+def test_a_run_name_with_a_path_in_it_leaves_no_folder_anywhere(tmp_path, tiny_models, capsys):
+    raw = base_recipe(tmp_path, tiny_models)
+    raw["run"]["name"] = "../../outside"
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
+    assert "run.name: must be 1-100 letters, digits" in _one_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from orchestrator.checkpoint import read_ledger, tag_for, write_json
 from orchestrator.cli import main
+from orchestrator.tracking import Tracker
 
 
 def _run_dirs(root: Path) -> list[Path]:
@@ -113,3 +114,30 @@ def test_mlflow_run_params_metrics_and_student(ray_session, tiny_models, tmp_pat
     assert {"recipe.yaml", "student", "summary.json", "curves.png"} <= artifacts
     student = {a.path for a in client.list_artifacts(run.info.run_id, "student")}
     assert "student/config.json" in student
+
+
+def test_tracker_replays_a_checkpoints_rows_once(tmp_path):
+    """A crash between the ledger and MLflow: the resumed run's tracker logs the rows kept
+    with the checkpoint, minus those MLflow already holds (also when MLflow took part of
+    them), and a second replay (a restore in the same run) logs nothing."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(uri, "e", tmp_path / "art", "r", None)
+    for step in range(1, 5):
+        first.log_metrics(step, {"loss": 1.0 / step, "kl": 2.0 / step})
+    first.log_metrics(4, {"eval/kl": 0.5})
+    rows = first.pending_rows()  # what the checkpoint at step 4 keeps
+    kept = [r for r in rows if r[0] == "loss" or r[3] <= 2]  # MLflow took part of them
+    first.discard()
+    first.replay(kept)
+    run_id = first.run_id
+
+    resumed = Tracker(uri, "e", tmp_path / "art", "r", run_id)
+    resumed.replay(rows)
+    resumed.replay(rows)
+    resumed.log_metrics(5, {"loss": 0.1})
+    resumed.commit()
+    client = MlflowClient(tracking_uri=uri)
+    history = {k: [m.step for m in client.get_metric_history(run_id, k)] for k in ("loss", "kl")}
+    assert sorted(history["loss"]) == [1, 2, 3, 4, 5]
+    assert sorted(history["kl"]) == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run_id, "eval/kl")] == [4]

@@ -17,7 +17,9 @@ import pytest
 from conftest import base_recipe, write_recipe
 from mlflow.tracking import MlflowClient
 
+from orchestrator.checkpoint import read_ledger
 from orchestrator.cli import main
+from orchestrator.submit import plain_http_warning
 
 
 def _free_port() -> int:
@@ -95,3 +97,107 @@ def test_a_submitted_job_runs_the_recipe_and_its_mlflow_run_is_found(
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 4
+
+
+# --- sending without a token ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address", ["http://10.0.0.5:8265", "10.0.0.5:8265", "http://ray-head.example:8265"]
+)
+def test_plain_http_to_another_machine_without_a_token_is_warned_about(address, monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 32)  # Ray sends it only with RAY_AUTH_MODE=token
+    warning = plain_http_warning(address)
+    assert warning is not None and "no Ray token is sent" in warning
+    assert "RAY_AUTH_MODE=token" in warning
+
+
+@pytest.mark.parametrize(
+    ("address", "mode"),
+    [
+        ("http://127.0.0.1:8265", None),
+        ("http://localhost:8265", None),
+        ("http://[::1]:8265", None),
+        ("https://ray-head.example", None),
+        ("http://10.0.0.5:8265", "token"),
+        ("http://10.0.0.5:8265", "TOKEN"),
+    ],
+)
+def test_loopback_https_or_a_token_are_not_warned_about(address, mode, monkeypatch):
+    if mode is None:
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    else:
+        monkeypatch.setenv("RAY_AUTH_MODE", mode)
+    assert plain_http_warning(address) is None
+
+
+def test_submit_prints_the_warning_before_it_connects(monkeypatch, capsys):
+    # 0.0.0.0 is not a loopback address by name, yet on an unused port the connection is
+    # refused at once on this machine: the warning comes first, then the usual one line
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    address = f"http://0.0.0.0:{_free_port()}"
+    code = main(["submit", "--stop", "raysubmit_none", "--address", address])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert err[0].startswith(f"raydistill: warning: {address} is plain http"), err
+    assert err[-1].startswith("raydistill: error: --address: no Ray Jobs API"), err
+
+
+# --- the RayJob entrypoint: run --run-dir ------------------------------------------------
+
+
+def test_run_dir_starts_continues_and_then_leaves_a_finished_run_alone(
+    ray_session, tiny_models, tmp_path, capsys
+):
+    """A re-created RayJob runs the same command again: the run goes on from its checkpoint,
+    and once it finished the command exits 0 without touching it."""
+    raw = base_recipe(tmp_path, tiny_models, train={"steps": 4, "log_every": 1})
+    raw["student"]["world_size"] = 1
+    raw["data"]["heldout"] = 4
+    raw["checkpoint"] = {"every": 2}
+    recipe = str(write_recipe(tmp_path, raw))
+    run_dir = tmp_path / "shared" / "fixed"
+    out = f"run.output_dir={tmp_path / 'runs'}"
+
+    assert main(["run", "--run-dir", str(run_dir), recipe, out, "--stop-after", "2"]) == 0
+    assert read_ledger(run_dir)["step"] == 2 and not (run_dir / "summary.json").exists()
+    capsys.readouterr()
+
+    # another recipe is not run on this run's checkpoint
+    assert main(["run", recipe, "--run-dir", str(run_dir), out, "train.steps=6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"raydistill: error: --run-dir: {run_dir} holds an unfinished run of another recipe: "
+        f"continue it with `raydistill resume {run_dir}`, or give another --run-dir"
+    ]
+    assert read_ledger(run_dir)["step"] == 2
+
+    # the same command again (options before or after the overrides): it continues
+    assert main(["run", recipe, "--run-dir", str(run_dir), out]) == 0
+    assert f"run directory {run_dir}: continuing its run" in capsys.readouterr().out
+    assert read_ledger(run_dir)["step"] == 4
+    summary = run_dir / "summary.json"
+    run_id = json.loads(summary.read_text())["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert sorted(steps) == [1, 2, 3, 4]  # every step once: none lost, none logged twice
+    assert not list((tmp_path / "runs").glob("t-*")), "a time-stamped run dir was made"
+
+    # and once more: finished, exit 0, nothing written
+    before = summary.stat().st_mtime_ns
+    assert main(["run", "--run-dir", str(run_dir), recipe, out]) == 0
+    assert "this run already finished; nothing to do" in capsys.readouterr().out
+    assert summary.stat().st_mtime_ns == before and read_ledger(run_dir)["step"] == 4
+
+
+def test_run_dir_refuses_a_folder_that_holds_something_else(tmp_path, capsys):
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    recipe = tmp_path / "never-read.yaml"
+    assert main(["run", "--run-dir", str(other), str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    why = "is not empty and holds no run (no recipe.yaml)"
+    assert err == f"raydistill: error: --run-dir: {other} {why}"
+    assert sorted(p.name for p in other.iterdir()) == ["todo.txt"]
