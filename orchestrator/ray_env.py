@@ -64,6 +64,42 @@ def service_options(cfg: Placed, max_restarts: int) -> dict[str, Any]:
     }
 
 
+def _choose_auth_mode(joining: bool) -> None:
+    """Say explicitly what Ray would choose with RAY_AUTH_MODE unset: token authentication
+    for a local cluster we start (Ray makes a token in ~/.ray/auth_token if there is none),
+    and for a cluster we join when a token is at hand. The choice is the same; only Ray's
+    warning that it chose ("Token authentication is enabled ...", on every run) is gone. A
+    mode the user set is kept, and joining without a token keeps Ray's warning: that one
+    says something to act on."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if not joining or find_token() is not None:
+        os.environ["RAY_AUTH_MODE"] = "token"  # actors and Ray's own processes inherit it
+
+
+def find_token() -> tuple[str, str] | None:
+    """(token, where it came from) from where Ray keeps it, in Ray's order: RAY_AUTH_TOKEN,
+    the file RAY_AUTH_TOKEN_PATH names, ~/.ray/auth_token (written by `ray start --head`,
+    a local `ray.init()` or `ray get-auth-token --generate`); None if there is none."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token, "RAY_AUTH_TOKEN"
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH", "").strip()
+    path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+    where = f"RAY_AUTH_TOKEN_PATH ({path})" if named else str(path)
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        if named:
+            raise RecipeError("RAY_AUTH_TOKEN_PATH", f"{path}: no such file") from None
+        return None
+    except OSError as exc:
+        raise RecipeError(where, f"cannot read the Ray token ({exc.strerror})") from exc
+    if not token:
+        raise RecipeError(where, "the Ray token file is empty")
+    return token, where
+
+
 def _unreachable(address: str) -> str | None:
     """Why nothing listens at a `host:port` or `ray://host:port` address (None if something
     does, or the address is not of that form): Ray itself would retry for minutes."""
@@ -90,6 +126,7 @@ def ensure_ray(cfg: ClusterConfig) -> bool:
         raise RecipeError(field, f"no Ray cluster at {address!r} ({unreachable})")
     if ray.is_initialized():
         return False
+    _choose_auth_mode(joining=bool(address))
     if address:
         try:
             ray.init(address=address, log_to_driver=True)

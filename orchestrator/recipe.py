@@ -58,6 +58,11 @@ class RunConfig(_Strict):
     name: Name = "run"
     output_dir: str = "runs"
     seed: int = 0
+    register_as: Name | None = Field(
+        None,
+        description="register the final student in MLflow's model registry under this name "
+        "(staged recipes: the last train stage's)",
+    )
 
 
 class Placed(_Strict):

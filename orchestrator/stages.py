@@ -36,6 +36,9 @@ def stage_recipe(recipe: Recipe, stage: StageConfig, data: str | None, student: 
             raw["data"]["responses"] = "given"
     raw["student"].update(student)
     raw["run"]["name"] = stage.name
+    train = [s for s in recipe.stages if s.kind == "train"]
+    if stage is not train[-1]:  # only the final student is registered
+        raw["run"]["register_as"] = None
     return Recipe.model_validate(raw)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from orchestrator.credentials import redact
+from orchestrator.ray_env import find_token
 from orchestrator.recipe import RecipeError, load_recipe
 
 # switches of this machine's environment a job needs as well (when they are set here)
@@ -37,25 +38,34 @@ def _client(address: str):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    warning = plain_http_warning(address)
+    found = find_token()
+    warning = plain_http_warning(address, found is not None)
     if warning:
         print(f"raydistill: warning: {warning}", file=sys.stderr, flush=True)
+    headers = {}
+    if found:  # sent whatever RAY_AUTH_MODE says here: the head decides whether it needs it
+        headers["Authorization"] = f"Bearer {found[0]}"
+        print(f"raydistill: using the Ray token from {found[1]}", flush=True)
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=headers)
     except AuthenticationError as exc:
         shown = redact(address)
-        why = f"{shown!r} wants a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"
+        why = (
+            f"{shown!r} refused the Ray token from {found[1]}: give the cluster's own"
+            if found
+            else f"{shown!r} wants a Ray token and none was found (RAY_AUTH_TOKEN, "
+            "RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token): set one of them to the cluster's token"
+        )
         raise RecipeError("--address", why) from exc
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise RecipeError("--address", f"no Ray Jobs API at {redact(address)!r}") from exc
 
 
-def plain_http_warning(address: str) -> str | None:
+def plain_http_warning(address: str, token: bool) -> str | None:
     """Why sending to `address` is unsafe, or None. A job goes out as plain http to another
-    machine with no token: whoever can reach that port can run code on the cluster the same
-    way, and the code travels readable. Ray's Jobs client sends a token only when
-    RAY_AUTH_MODE=token (and then refuses to start without one), so that switch decides."""
-    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "token":
+    machine with no token (`token`: one is sent): whoever can reach that port can run code
+    on the cluster the same way, and the code travels readable."""
+    if token:
         return None
     try:
         url = urlsplit(address if "://" in address else f"http://{address}")  # Ray's default
@@ -66,7 +76,7 @@ def plain_http_warning(address: str) -> str | None:
         return None
     return (
         f"{redact(address)} is plain http to another machine and no Ray token is sent "
-        "(RAY_AUTH_MODE is not 'token'): set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the "
+        "(none in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token): set one to the "
         "cluster's token, or reach the head through a tunnel on 127.0.0.1 "
         "(kubectl port-forward, ray dashboard); see cluster/README.md"
     )

@@ -130,6 +130,22 @@ class Tracker:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def register_model(self, name: str, artifact_path: str, tags: dict[str, str]) -> str:
+        """A version of registered model `name` from this run's `artifact_path`; the
+        version this run already registered, if any (a repeated end registers once)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        for mv in self.client.search_model_versions(f"name = '{name}'"):
+            if mv.run_id == self.run_id:
+                return str(mv.version)
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        return str(self.client.create_model_version(name, source, self.run_id, tags).version)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)

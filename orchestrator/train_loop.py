@@ -30,6 +30,7 @@ from orchestrator.checkpoint import (
 )
 from orchestrator.data import Dataset
 from orchestrator.faults import RuntimeFault, gather
+from orchestrator.model_registry import log_student, model_tags
 from orchestrator.plots import plot_curves
 from orchestrator.progress import Progress
 from orchestrator.recipe import Recipe
@@ -422,7 +423,8 @@ class TrainLoop:
         self.tracker.log_artifact(curves)
         export_dir = self.run_dir / "student"
         self.students.export(str(export_dir), self.recipe.student.model)
-        self.tracker.log_artifact(export_dir, "student")
+        tags = model_tags(self.run_dir, self.identity)
+        model = log_student(self.tracker, export_dir, tags, self.recipe.run.register_as)
         infos = [p.info() for p in self.pools]
         return {
             "eval_after": after,
@@ -431,6 +433,7 @@ class TrainLoop:
             "student_params": self.students.num_params,
             "tokens_per_s": tokens_total / max(elapsed, 1e-9),
             "student_dir": str(export_dir),
+            **model,
             "mlflow_run_id": self.tracker.run_id,
             "tracking_uri": self.tracker.uri,
         }

@@ -1,7 +1,8 @@
 """The vLLM backend against transformers on the same model, with one vLLM engine (in a Ray
 actor) for the whole module: exact top-k at T = 1 and T = 2, the same greedy ids, sampled
 ids' log-probs at the sampling temperature, and a live weight load from real DeepSpeed
-ranks that leaves the engine computing what the ranks compute. vLLM must be installed (`make test` installs it): a missing vLLM fails here.
+ranks that leaves the engine computing what the ranks compute. vLLM must be installed
+(`make test` installs it): a missing vLLM fails here.
 
 vLLM's CPU attention needs head sizes of 32 or more: these tiny models have hidden 128 and
 4 heads."""

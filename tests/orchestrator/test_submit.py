@@ -1,6 +1,7 @@
-"""`raydistill submit` through the real Ray Jobs API: a head node started here (its own
-processes, loopback only, dashboard on 127.0.0.1), a job that runs a recipe to the end, and
-its MLflow run found afterwards."""
+"""`raydistill submit` through the real Ray Jobs API: a head node started here the ordinary
+way (`ray start --head`, its own processes, loopback only, dashboard on 127.0.0.1) with Ray's
+token authentication ON, a job that runs a recipe to the end, and its MLflow run found
+afterwards. The token is found where Ray keeps it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.checkpoint import read_ledger
 from orchestrator.cli import main
+from orchestrator.ray_env import find_token
+from orchestrator.recipe import RecipeError
 from orchestrator.submit import plain_http_warning
 
 
@@ -28,9 +31,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _without_token_settings(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in _TOKEN_VARS}
+
+
+_TOKEN_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
+
+
 @pytest.fixture
 def head(tmp_path_factory):
-    """A Ray head of its own, stopped at the end (the test session's Ray is left alone)."""
+    """A Ray head of its own, stopped at the end (the test session's Ray is left alone).
+    Started as a user starts one: no RAY_AUTH_MODE, a token in ~/.ray/auth_token (as any
+    earlier local `ray.init()` leaves it), so token authentication is on. Yields (address,
+    the home folder holding the token)."""
     from ray.job_submission import JobSubmissionClient
 
     ports = {
@@ -47,24 +60,28 @@ def head(tmp_path_factory):
     cmd += [f"--{k}={v}" for k, v in ports.items()]
     cmd += ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=true"]
     cmd += ["--dashboard-host=127.0.0.1", f"--temp-dir={temp}"]
-    # loopback only, so no token (a cluster with token auth needs RAY_AUTH_TOKEN on the client)
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
+    home = tmp_path_factory.mktemp("home")
+    (home / ".ray").mkdir()
+    token = os.urandom(16).hex()
+    (home / ".ray" / "auth_token").write_text(token + "\n")
+    env = {**_without_token_settings(dict(os.environ)), "HOME": str(home)}
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     # the head's `python` is this environment's, as a cluster image's would have raydistill
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
     deadline = time.monotonic() + 120
+    bearer = {"Authorization": f"Bearer {token}"}
     while True:
         try:
-            JobSubmissionClient(address).list_jobs()
+            JobSubmissionClient(address, headers=bearer).list_jobs()
             break
         except Exception:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
                 raise
             time.sleep(1)
-    yield address
+    yield address, home
     proc.terminate()
     try:
         proc.wait(timeout=60)
@@ -75,6 +92,20 @@ def head(tmp_path_factory):
 def test_a_submitted_job_runs_the_recipe_and_its_mlflow_run_is_found(
     head, tiny_models, tmp_path, capsys, monkeypatch
 ):
+    """The head wants a token: without one submit is refused in one line naming where it
+    looked; with ~/.ray/auth_token (no RAY_AUTH_MODE set) it is found, named, and works."""
+    address, home = head
+    for name in _TOKEN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "nobody"))
+    assert main(["submit", "--stop", "raysubmit_none", "--address", address]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"raydistill: error: --address: {address!r} wants a Ray token and none was found "
+        "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token): set one of them to the "
+        "cluster's token"
+    ], err
+    monkeypatch.setenv("HOME", str(home))
     root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(root)  # the checkout is the job's working directory
     out = tmp_path / "shared"
@@ -85,11 +116,12 @@ def test_a_submitted_job_runs_the_recipe_and_its_mlflow_run_is_found(
     staging.mkdir()
     try:
         recipe = write_recipe(staging, raw)
-        code = main(["submit", str(recipe), "--address", head, f"run.output_dir={out}"])
+        code = main(["submit", str(recipe), "--address", address, f"run.output_dir={out}"])
     finally:
         shutil.rmtree(staging)
     printed = capsys.readouterr().out
     assert code == 0, printed[-2000:]
+    assert f"raydistill: using the Ray token from {home / '.ray' / 'auth_token'}" in printed
     assert "submitted job" in printed and "SUCCEEDED" in printed
     (run_dir,) = out.glob("t-*")
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -105,37 +137,53 @@ def test_a_submitted_job_runs_the_recipe_and_its_mlflow_run_is_found(
 @pytest.mark.parametrize(
     "address", ["http://10.0.0.5:8265", "10.0.0.5:8265", "http://ray-head.example:8265"]
 )
-def test_plain_http_to_another_machine_without_a_token_is_warned_about(address, monkeypatch):
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 32)  # Ray sends it only with RAY_AUTH_MODE=token
-    warning = plain_http_warning(address)
+def test_plain_http_to_another_machine_without_a_token_is_warned_about(address):
+    warning = plain_http_warning(address, token=False)
     assert warning is not None and "no Ray token is sent" in warning
-    assert "RAY_AUTH_MODE=token" in warning
+    assert "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token" in warning
 
 
 @pytest.mark.parametrize(
-    ("address", "mode"),
+    ("address", "token"),
     [
-        ("http://127.0.0.1:8265", None),
-        ("http://localhost:8265", None),
-        ("http://[::1]:8265", None),
-        ("https://ray-head.example", None),
-        ("http://10.0.0.5:8265", "token"),
-        ("http://10.0.0.5:8265", "TOKEN"),
+        ("http://127.0.0.1:8265", False),
+        ("http://localhost:8265", False),
+        ("http://[::1]:8265", False),
+        ("https://ray-head.example", False),
+        ("http://10.0.0.5:8265", True),
     ],
 )
-def test_loopback_https_or_a_token_are_not_warned_about(address, mode, monkeypatch):
-    if mode is None:
-        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    else:
-        monkeypatch.setenv("RAY_AUTH_MODE", mode)
-    assert plain_http_warning(address) is None
+def test_loopback_https_or_a_token_are_not_warned_about(address, token):
+    assert plain_http_warning(address, token) is None
 
 
-def test_submit_prints_the_warning_before_it_connects(monkeypatch, capsys):
+def test_the_token_is_found_where_ray_keeps_it_in_rays_order(tmp_path, monkeypatch):
+    """RAY_AUTH_TOKEN, then the file RAY_AUTH_TOKEN_PATH names, then ~/.ray/auth_token."""
+    for name in _TOKEN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert find_token() is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("home-token\n")
+    assert find_token() == ("home-token", str(tmp_path / ".ray" / "auth_token"))
+    named = tmp_path / "elsewhere"
+    named.write_text("path-token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(named))
+    assert find_token() == ("path-token", f"RAY_AUTH_TOKEN_PATH ({named})")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "env-token")
+    assert find_token() == ("env-token", "RAY_AUTH_TOKEN")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    named.unlink()  # a path that names nothing is the user's mistake: one line
+    with pytest.raises(RecipeError, match=f"RAY_AUTH_TOKEN_PATH: {named}: no such file"):
+        find_token()
+
+
+def test_submit_prints_the_warning_before_it_connects(monkeypatch, capsys, tmp_path):
     # 0.0.0.0 is not a loopback address by name, yet on an unused port the connection is
     # refused at once on this machine: the warning comes first, then the usual one line
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    for name in _TOKEN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token
     address = f"http://0.0.0.0:{_free_port()}"
     code = main(["submit", "--stop", "raysubmit_none", "--address", address])
     err = capsys.readouterr().err.splitlines()
