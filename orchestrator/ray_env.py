@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -64,17 +65,22 @@ def service_options(cfg: Placed, max_restarts: int) -> dict[str, Any]:
     }
 
 
-def _choose_auth_mode(joining: bool) -> None:
-    """Say explicitly what Ray would choose with RAY_AUTH_MODE unset: token authentication
-    for a local cluster we start (Ray makes a token in ~/.ray/auth_token if there is none),
-    and for a cluster we join when a token is at hand. The choice is the same; only Ray's
-    warning that it chose ("Token authentication is enabled ...", on every run) is gone. A
-    mode the user set is kept, and joining without a token keeps Ray's warning: that one
-    says something to act on."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    if not joining or find_token() is not None:
-        os.environ["RAY_AUTH_MODE"] = "token"  # actors and Ray's own processes inherit it
+class _RayChoseTokenAuth(logging.Filter):
+    """Drops Ray's notice that it turned token authentication on by default ("Token
+    authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out"),
+    printed on every local run: nothing to act on, and the safe default is what we want.
+    Its warning that authentication is OFF, and every other message, still show."""
+
+    NOTICE = "Token authentication is enabled for this Ray cluster"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOTICE)
+
+
+def _quiet_token_auth_notice() -> None:
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _RayChoseTokenAuth) for f in logger.filters):
+        logger.addFilter(_RayChoseTokenAuth())
 
 
 def find_token() -> tuple[str, str] | None:
@@ -126,7 +132,7 @@ def ensure_ray(cfg: ClusterConfig) -> bool:
         raise RecipeError(field, f"no Ray cluster at {address!r} ({unreachable})")
     if ray.is_initialized():
         return False
-    _choose_auth_mode(joining=bool(address))
+    _quiet_token_auth_notice()
     if address:
         try:
             ray.init(address=address, log_to_driver=True)

@@ -1,7 +1,8 @@
 """A staged recipe on the real Ray, teacher, judge and DeepSpeed ranks: expand -> label ->
 curate -> KD -> offline KD, in order, in one run directory, each stage a nested MLflow run;
 the student carries over; a stop inside a train stage resumes inside it without running the
-earlier stages again."""
+earlier stages again; the final stage's student is registered as an MLflow Model, loaded
+back by `models:/NAME/1` and asked to generate."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _prompts(tmp_path: Path) -> Path:
 
 
 def test_stages_run_in_order_carry_the_student_and_resume_inside_a_stage(
-    ray_session, chat_models, tmp_path, capsys
+    ray_session, chat_models, tmp_path, capsys, monkeypatch
 ):
     data = _prompts(tmp_path)
     raw = base_recipe(
@@ -45,6 +46,7 @@ def test_stages_run_in_order_carry_the_student_and_resume_inside_a_stage(
         checkpoint={"every": 2},
     )
     raw["judges"] = [{"name": "len", "function": "toy_judges:response_length"}]
+    raw["run"]["register_as"] = "staged-student"
     raw["stages"] = [
         {"name": "expand", "kind": "expand", "expand": {"seeds": 4, "requests": 8}},
         {"name": "label", "kind": "label"},
@@ -86,7 +88,8 @@ def test_stages_run_in_order_carry_the_student_and_resume_inside_a_stage(
     after_kd = summary["kd"]["eval_after"]["kl"]
     assert math.isclose(summary["kd_offline"]["eval_before"]["kl"], after_kd, rel_tol=1e-3)
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
     parent = json.loads((run_dir / "state.json").read_text())["run_id"]
     children = client.search_runs(
         [client.get_run(parent).info.experiment_id],
@@ -94,3 +97,29 @@ def test_stages_run_in_order_carry_the_student_and_resume_inside_a_stage(
     )
     assert sorted(r.info.run_name.split("/")[-1] for r in children) == sorted(STAGES)
     assert client.get_run(parent).info.status == "FINISHED"
+    _check_registered(client, uri, children, stages, monkeypatch)
+
+
+def _check_registered(client, uri: str, children, stages: Path, monkeypatch) -> None:
+    """One version, from the last train stage, tagged with where it came from; loaded back by
+    name it is that stage's exported student and writes text."""
+    import mlflow.pyfunc
+    import mlflow.transformers
+    import torch
+    from safetensors.torch import load_file
+
+    last = next(r for r in children if r.info.run_name.split("/")[-1] == "kd_offline")
+    (version,) = client.search_model_versions("name = 'staged-student'")
+    assert (str(version.version), version.run_id) == ("1", last.info.run_id)
+    assert set(version.tags) >= {"raydistill.teacher.tiny", "raydistill.recipe_hash"}
+    assert "kd_offline" in version.tags["raydistill.recipe"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    pipe = mlflow.transformers.load_model("models:/staged-student/1")
+    exported = load_file(str(stages / "kd_offline" / "student" / "model.safetensors"))
+    loaded = pipe.model.state_dict()
+    for name, tensor in exported.items():
+        assert torch.equal(loaded[name].to(tensor.dtype), tensor), name
+    model = mlflow.pyfunc.load_model("models:/staged-student/1")
+    assert model.metadata.signature.params is not None  # max_new_tokens etc. may be passed
+    (text,) = model.predict(["Tell me about tea."], params={"max_new_tokens": 6})
+    assert isinstance(text, str) and text.startswith("Tell me about tea.")
