@@ -9,13 +9,14 @@ student group on one node.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from orchestrator.checkpoint import write_json
-from orchestrator.faults import gather
+from orchestrator.faults import RuntimeFault, gather
 from orchestrator.recipe import Placed, Recipe, RecipeError
 
 
@@ -134,9 +135,22 @@ def record(run_dir: Path, pools: list[Any], students: Any) -> dict[str, list[dic
     model folder each loaded there."""
     what = {f"teacher {p.name}": p.replicas for p in pools}
     what[f"student {students.name}"] = students.workers
-    where = {
-        k: gather([a.node.remote() for a in v], f"{k} node", **students.wait)
-        for k, v in what.items()
-    }
+    bound = students.wait["timeout_s"]
+    where = {k: _nodes(v, f"{k} node", bound) for k, v in what.items()}
     write_json(run_dir / "placement.json", where)
     return where
+
+
+def _nodes(actors: list[Any], what: str, timeout_s: float) -> list[dict]:
+    """Each actor's `node()`. A replica Ray is still restarting (its node was lost) answers
+    "unavailable" until it is up again somewhere else: asked again, within the bound."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = max(1.0, deadline - time.monotonic())
+        try:
+            return gather([a.node.remote() for a in actors], what, timeout_s=left)
+        except RuntimeFault as fault:
+            restarting = isinstance(fault.__cause__, ray.exceptions.ActorUnavailableError)
+            if not restarting or time.monotonic() > deadline:
+                raise
+        time.sleep(1.0)

@@ -70,12 +70,13 @@ def test_route_by_field_scores_each_example_with_its_teacher_only(
 def test_blended_run_logs_per_teacher_kl_share_and_replica_load(ray_session, tiny_models, tmp_path):
     teachers = _two_teachers(tiny_models)
     teachers[0].update(replicas=2, num_cpus=0.1, weight=3.0)
-    teachers[1].update(top_k=8, temperature=2.0)  # per-teacher k and temperature
+    # per-teacher k; a mixture takes every teacher at distill.temperature (stated again here)
+    teachers[1].update(top_k=8, temperature=2.0)
     raw = base_recipe(
         tmp_path,
         tiny_models,
         teachers=teachers,
-        distill={"aggregate": "confidence", "top_k": 16},
+        distill={"aggregate": "confidence", "top_k": 16, "temperature": 2.0},
         train={"steps": 6, "log_every": 3},
     )
     assert main(["run", str(write_recipe(tmp_path, raw))]) == 0
