@@ -198,9 +198,10 @@ class RolloutEngine:
         wanted: WeightSnapshot = ray.get(snapshot_ref[0])
         if wanted.version != version:
             raise ValueError(f"snapshot holds version {wanted.version}, expected {version}")
-        self.sampler.load(wanted)
+        how = self.sampler.load(wanted)
         self.version = wanted.version
         return {
+            "sync_in_place": float(how != "reload"),  # HF: a copy into the model, always
             "sync_load_s": time.perf_counter() - start,
             "sync_gather_s": wanted.gather_s,
             "sync_bytes": float(wanted.nbytes),

@@ -17,9 +17,11 @@ same numbers as the transformers sampler records; greedy requests get T = 1. vLL
 "raw_logprobs", would give log_softmax(logits) whatever T. Prompt log-probs are not
 affected by this mode. On CUDA the mode keeps vLLM off the FlashInfer sampler.
 
-Weight sync. A snapshot is loaded into the running engine with the worker's
-`reload_weights` (checkpoint-format names, as the HF state dict has them), then the prefix
-cache is reset: cached KV blocks of the old weights would otherwise serve new requests.
+Weight sync. On CPU a snapshot is copied into the engine's own memory and each linear
+layer's packed weight rebuilt from it (`actors/vllm_weights.py`); elsewhere, or where that
+cannot place every tensor, it goes through the worker's `reload_weights` (checkpoint-format
+names, as the HF state dict has them). Then the prefix cache is reset: cached KV blocks of
+the old weights would otherwise serve new requests.
 """
 
 from __future__ import annotations
@@ -170,10 +172,21 @@ class VLLMEngine:
             results.append(Sample(ids, lps, reason))
         return results
 
-    def load(self, snapshot: WeightSnapshot) -> None:
-        items = [(name, t.clone()) for name, t in snapshot.tensors()]  # writable copies
-        self.llm.collective_rpc(_reload, args=(items,))
+    def load(self, snapshot: WeightSnapshot, in_place: bool = True) -> str:
+        """Load a snapshot; returns how: "in_place" (copies into the engine's own memory,
+        `actors/vllm_weights.py`, where the engine allows it) or "reload" (vLLM's
+        `reload_weights`, also when `in_place` is False)."""
+        from actors.vllm_weights import load_in_place
+
+        items = list(snapshot.tensors())
+        done = in_place and self.llm.collective_rpc(load_in_place, args=(items,))[0]
+        how = "in_place"
+        if not done:
+            items = [(name, t.clone()) for name, t in items]  # writable copies
+            self.llm.collective_rpc(_reload, args=(items,))
+            how = "reload"
         self.llm.reset_prefix_cache()  # KV of the old weights must not serve new requests
+        return how
 
 
 def student_folder(model: str, layers: list[int] | None) -> str:

@@ -139,10 +139,36 @@ def test_live_weight_load_from_the_ranks(engine, vllm_model, tiny_models, tmp_pa
             sig = [[ray.put(teacher.score(batch))]]
             ray.get(group.train_step([ray.put(batch)], sig, None))
         snapshot = group.snapshot()
-        ray.get(engine.load.remote(snapshot))
+        assert ray.get(engine.load.remote(snapshot)) == "in_place"  # copies, no rebuild
         after = ray.get(engine.token_logprobs.remote(text))
         ranks = ray.get(group.token_logprobs(ray.put(text)))
         np.testing.assert_allclose(after, ranks, rtol=0, atol=1e-3)
         assert np.abs(after - before).max() > 1e-2  # scored differently after the sync
+        # vLLM's own reload of the same snapshot: the very same numbers, and the in-place
+        # path still works after it (its buffers beside what vLLM keeps)
+        assert ray.get(engine.load.remote(snapshot, in_place=False)) == "reload"
+        np.testing.assert_array_equal(ray.get(engine.token_logprobs.remote(text)), after)
+        assert ray.get(engine.load.remote(snapshot)) == "in_place"
+        np.testing.assert_array_equal(ray.get(engine.token_logprobs.remote(text)), after)
     finally:
         group.shutdown()
+
+
+def test_in_place_load_refuses_a_snapshot_that_would_leave_old_rows(engine, vllm_model):
+    """A snapshot without one part of a fused layer (k_proj of qkv_proj) cannot be placed
+    whole: vLLM's reload takes it. A whole one is placed in place again, and the engine
+    then scores as transformers does with those weights."""
+    from actors.weights import WeightSnapshot
+
+    model = AutoModelForCausalLM.from_pretrained(vllm_model, dtype=torch.float32).eval()
+    state = model.state_dict()
+    part = {k: v for k, v in state.items() if "layers.0.self_attn.k_proj" not in k}
+    assert ray.get(engine.load.remote(WeightSnapshot.of(part, 1, 0.0))) == "reload"
+    assert ray.get(engine.load.remote(WeightSnapshot.of(state, 2, 0.0))) == "in_place"
+    text = _text(3)
+    ids, attn, mask = text.to_torch(torch.device("cpu"))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits, -1)
+    want = logp.gather(-1, torch.roll(ids, -1, 1)[..., None])[..., 0][mask].numpy()
+    got = ray.get(engine.token_logprobs.remote(text))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
