@@ -6,9 +6,12 @@ rollout engines (write the samples), the teachers (score them) and the student r
 (train). Strictly on-policy (max_staleness 0) runs them one after another, so its ratio is
 about (rollout + teacher + student) / the slowest; one-step-off (max_staleness 1) writes
 step t+1's samples while step t trains, so only the machine's cores bound it. Goal: one-
-step-off at most 1.15. Also: weight-sync time as a fraction of a step, and bytes per sync.
+step-off at most 1.15. Also: weight-sync time as a fraction of a step, per million student
+parameters, and bytes per sync; `--backend vllm` syncs into vLLM engines (in place on CPU,
+`actors/vllm_weights.py`; goal: sync at most 10% of a step).
 
-Usage: python benchmarks/on_policy_overhead.py [--steps 30]
+Usage: python benchmarks/on_policy_overhead.py [--steps 30] [--backend hf|vllm]
+       [--vocab 8192] [--student-hidden 128]
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from common import history, median, models, run_recipe
 
 
-def recipe(m: dict[str, str], root: Path, name: str, staleness: int, steps: int) -> dict:
+def recipe(
+    m: dict[str, str], root: Path, name: str, staleness: int, steps: int, backend: str
+) -> dict:
     return {
         "run": {"name": name, "output_dir": str(root / "runs")},
         "teachers": [{"name": "t0", "model": m["teacher"], "num_cpus": 0.6}],
@@ -33,6 +39,7 @@ def recipe(m: dict[str, str], root: Path, name: str, staleness: int, steps: int)
             "samples_per_prompt": 2,
             "max_staleness": staleness,
             "num_cpus": 0.6,
+            "backend": backend,
         },
         "train": {"steps": steps, "batch_size": 8, "micro_batch_size": 4, "log_every": 10},
         "checkpoint": {"every": 0},
@@ -41,6 +48,7 @@ def recipe(m: dict[str, str], root: Path, name: str, staleness: int, steps: int)
 
 
 def measure(result, cores: int) -> dict[str, float]:
+    mparams = result.summary["student_params"] / 1e6
     wall = history(result, "step_time_s")
     warm = max(wall) // 5
     steps = [s for s in wall if s > warm]
@@ -61,22 +69,55 @@ def measure(result, cores: int) -> dict[str, float]:
         "rollout_tokens_per_s": median(list(history(result, "rollout/tokens_per_s").values())),
         "sync_ms": median([sync[s] for s in synced]) * 1e3,
         "sync_over_step": median([sync[s] / wall[s] for s in synced]),
+        "sync_ms_per_mparam": median([sync[s] for s in synced]) * 1e3 / mparams,
+        "in_place_share": median(list(history(result, "sync/in_place").values()) or [0.0]),
         "sync_mb": median(list(history(result, "sync/bytes").values())) / 2**20,
         "overhead": median(ratio),
     }
+
+
+def load_both_ways(student: str, repeats: int = 3) -> dict[str, float]:
+    """The same snapshot loaded into one vLLM engine (in a Ray actor, as in a run) in place
+    and through vLLM's `reload_weights`, alternately: median ms of each."""
+    import ray
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from actors.vllm_backend import VLLMEngine
+    from actors.weights import WeightSnapshot
+    from orchestrator.ray_env import actor_options
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        engine = ray.remote(VLLMEngine).options(**actor_options(1, 0, 1))
+        engine = engine.remote(student, dtype=torch.float32, max_model_len=128)
+        state = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).state_dict()
+        snapshot = ray.put(WeightSnapshot.of(state, 1, 0.0))
+        times: dict[str, list[float]] = {"in_place": [], "reload": []}
+        for _ in range(repeats):
+            for how in times:
+                ray.get(engine.__ray_ready__.remote())
+                start = time.perf_counter()
+                assert ray.get(engine.load.remote(snapshot, in_place=how == "in_place")) == how
+                times[how].append(time.perf_counter() - start)
+        return {how: median(t) * 1e3 for how, t in times.items()}
+    finally:
+        ray.shutdown()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    ap.add_argument("--student-hidden", type=int, default=128)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="rd-onpolicy-"))
-    m = models(root / "models", args.vocab, teacher_hidden=256, student_hidden=128)
+    m = models(root / "models", args.vocab, teacher_hidden=256, student_hidden=args.student_hidden)
     cores = os.cpu_count() or 1
     results = {}
     for name, staleness in (("strict", 0), ("one_step_off", 1)):
-        raw = recipe(m, root, f"onp-{name}", staleness, args.steps)
+        raw = recipe(m, root, f"onp-{name}", staleness, args.steps, args.backend)
         results[name] = measure(run_recipe(root / f"{name}.yaml", raw), cores)
     print(f"\n{'':24}{'strict':>14}{'one_step_off':>14}")
     for key in results["strict"]:
@@ -86,6 +127,14 @@ def main() -> None:
     print(f"RESULT on_policy_overhead_one_step_off {results['one_step_off']['overhead']:.3f}")
     print(f"RESULT sync_over_step {results['one_step_off']['sync_over_step']:.4f}")
     print(f"RESULT sync_mb {results['one_step_off']['sync_mb']:.2f}")
+    print(f"RESULT sync_ms_per_mparam {results['one_step_off']['sync_ms_per_mparam']:.2f}")
+    if args.backend == "vllm":
+        ms = load_both_ways(m["student"])
+        print(
+            f"engine load, same snapshot: in place {ms['in_place']:.0f} ms, vLLM reload_weights "
+            f"{ms['reload']:.0f} ms"
+        )
+        print(f"RESULT reload_over_in_place {ms['reload'] / ms['in_place']:.2f}")
 
 
 if __name__ == "__main__":

@@ -160,6 +160,7 @@ class OnPolicyLoop(TrainLoop):
                 m["sync_load_s"] for m in synced
             )
             metrics["sync/bytes"] = float(synced[0]["sync_bytes"])
+            metrics["sync/in_place"] = min(m.get("sync_in_place", 0.0) for m in synced)
         self._record(step, metas)
 
     def _record(self, step: int, metas: list[dict[str, Any]]) -> None:
