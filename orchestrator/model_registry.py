@@ -11,6 +11,7 @@ tokenizer (token-id data) cannot be a text pipeline: its folder is logged as pla
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -88,6 +89,10 @@ def log_student(
 
     tracker.set_tags(tags)
     staging = Path(tempfile.mkdtemp(prefix=".mlflow-model-", dir=export_dir.parent))
+    quiet = logging.getLogger("mlflow.transformers")
+    level = quiet.level
+    # its notices that a local folder has no hub model card or license: nothing to act on
+    quiet.setLevel(logging.ERROR)
     try:
         local = staging / MODEL_ARTIFACT
         mlflow.transformers.save_model(
@@ -100,6 +105,7 @@ def log_student(
         )
         tracker.log_artifact(local, MODEL_ARTIFACT)
     finally:
+        quiet.setLevel(level)
         shutil.rmtree(staging, ignore_errors=True)
     out: dict[str, Any] = {"model_uri": f"runs:/{tracker.run_id}/{MODEL_ARTIFACT}"}
     if register_as:
