@@ -8,10 +8,11 @@ weight is rebuilt from it (the packing is the only work the CPU kernels need red
 
 - plain parameters (norms, embeddings): `copy_` into the parameter;
 - linear layers, whose unpacked weight vLLM frees after packing: a full-size buffer per
-  layer, allocated at the first sync and reused by every later one; fused layers (qkv_proj,
-  gate_up_proj) take each checkpoint part (q/k/v, gate/up) into its rows, at the offsets of
-  the layer's `output_sizes`;
-- then the layer's GEMM is dispatched again from the buffer.
+  layer beside the (empty) parameter, allocated at the first sync and reused by every later
+  one; fused layers (qkv_proj, gate_up_proj) take each checkpoint part (q/k/v, gate/up)
+  into its rows, at the offsets of the layer's `output_sizes`;
+- then the layer's GEMM is dispatched again from the buffer, and the parameter is left
+  empty as vLLM left it, so `reload_weights` still works afterwards.
 
 Only for architectures whose checkpoint names map onto vLLM's modules one to one, apart
 from the fused parts (`IN_PLACE_ARCHITECTURES`), and only when a snapshot fills every
@@ -26,8 +27,6 @@ from typing import Any
 import torch
 
 IN_PLACE_ARCHITECTURES = ("LlamaForCausalLM",)
-
-
 Slot = tuple[str, tuple[int, int] | None, torch.Tensor]  # (parameter name, rows, source)
 
 
