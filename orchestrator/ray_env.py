@@ -83,29 +83,6 @@ def _quiet_token_auth_notice() -> None:
         logger.addFilter(_RayChoseTokenAuth())
 
 
-def find_token() -> tuple[str, str] | None:
-    """(token, where it came from) from where Ray keeps it, in Ray's order: RAY_AUTH_TOKEN,
-    the file RAY_AUTH_TOKEN_PATH names, ~/.ray/auth_token (written by `ray start --head`,
-    a local `ray.init()` or `ray get-auth-token --generate`); None if there is none."""
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if token:
-        return token, "RAY_AUTH_TOKEN"
-    named = os.environ.get("RAY_AUTH_TOKEN_PATH", "").strip()
-    path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
-    where = f"RAY_AUTH_TOKEN_PATH ({path})" if named else str(path)
-    try:
-        token = path.read_text().strip()
-    except FileNotFoundError:
-        if named:
-            raise RecipeError("RAY_AUTH_TOKEN_PATH", f"{path}: no such file") from None
-        return None
-    except OSError as exc:
-        raise RecipeError(where, f"cannot read the Ray token ({exc.strerror})") from exc
-    if not token:
-        raise RecipeError(where, "the Ray token file is empty")
-    return token, where
-
-
 def _unreachable(address: str) -> str | None:
     """Why nothing listens at a `host:port` or `ray://host:port` address (None if something
     does, or the address is not of that form): Ray itself would retry for minutes."""

@@ -19,7 +19,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from orchestrator.credentials import redact
-from orchestrator.ray_env import find_token
 from orchestrator.recipe import RecipeError, load_recipe
 
 # switches of this machine's environment a job needs as well (when they are set here)
@@ -32,6 +31,29 @@ _PASSED_ON = (
 )
 _EXCLUDES = [".git", ".venv", "runs", "mlruns", "**/__pycache__", "*.egg-info", ".ci/cache"]
 _DONE = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def find_token() -> tuple[str, str] | None:
+    """(token, where it came from) from where Ray keeps it, in Ray's order: RAY_AUTH_TOKEN,
+    the file RAY_AUTH_TOKEN_PATH names, ~/.ray/auth_token (written by `ray start --head`,
+    a local `ray.init()` or `ray get-auth-token --generate`); None if there is none."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token, "RAY_AUTH_TOKEN"
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH", "").strip()
+    path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+    where = f"RAY_AUTH_TOKEN_PATH ({path})" if named else str(path)
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        if named:
+            raise RecipeError("RAY_AUTH_TOKEN_PATH", f"{path}: no such file") from None
+        return None
+    except OSError as exc:
+        raise RecipeError(where, f"cannot read the Ray token ({exc.strerror})") from exc
+    if not token:
+        raise RecipeError(where, "the Ray token file is empty")
+    return token, where
 
 
 def _client(address: str):

@@ -20,9 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.checkpoint import read_ledger
 from orchestrator.cli import main
-from orchestrator.ray_env import find_token
 from orchestrator.recipe import RecipeError
-from orchestrator.submit import plain_http_warning
+from orchestrator.submit import find_token, plain_http_warning
 
 
 def _free_port() -> int:
