@@ -115,3 +115,28 @@ def _teach_markov_chain(path: str, steps: int = 150) -> None:
         loss.backward()
         opt.step()
     model.save_pretrained(path)
+
+
+def run_multinode(raw: dict[str, Any], tmp_path: Path, *flags: str) -> tuple[dict[str, Any], str]:
+    """`tests/multinode_run.py FLAGS RECIPE` in its own process (a `ray.cluster_utils`
+    cluster of local nodes; its own Ray, authentication off): its RESULT_JSON and stdout."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    raw_path = tmp_path / "recipe.json"
+    raw_path.write_text(json.dumps(raw))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": f"{root}:{root / 'tests'}"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, str(root / "tests" / "multinode_run.py"), *flags, str(raw_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT_JSON ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[0].removeprefix("RESULT_JSON ")), proc.stdout

@@ -5,15 +5,9 @@ line, and so is a run directory a node cannot see."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from conftest import base_recipe
-
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import base_recipe, run_multinode
 
 
 def test_actors_land_where_the_recipe_asks(tmp_path: Path, tiny_models: dict[str, str]) -> None:
@@ -24,21 +18,7 @@ def test_actors_land_where_the_recipe_asks(tmp_path: Path, tiny_models: dict[str
     )
     raw["teachers"][0].update(replicas=2, num_cpus=0.25, resources={"teacher_node": 1})
     raw["student"].update(num_cpus=0.25, resources={"student_node": 1})
-    raw_path = tmp_path / "recipe.json"
-    raw_path.write_text(json.dumps(raw))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multinode_run.py"), str(raw_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=tmp_path,
-    )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT_JSON ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = json.loads(lines[0].removeprefix("RESULT_JSON "))
+    out, _ = run_multinode(raw, tmp_path)
     nodes = out["nodes"]
     assert len(set(nodes.values())) == 3
     assert out["steps"] == 3

@@ -10,24 +10,21 @@ also checked on its own, on one node, with a real gloo group of two actors."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import ray
-from conftest import base_recipe
+from conftest import base_recipe, run_multinode
 
 from orchestrator.faults import RuntimeFault, gather
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors need not import tests/
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
 
 
@@ -40,21 +37,7 @@ def test_a_lost_node_loses_no_step(tmp_path: Path, tiny_models: dict[str, str]) 
     )
     raw["teachers"][0].update(replicas=2, num_cpus=0.25, resources={"worker": 1})
     raw["student"].update(num_cpus=0.25, resources={"worker": 1}, placement="spread")
-    raw_path = tmp_path / "recipe.json"
-    raw_path.write_text(json.dumps(raw))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multinode_run.py"), "--node-loss", str(raw_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=tmp_path,
-    )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT_JSON ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = json.loads(lines[0].removeprefix("RESULT_JSON "))
+    out, stdout = run_multinode(raw, tmp_path, "--node-loss")
     doomed, survivor = out["nodes"]["doomed"], out["nodes"]["survivor"]
     run = out["node_loss"]
     before, after = run["placement_before"], run["placement_after"]
@@ -63,7 +46,7 @@ def test_a_lost_node_loses_no_step(tmp_path: Path, tiny_models: dict[str, str]) 
     assert doomed in [t["node"] for t in before[teachers]]
     assert doomed in [s["node"] for s in before[students]]
     assert 0 < run["killed_after_step"] < STEPS
-    assert "bringing the student group back from the checkpoint" in proc.stdout
+    assert "bringing the student group back from the checkpoint" in stdout
     # everything now runs on the surviving node; every step logged exactly once
     assert [t["node"] for t in after[teachers]] == [survivor] * 2
     assert [s["node"] for s in after[students]] == [survivor] * 2

@@ -254,21 +254,13 @@ def test_a_manifest_naming_a_file_outside_its_folder_is_refused(tmp_path, capsys
 def test_a_second_cache_build_of_a_held_cache_is_refused_naming_the_holder(tmp_path, tiny_models):
     """`cache build` holds each cache folder (a second build would delete the first one's
     unfinished shards as strays); it is refused before Ray or a model starts."""
-    from test_run_lock import hold_in_another_process, raydistill
+    from test_run_lock import refused_while_held
 
     raw = _raw(tmp_path, tiny_models, "offline")
     raw["distill"]["mode"] = "offline"
     cache = tmp_path / "runs" / "signal_cache" / "tiny"
     cache.mkdir(parents=True)
-    holder = hold_in_another_process(cache)
-    try:
-        done = raydistill("cache", "build", str(write_recipe(tmp_path, raw)))
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=60)
-    assert done.returncode == 2, done.stderr
-    err = done.stderr.strip().splitlines()
-    assert len(err) == 1, err
-    assert f"{cache}: this signal cache is in use by another raydistill process " in err[0]
-    assert f"(pid {holder.pid})" in err[0]
+    line, pid = refused_while_held(cache, "cache", "build", str(write_recipe(tmp_path, raw)))
+    assert f"{cache}: this signal cache is in use by another raydistill process " in line
+    assert f"(pid {pid})" in line
     assert [p.name for p in cache.iterdir()] == [".lock"]

@@ -43,22 +43,27 @@ def raydistill(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(cli), *args], capture_output=True, text=True, timeout=300)
 
 
-def test_a_second_resume_of_a_held_run_is_refused_naming_the_holder(tmp_path, tiny_models):
-    run_dir = tmp_path / "runs" / "t-1"
-    run_dir.mkdir(parents=True)
-    write_recipe(run_dir, base_recipe(tmp_path, tiny_models))
-    holder = hold_in_another_process(run_dir)
+def refused_while_held(folder: Path, *args: str) -> tuple[str, int]:
+    """`raydistill ARGS` while another process holds `folder`'s lock: exit 2 and one line;
+    returns (that line, the holder's pid)."""
+    holder = hold_in_another_process(folder)
     try:
-        done = raydistill("resume", str(run_dir))
+        done = raydistill(*args)
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
     assert done.returncode == 2, done.stderr
     err = done.stderr.strip().splitlines()
     assert len(err) == 1, err
-    assert (
-        f"this run directory is in use by another raydistill process (pid {holder.pid})" in (err[0])
-    )
+    return err[0], holder.pid
+
+
+def test_a_second_resume_of_a_held_run_is_refused_naming_the_holder(tmp_path, tiny_models):
+    run_dir = tmp_path / "runs" / "t-1"
+    run_dir.mkdir(parents=True)
+    write_recipe(run_dir, base_recipe(tmp_path, tiny_models))
+    line, pid = refused_while_held(run_dir, "resume", str(run_dir))
+    assert f"this run directory is in use by another raydistill process (pid {pid})" in line
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "recipe.yaml"]
     # the holder is gone: the lock is free again, and resume gets to its own checks
     done = raydistill("resume", str(run_dir))
