@@ -18,10 +18,15 @@ log_softmax(logits / T) (`sampling_temperature`), which is what an importance ra
 KL estimate need (TRL's GRPO divides the logits by the sampling temperature likewise). With
 top_p < 1 (refused for RL by the recipe) it is the truncated, renormalised distribution's,
 as vLLM's "processed_logprobs" are.
+
+With `rollout.weight_sync` nccl, ipc or rdt (vLLM on GPUs) the ranks push the weights into the
+engine instead (`actors/vllm_transfer.py`): the snapshot ref is then rank 0's receipt, and a
+push never runs while the engine samples (one lock).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +40,7 @@ from actors.chat import LENGTH, STOP
 from actors.model_store import local_model
 from actors.models import build_student, pick_device, pick_dtype
 from actors.objective import chunk_positions, label_logprobs
-from actors.weights import WeightSnapshot
+from actors.weights import GPU_SYNC, WeightSnapshot
 
 
 @dataclass
@@ -162,7 +167,8 @@ class HFSampler:
 
 
 class RolloutEngine:
-    """One rollout replica. `spec`: model, layers, backend, dtype, threads, stop_ids, pad."""
+    """One rollout replica. `spec`: model, layers, backend, dtype, threads, stop_ids, pad,
+    weight_sync, num_gpus."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         torch.set_num_threads(int(spec.get("threads", 1)))
@@ -171,6 +177,11 @@ class RolloutEngine:
         self.version = -1  # no snapshot loaded yet: the first call loads one
         self.stop_ids = [int(i) for i in spec.get("stop_ids", [])]
         self.pad = int(spec.get("pad", 0))
+        self.weight_sync = str(spec.get("weight_sync", "auto"))
+        self.lock = threading.Lock()  # sampling, or a pushed round of weights: never both
+        self.receiver: Any = None  # vLLM's control plane, for the ranks' pushes
+        self.round_s = 0.0  # the last pushed round, start to finish
+        self.receipt = -1  # the last pushed version whose sync this engine reported
         device = pick_device(want_gpu=True)
         dtype = pick_dtype(spec.get("dtype", "auto"), device)
         self.sampler: HFSampler | Any
@@ -183,6 +194,8 @@ class RolloutEngine:
                 dtype=dtype,
                 max_model_len=int(spec.get("max_model_len", 512)),
                 seed=int(spec.get("seed", 0)),
+                weight_sync=self.weight_sync,
+                gpu_share=float(spec.get("num_gpus", 0.0)),
             )
         else:
             model = build_student(spec["model"], spec.get("layers"))
@@ -191,6 +204,8 @@ class RolloutEngine:
     def _sync(self, version: int, snapshot_ref: list[ray.ObjectRef]) -> dict[str, float]:
         """Load the snapshot of `version` unless this engine already holds it (then nothing
         is fetched). Sync time = the ranks' gather + fetching and loading here."""
+        if self.weight_sync in GPU_SYNC and snapshot_ref:
+            return self._receipt(version, snapshot_ref)
         if version == self.version or not snapshot_ref:
             return {}
         ray.wait(snapshot_ref, fetch_local=False)  # waiting for the train step is not sync
@@ -198,13 +213,35 @@ class RolloutEngine:
         wanted: WeightSnapshot = ray.get(snapshot_ref[0])
         if wanted.version != version:
             raise ValueError(f"snapshot holds version {wanted.version}, expected {version}")
-        how = self.sampler.load(wanted)
-        self.version = wanted.version
+        with self.lock:
+            how = self.sampler.load(wanted)
+            self.version = wanted.version
         return {
             "sync_in_place": float(how != "reload"),  # HF: a copy into the model, always
             "sync_load_s": time.perf_counter() - start,
             "sync_gather_s": wanted.gather_s,
             "sync_bytes": float(wanted.nbytes),
+        }
+
+    def _receipt(self, version: int, receipt_ref: list[ray.ObjectRef]) -> dict[str, float]:
+        """GPU weight_sync: the ranks push each version (`actors/vllm_transfer.py`). Wait,
+        without the lock, for the push of `version` to have returned, then report it once
+        (its load time is the round's, start to finish, on this engine)."""
+        if version == self.receipt:
+            return {}
+        receipt: WeightSnapshot = ray.get(receipt_ref[0])
+        if self.version < version:
+            raise RuntimeError(
+                f"this engine holds weights of version {self.version}, the ranks pushed "
+                f"{receipt.version}: rollout.weight_sync {self.weight_sync} pushes do not reach "
+                f"an engine that restarted after them"
+            )
+        self.receipt = version
+        return {
+            "sync_in_place": 0.0,  # vLLM's layerwise reload of the received tensors
+            "sync_load_s": self.round_s,
+            "sync_gather_s": receipt.gather_s,
+            "sync_bytes": float(receipt.nbytes),
         }
 
     def generate(
@@ -222,13 +259,15 @@ class RolloutEngine:
         start, cpu = time.perf_counter(), time.process_time()
         flat = [p for shard in shards for p in shard]
         flat_seeds = [s for shard in seeds for s in shard]
-        samples = self.sampler.sample(flat, flat_seeds, sampling, self.stop_ids, self.pad)
+        with self.lock:  # the weights and their version stay put while sampling
+            written_with = self.version
+            samples = self.sampler.sample(flat, flat_seeds, sampling, self.stop_ids, self.pad)
         batches, at = [], 0
         for shard in shards:
             batches.append(assemble(shard, samples[at : at + len(shard)], self.pad))
             at += len(shard)
         meta = {
-            "version": self.version,
+            "version": written_with,
             "busy_s": time.perf_counter() - start,
             "cpu_s": time.process_time() - cpu,
             "new_tokens": sum(len(s.response) for s in samples),
@@ -244,7 +283,20 @@ class RolloutEngine:
     ) -> np.ndarray:
         """The engine's log-probs of fixed text (to check a sync against the ranks)."""
         self._sync(version, snapshot_ref or [])
-        return self.sampler.token_logprobs(batch)
+        with self.lock:
+            return self.sampler.token_logprobs(batch)
 
     def get_version(self) -> int:
         return self.version
+
+    def weight_transfer(self, call: str, arg: Any = None) -> None:
+        """One call of vLLM's weight-transfer control plane, made by the ranks' push
+        (`actors/vllm_transfer.py`) in this actor's `transfer` concurrency group."""
+        if self.receiver is None:
+            from actors.vllm_transfer import Receiver
+
+            self.receiver = Receiver(self.sampler.llm, self.lock, self._loaded)
+        self.receiver(call, arg)
+
+    def _loaded(self, version: int, seconds: float) -> None:
+        self.version, self.round_s = version, seconds

@@ -180,6 +180,7 @@ class StudentWorker:
         self.rank, self.world_size, self.spec = rank, world_size, spec
         self.device = pick_device(want_gpu=True)
         self.engine = None
+        self.sender: Any = None  # GPU weight_sync: vLLM's trainer engine (actors/vllm_transfer.py)
 
     def node(self) -> dict[str, str]:
         """The Ray node this rank runs on and the model folder it loaded there (the run
@@ -519,6 +520,30 @@ class StudentWorker:
             return None
         state = {k.removeprefix("lm."): v for k, v in state.items()}
         return WeightSnapshot.of(state, int(self.engine.global_steps), time.perf_counter() - start)
+
+    def push_weights(self, mode: str, engines: list[Any]) -> WeightSnapshot | None:
+        """GPU `rollout.weight_sync` (nccl, ipc, rdt): the current weights straight into the
+        rollout engines through vLLM's weight transfer (`actors/vllm_transfer.py`). Queued
+        behind a train step like `weights_snapshot`, on every rank; rank 0 returns a receipt
+        (no tensors). ipc and rdt send each rank's own full copy, nccl rank 0's."""
+        from actors.vllm_transfer import WeightSender, sends_on
+
+        start = time.perf_counter()
+        version = int(self.engine.global_steps)
+        if self.zero3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # None off rank 0
+        else:
+            state = self.engine.module.state_dict()
+        gather_s = time.perf_counter() - start
+        sent = 0
+        if state is not None and sends_on(mode, self.rank):
+            state = {k.removeprefix("lm."): v for k, v in state.items()}
+            if self.sender is None:
+                self.sender = WeightSender(mode, engines, self.rank, state, self.device)
+            sent = self.sender.send(state, version)
+        if self.rank != 0:
+            return None
+        return WeightSnapshot(version, {}, gather_s=gather_s, pushed_bytes=sent)
 
     def token_logprobs(self, batch: TokenBatch) -> np.ndarray:
         """log p(next token) at the loss positions (checks a sync against an engine);

@@ -21,7 +21,9 @@ Weight sync. On CPU a snapshot is copied into the engine's own memory and each l
 layer's packed weight rebuilt from it (`actors/vllm_weights.py`); elsewhere, or where that
 cannot place every tensor, it goes through the worker's `reload_weights` (checkpoint-format
 names, as the HF state dict has them). Then the prefix cache is reset: cached KV blocks of
-the old weights would otherwise serve new requests.
+the old weights would otherwise serve new requests. `rollout.weight_sync` in_place or reload
+forces one path; nccl, ipc and rdt build the engine with vLLM's weight transfer instead, and
+the ranks push the weights (`actors/vllm_transfer.py`).
 """
 
 from __future__ import annotations
@@ -35,16 +37,25 @@ import torch
 
 from actors.batch import TokenBatch
 from actors.chat import LENGTH, STOP
-from actors.weights import WeightSnapshot
+from actors.weights import GPU_SYNC, WeightSnapshot
 
 KV_CACHE_BYTES = 1 << 30  # per engine, CPU and GPU alike (vLLM's kv_cache_memory_bytes)
 
 
-def make_llm(path: str, *, dtype: torch.dtype, max_model_len: int, max_logprobs: int, seed: int):
+def make_llm(
+    path: str,
+    *,
+    dtype: torch.dtype,
+    max_model_len: int,
+    max_logprobs: int,
+    seed: int,
+    **extra: Any,
+):
+    """The engine; `extra` overrides or adds LLM arguments (GPU weight transfer)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
     from vllm import LLM
 
-    return LLM(
+    args: dict[str, Any] = dict(
         model=path,
         dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, "float16"),
         enforce_eager=True,
@@ -57,6 +68,7 @@ def make_llm(path: str, *, dtype: torch.dtype, max_model_len: int, max_logprobs:
         enable_prefix_caching=True,
         seed=seed,
     )
+    return LLM(**{**args, **extra})
 
 
 def _set_scale(worker: Any, factor: float) -> float:
@@ -77,11 +89,30 @@ class VLLMEngine:
     """One vLLM engine: exact top-k scoring, seeded sampling, live weight loads."""
 
     def __init__(
-        self, path: str, *, dtype: torch.dtype, max_model_len: int, top_k: int = 1, seed: int = 0
+        self,
+        path: str,
+        *,
+        dtype: torch.dtype,
+        max_model_len: int,
+        top_k: int = 1,
+        seed: int = 0,
+        weight_sync: str = "auto",
+        gpu_share: float = 0.0,
     ) -> None:
+        extra: dict[str, Any] = {}
+        if weight_sync in GPU_SYNC:  # vLLM's weight transfer (the ranks push)
+            from actors.vllm_transfer import engine_options
+
+            extra = engine_options(weight_sync, gpu_share)
         self.llm = make_llm(
-            path, dtype=dtype, max_model_len=max_model_len, max_logprobs=max(top_k, 1), seed=seed
+            path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            max_logprobs=max(top_k, 1),
+            seed=seed,
+            **extra,
         )
+        self.weight_sync = weight_sync
         self.temperature = 1.0
 
     def set_temperature(self, temperature: float) -> None:
@@ -175,16 +206,23 @@ class VLLMEngine:
     def load(self, snapshot: WeightSnapshot, in_place: bool = True) -> str:
         """Load a snapshot; returns how: "in_place" (copies into the engine's own memory,
         `actors/vllm_weights.py`, where the engine allows it) or "reload" (vLLM's
-        `reload_weights`, also when `in_place` is False)."""
+        `reload_weights`, also when `in_place` is False). `weight_sync` "reload" always
+        reloads; "in_place" never does (an error where the engine cannot take it in place)."""
         from actors.vllm_weights import load_in_place
 
         items = list(snapshot.tensors())
-        done = in_place and self.llm.collective_rpc(load_in_place, args=(items,))[0]
-        how = "in_place"
-        if not done:
+        how = "reload" if self.weight_sync == "reload" or not in_place else "in_place"
+        if how == "in_place" and not self.llm.collective_rpc(load_in_place, args=(items,))[0]:
+            if self.weight_sync == "in_place":
+                raise RuntimeError(
+                    "rollout.weight_sync: in_place, but this engine cannot take the snapshot in "
+                    "place (a GPU, another architecture than Llama's, or a part missing); use "
+                    "auto or reload"
+                )
+            how = "reload"
+        if how == "reload":
             items = [(name, t.clone()) for name, t in items]  # writable copies
             self.llm.collective_rpc(_reload, args=(items,))
-            how = "reload"
         self.llm.reset_prefix_cache()  # KV of the old weights must not serve new requests
         return how
 

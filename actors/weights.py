@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+# rollout.weight_sync values that push through vLLM's GPU weight transfer (vllm_transfer.py),
+# and the rollout actors' concurrency group those pushes run in
+GPU_SYNC = ("nccl", "ipc", "rdt")
+TRANSFER_GROUP = "transfer"
+
 
 @dataclass
 class WeightSnapshot:
@@ -21,6 +26,7 @@ class WeightSnapshot:
     arrays: dict[str, np.ndarray]  # HF parameter name -> values (bf16 as int16 bits)
     dtypes: dict[str, str] = field(default_factory=dict)  # name -> torch dtype name
     gather_s: float = 0.0  # time the ranks spent gathering it (ZeRO-3: all-gathers)
+    pushed_bytes: int = 0  # GPU weight_sync: a receipt, the ranks pushed this many bytes
 
     @classmethod
     def of(cls, state: dict[str, torch.Tensor], version: int, gather_s: float) -> WeightSnapshot:
@@ -40,10 +46,15 @@ class WeightSnapshot:
         return cls(version=version, arrays=arrays, dtypes=dtypes, gather_s=gather_s)
 
     @property
+    def pushed(self) -> bool:
+        """A receipt: the weights went to the engines through vLLM's weight transfer."""
+        return self.pushed_bytes > 0
+
+    @property
     def nbytes(self) -> int:
         """Bytes on the wire: shared (tied) arrays count once."""
         unique = {id(a): a.nbytes for a in self.arrays.values()}
-        return int(sum(unique.values()))
+        return int(sum(unique.values())) or self.pushed_bytes
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) views of the arrays, in their original dtypes."""

@@ -6,12 +6,15 @@ rollout engines (write the samples), the teachers (score them) and the student r
 (train). Strictly on-policy (max_staleness 0) runs them one after another, so its ratio is
 about (rollout + teacher + student) / the slowest; one-step-off (max_staleness 1) writes
 step t+1's samples while step t trains, so only the machine's cores bound it. Goal: one-
-step-off at most 1.15. Also: weight-sync time as a fraction of a step, per million student
-parameters, and bytes per sync; `--backend vllm` syncs into vLLM engines (in place on CPU,
-`actors/vllm_weights.py`; goal: sync at most 10% of a step).
+step-off at most 1.15. Also the weight sync (the ranks' gather + the engine's load), one-
+step-off: `weight_sync_share` = median over the steps after warm-up of sync time / step
+wall time (goal: at most 0.10), `weight_sync_ms_per_mparam` = median sync ms per million
+student parameters, and MiB per sync. `--backend vllm` syncs into vLLM engines (in place on
+CPU, `actors/vllm_weights.py`); `--weight-sync nccl|ipc|rdt` takes vLLM's GPU weight transfer
+instead (`actors/vllm_transfer.py`; needs GPUs: ipc puts student and engine on one GPU).
 
 Usage: python benchmarks/on_policy_overhead.py [--steps 30] [--backend hf|vllm]
-       [--vocab 8192] [--student-hidden 128]
+       [--vocab 8192] [--student-hidden 128] [--weight-sync auto|in_place|reload|nccl|ipc|rdt]
 """
 
 from __future__ import annotations
@@ -26,12 +29,19 @@ from common import history, median, models, run_recipe
 
 
 def recipe(
-    m: dict[str, str], root: Path, name: str, staleness: int, steps: int, backend: str
+    m: dict[str, str],
+    root: Path,
+    name: str,
+    staleness: int,
+    steps: int,
+    backend: str,
+    weight_sync: str = "auto",
 ) -> dict:
+    gpus = {"nccl": 1.0, "ipc": 0.5, "rdt": 1.0}.get(weight_sync, 0.0)  # ipc: one shared GPU
     return {
         "run": {"name": name, "output_dir": str(root / "runs")},
         "teachers": [{"name": "t0", "model": m["teacher"], "num_cpus": 0.6}],
-        "student": {"model": m["student"], "world_size": 1, "num_cpus": 0.6},
+        "student": {"model": m["student"], "world_size": 1, "num_cpus": 0.6, "num_gpus": gpus},
         "data": {"source": "synthetic", "seq_len": 16, "heldout": 4},
         "distill": {"mode": "on_policy", "lambda": 1.0, "loss": "reverse_kl", "top_k": 64},
         "rollout": {
@@ -39,7 +49,9 @@ def recipe(
             "samples_per_prompt": 2,
             "max_staleness": staleness,
             "num_cpus": 0.6,
+            "num_gpus": gpus,
             "backend": backend,
+            "weight_sync": weight_sync,
         },
         "train": {"steps": steps, "batch_size": 8, "micro_batch_size": 4, "log_every": 10},
         "checkpoint": {"every": 0},
@@ -68,8 +80,8 @@ def measure(result, cores: int) -> dict[str, float]:
         "staleness_max": max(history(result, "rollout/staleness").values()),
         "rollout_tokens_per_s": median(list(history(result, "rollout/tokens_per_s").values())),
         "sync_ms": median([sync[s] for s in synced]) * 1e3,
-        "sync_over_step": median([sync[s] / wall[s] for s in synced]),
-        "sync_ms_per_mparam": median([sync[s] for s in synced]) * 1e3 / mparams,
+        "weight_sync_share": median([sync[s] / wall[s] for s in synced]),
+        "weight_sync_ms_per_mparam": median([sync[s] for s in synced]) * 1e3 / mparams,
         "in_place_share": median(list(history(result, "sync/in_place").values()) or [0.0]),
         "sync_mb": median(list(history(result, "sync/bytes").values())) / 2**20,
         "overhead": median(ratio),
@@ -111,24 +123,27 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     ap.add_argument("--student-hidden", type=int, default=128)
+    syncs = ["auto", "in_place", "reload", "nccl", "ipc", "rdt"]
+    ap.add_argument("--weight-sync", choices=syncs, default="auto")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="rd-onpolicy-"))
     m = models(root / "models", args.vocab, teacher_hidden=256, student_hidden=args.student_hidden)
     cores = os.cpu_count() or 1
     results = {}
     for name, staleness in (("strict", 0), ("one_step_off", 1)):
-        raw = recipe(m, root, f"onp-{name}", staleness, args.steps, args.backend)
+        raw = recipe(m, root, f"onp-{name}", staleness, args.steps, args.backend, args.weight_sync)
         results[name] = measure(run_recipe(root / f"{name}.yaml", raw), cores)
-    print(f"\n{'':24}{'strict':>14}{'one_step_off':>14}")
+    print(f"\n{'':26}{'strict':>14}{'one_step_off':>14}")
     for key in results["strict"]:
-        print(f"{key:24}" + "".join(f"{results[n][key]:>14.3f}" for n in results))
+        print(f"{key:26}" + "".join(f"{results[n][key]:>14.3f}" for n in results))
     print(f"(cores Ray may use: {cores}; goal: one-step-off overhead <= 1.15)")
     print(f"RESULT on_policy_overhead_strict {results['strict']['overhead']:.3f}")
     print(f"RESULT on_policy_overhead_one_step_off {results['one_step_off']['overhead']:.3f}")
-    print(f"RESULT sync_over_step {results['one_step_off']['sync_over_step']:.4f}")
-    print(f"RESULT sync_mb {results['one_step_off']['sync_mb']:.2f}")
-    print(f"RESULT sync_ms_per_mparam {results['one_step_off']['sync_ms_per_mparam']:.2f}")
-    if args.backend == "vllm":
+    off = results["one_step_off"]
+    print(f"RESULT weight_sync_share {off['weight_sync_share']:.4f}")
+    print(f"RESULT sync_mb {off['sync_mb']:.2f}")
+    print(f"RESULT weight_sync_ms_per_mparam {off['weight_sync_ms_per_mparam']:.2f}")
+    if args.backend == "vllm" and args.weight_sync in ("auto", "in_place", "reload"):
         ms = load_both_ways(m["student"])
         print(
             f"engine load, same snapshot: in place {ms['in_place']:.0f} ms, vLLM reload_weights "

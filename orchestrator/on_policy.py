@@ -28,6 +28,7 @@ import ray
 
 from actors.batch import TokenBatch
 from actors.rollout import request_seed
+from actors.weights import GPU_SYNC
 from orchestrator.rollouts import RolloutPool
 from orchestrator.train_loop import InFlight, Queued, TrainLoop
 
@@ -71,13 +72,23 @@ class OnPolicyLoop(TrainLoop):
     def _started(self, start: int) -> None:
         self._start = start  # the checkpoint's weights: what a resumed run starts from
         if self.lmbda > 0:
-            self._snapshots = {start: self.students.snapshot()}
+            self._snapshots = {start: self._snapshot()}
 
     def _after_train(self, step: int, end: int) -> None:
         done = step + 1
         if self.lmbda > 0 and done < end and done % self.recipe.rollout.sync_every == 0:
-            self._snapshots[done] = self.students.snapshot()
+            self._snapshots[done] = self._snapshot()
         self._prune(self.version_for(self._next_issue))
+
+    def _snapshot(self) -> ray.ObjectRef:
+        """The ranks' weights for the engines, after the work queued so far: a snapshot in
+        the object store, or with a GPU `rollout.weight_sync` pushed into the engines now
+        (`actors/vllm_transfer.py`), the ref then being rank 0's receipt."""
+        mode = self.recipe.rollout.weight_sync
+        if mode not in GPU_SYNC:
+            return self.students.snapshot()
+        engines = self.rollouts.replicas
+        return [w.push_weights.remote(mode, engines) for w in self.students.workers][0]
 
     def _prune(self, oldest: int) -> None:
         """Drop snapshots no step from here on can use (versions only grow with steps), so

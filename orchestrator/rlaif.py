@@ -243,7 +243,7 @@ class RlaifLoop(OnPolicyLoop):
         super()._after_train(step, end)
         done = step + 1
         if self._win_rate_due(done) and self._start_texts:
-            self._win_snapshots[done] = self._snapshots.get(done) or self.students.snapshot()
+            self._win_snapshots[done] = self._snapshots.get(done) or self._snapshot()
 
     def _step_metrics(self, item: Queued, metrics: dict[str, float]) -> None:
         super()._step_metrics(item, metrics)

