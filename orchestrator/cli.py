@@ -194,7 +194,10 @@ def _resume_held(run_dir_arg: str, run_dir: Path, stop_after: int | None) -> int
 
 
 def _execute(recipe: Any, run_dir: Path, stop_after: int | None) -> int:
+    from mlflow.exceptions import MlflowException
+
     from orchestrator.checkpoint import read_ledger
+    from orchestrator.credentials import redact
     from orchestrator.driver import execute
 
     def kept() -> bool:  # anything worth resuming: a checkpoint, or a finished stage
@@ -211,8 +214,11 @@ def _execute(recipe: Any, run_dir: Path, stop_after: int | None) -> int:
         if not kept():  # nothing worth keeping was written yet
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    except (RuntimeFault, *RAY_CAPACITY_ERRORS) as exc:
-        fault = exc if isinstance(exc, RuntimeFault) else capacity_fault(exc)
+    except (RuntimeFault, MlflowException, *RAY_CAPACITY_ERRORS) as exc:
+        if isinstance(exc, MlflowException):  # the ledger is written before MLflow's rows
+            fault = RuntimeFault(f"the MLflow store failed: {redact(exc.message)}")
+        else:
+            fault = exc if isinstance(exc, RuntimeFault) else capacity_fault(exc)
         hint = f"continue with: raydistill resume {run_dir}"
         if not kept():
             hint = f"no checkpoint was written yet ({run_dir})"

@@ -86,6 +86,9 @@ def execute(
         cached = {t.name: CachedTeacherPool(recipe, t) for t in cached_teachers(recipe)}
         for t in recipe.teachers:  # one by one: a failure leaves the started ones to kill
             pools.append(cached.get(t.name) or live_pool(recipe, t))
+        mode = loop_class(recipe.distill.mode)
+        # the ranks start (imports, engine setup) while the teachers load
+        students = StudentGroup(recipe, spec=mode.student_spec(recipe))
         infos = [p.info() for p in pools]
         identity = run_identity(recipe, infos)
         if ledger is not None and ledger.get("identity"):  # older ledgers have none
@@ -101,11 +104,10 @@ def execute(
         tracker.log_params(
             {f"teacher.{i['name']}.{k}": str(v) for i in infos for k, v in i.items()}
         )
-        mode = loop_class(recipe.distill.mode)
         end = None if stop_after is None else _step(ledger) + stop_after
         restores = 0
         while True:
-            students = StudentGroup(recipe, spec=mode.student_spec(recipe))
+            students = (students or StudentGroup(recipe, spec=mode.student_spec(recipe))).ready()
             record(run_dir, pools, students)
             tracker.log_params({"student.num_params": str(students.num_params)})
             loop = mode(recipe, run_dir, pools, students, dataset, tracker, identity)

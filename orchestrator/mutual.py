@@ -52,6 +52,8 @@ class MutualLoop(TrainLoop):
         for peer in recipe.mutual.peers:
             spec = worker_spec(recipe, peer, peer.name, signal_weights(recipe, peer.name))
             self.peers.append(StudentGroup(recipe, peer, spec))
+        for group in self.peers:  # started together, waited for together
+            group.ready()
         self.groups = [self.students, *self.peers]
         self._peer_metrics: dict[int, list[list[ray.ObjectRef]]] = {}
 

@@ -8,6 +8,7 @@ becomes a RecipeError naming the field, which the CLI prints as one line with ex
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -75,7 +76,16 @@ class Placed(_Strict):
     resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources per actor, e.g. {teacher_node: 1}"
     )
-    threads: int = Field(1, ge=1)
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per actor; default: the CPUs it reserves, rounded up"
+    )
+
+    @model_validator(mode="after")
+    def _threads_from_cpus(self) -> Placed:
+        """An actor computes with the cores Ray gives it: one thread per reserved CPU."""
+        if self.threads is None:
+            self.threads = max(1, math.ceil(self.num_cpus))
+        return self
 
     @field_validator("resources")
     @classmethod

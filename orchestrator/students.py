@@ -61,22 +61,27 @@ def worker_spec(
 
 
 class StudentGroup:
+    """Construction places the ranks and starts them, and returns at once: their imports and
+    engine setup overlap whatever starts next (the teachers' model loads, peer groups).
+    `ready()` waits for them; nothing else may be called before it."""
+
     def __init__(
         self,
         recipe: Recipe,
         student: StudentConfig | None = None,
         spec: dict[str, Any] | None = None,
     ) -> None:
-        s = student or recipe.student
+        s = self.config = student or recipe.student
         spec = spec or worker_spec(recipe, s)
         self.name = str(spec["name"])
         # setup, load, save and export: whole-model work, bounded by the setup bound
-        self.wait = wait = {"timeout_s": recipe.cluster.setup_timeout_s}
+        self.wait = {"timeout_s": recipe.cluster.setup_timeout_s}
         # one bundle per rank, reserved together: the group starts whole or not at once
         self.pg = placement_group([demand(s)] * s.world_size, strategy=s.placement.upper())
         self.workers: list[Any] = []
+        self.num_params = 0
+        self._setup: list[ray.ObjectRef] | None = None
         try:
-            gather([self.pg.ready()], f"placing the {self.name} group ({s.placement})", **wait)
             options = actor_options(s.num_cpus, s.num_gpus, s.threads, s.resources)
             remote = ray.remote(StudentWorker)
             self.workers = [
@@ -85,17 +90,26 @@ class StudentGroup:
                 ).remote(r, s.world_size, spec)
                 for r in range(s.world_size)
             ]
-            addr, port = gather([self.workers[0].rendezvous.remote()], "student rank 0", **wait)[0]
-            infos = gather(
-                [w.setup.remote(addr, port) for w in self.workers],
-                "students",
-                who=self.ranks(),
-                **wait,
-            )
+            addr, port = self.workers[0].rendezvous.options(num_returns=2).remote()
+            self._setup = [w.setup.remote(addr, port) for w in self.workers]
         except BaseException:
             self.shutdown()  # a group that failed to form leaves no actor behind
             raise
+
+    def ready(self) -> StudentGroup:
+        """Wait until every rank's engine is set up (once; later calls return at once)."""
+        if self._setup is None:
+            return self
+        try:
+            where = f"placing the {self.name} group ({self.config.placement})"
+            gather([self.pg.ready()], where, **self.wait)
+            infos = gather(self._setup, "students", who=self.ranks(), **self.wait)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._setup = None
         self.num_params = int(infos[0]["num_params"])
+        return self
 
     def __len__(self) -> int:
         return len(self.workers)

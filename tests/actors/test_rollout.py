@@ -139,7 +139,7 @@ def test_sync_gives_the_engine_the_ranks_weights(ray_session, tiny_models, tmp_p
         .options(num_cpus=0.25)
         .remote({"model": tiny_models["student"], "layers": None, "stop_ids": [], "pad": 0})
     )
-    group = StudentGroup(recipe)
+    group = StudentGroup(recipe).ready()
     try:
         text = ray.put(_fixed_text())
         initial = group.snapshot()

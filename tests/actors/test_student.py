@@ -59,7 +59,7 @@ def _recipe(tmp_path, models, world: int, micro: int, stage: int, **student) -> 
 
 def _one_step(recipe: Recipe, batch: TokenBatch, teacher: TeacherActor, out_dir):
     """One real optimizer step on the group; returns (exported weights, logged loss)."""
-    group = StudentGroup(recipe)
+    group = StudentGroup(recipe).ready()
     try:
         shards = batch.shard(len(group))
         shard_refs = [ray.put(s) for s in shards]

@@ -130,7 +130,7 @@ def test_live_weight_load_from_the_ranks(engine, vllm_model, tiny_models, tmp_pa
         data={"heldout": 1},
     )
     teacher = TeacherActor("tiny", tiny_models["teacher"], top_k=16, temperature=1.0)
-    group = StudentGroup(Recipe.model_validate(raw))
+    group = StudentGroup(Recipe.model_validate(raw)).ready()
     try:
         text = _text(1)
         before = ray.get(engine.token_logprobs.remote(text))

@@ -405,8 +405,9 @@ def test_a_failing_tracking_store_never_hides_the_runs_error(
     capsys.readouterr()
 
     def delete_run_then_kill(pid: int) -> None:
-        time.sleep(0.3)  # past the checkpoint's own MLflow rows
         (run_dir,) = (tmp_path / "runs").glob("faulty-*")
+        while 4 not in _steps_logged(run_dir):  # past the checkpoint's own MLflow rows
+            time.sleep(0.01)
         run_id = json.loads((run_dir / "state.json").read_text())["run_id"]
         MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}").delete_run(run_id)
         os.kill(pid, signal.SIGKILL)
@@ -423,3 +424,23 @@ def test_a_failing_tracking_store_never_hides_the_runs_error(
     assert code == 1 and len(killed) == 1
     assert err[-1].startswith("raydistill: run stopped: train step ") and "died" in err[-1]
     assert any("MLflow could not mark the run FAILED" in line for line in err)
+
+
+def test_a_tracking_store_failing_mid_run_is_one_line_with_exit_1(
+    tiny_models, tmp_path, capsys, monkeypatch
+):
+    """MLflow failing while a run logs (its run deleted, its server gone) is one line naming
+    the store, credentials redacted, and says how to continue (the ledger comes first)."""
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator import driver
+
+    def execute(*args, **kwargs):
+        raise MlflowException("cannot reach https://ann:s3cret@mlflow.example/api (run r1)")
+
+    monkeypatch.setattr(driver, "execute", execute)
+    path = write_recipe(tmp_path, base_recipe(tmp_path, tiny_models))
+    assert main(["run", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raydistill: run stopped: the MLflow store"), err
+    assert "s3cret" not in err[0] and "mlflow.example" in err[0]

@@ -122,7 +122,7 @@ def test_critique_rows_train_with_cross_entropy(ray_session, tiny_models, tmp_pa
 
     raw = _raw(tmp_path, tiny_models, train={"batch_size": 8, "micro_batch_size": 4, "lr": 0.05})
     recipe = Recipe.model_validate(raw)
-    group = StudentGroup(recipe, spec=RlaifLoop.student_spec(recipe))
+    group = StudentGroup(recipe, spec=RlaifLoop.student_spec(recipe)).ready()
     try:
         prompts = [np.array([1, 2, 3], np.int32)] * 8
         batch = assemble(prompts, [Sample([5, 6, 7, 8], [-4.0] * 4, "length")] * 8, 0)
