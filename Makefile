@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: env quickstart test lint
+.PHONY: env quickstart test test-all lint
 
 $(BIN)/raydistill: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,9 @@ quickstart: env
 
 test: env
 	$(BIN)/python -m pytest -q
+
+test-all: env  # the default run plus the slow tests (real teachers)
+	$(BIN)/python -m pytest -q -m ""
 
 lint: env
 	$(BIN)/ruff check .

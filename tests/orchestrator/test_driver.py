@@ -14,7 +14,7 @@ from orchestrator.recipe import load_recipe
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_kl_falls_for_each_zero_stage(ray_session, tiny_models, tmp_path, zero_stage):
-    raw = base_recipe(tmp_path, tiny_models, student={"zero_stage": zero_stage})
+    raw = base_recipe(tmp_path, tiny_models, student={"zero_stage": zero_stage, "world_size": 2})
     recipe = preflight(load_recipe(write_recipe(tmp_path, raw)))
     result = execute(recipe, new_run_dir(recipe))
     assert result.finished and result.steps_done == 30

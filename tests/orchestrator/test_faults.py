@@ -42,6 +42,7 @@ def _raw(tmp_path: Path, tiny_models: dict[str, str], teacher: str, name: str) -
         train={"steps": 12, "batch_size": 8, "micro_batch_size": 4, "log_every": 4},
         checkpoint={"every": 4},
         distill={"prefetch_depth": 3},
+        student={"world_size": 2},  # a dead rank's peer sits in a collective
     )
     raw["run"]["name"] = name
     return raw
@@ -282,7 +283,7 @@ def test_secrets_never_reach_mlflow_params():
 def test_a_placement_the_cluster_cannot_hold_is_refused_before_any_actor(
     ray_session, tiny_models, tmp_path, capsys
 ):
-    raw = base_recipe(tmp_path, tiny_models)
+    raw = base_recipe(tmp_path, tiny_models, student={"world_size": 2})
     raw["teachers"][0].update(replicas=3, num_cpus=1.0)  # 3 + 2 x 0.25 > the 2 CPUs here
     assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
     err = capsys.readouterr().err.strip().splitlines()

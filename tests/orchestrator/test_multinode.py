@@ -17,7 +17,7 @@ def test_actors_land_where_the_recipe_asks(tmp_path: Path, tiny_models: dict[str
         train={"steps": 3, "batch_size": 4, "micro_batch_size": 2, "log_every": 1},
     )
     raw["teachers"][0].update(replicas=2, num_cpus=0.25, resources={"teacher_node": 1})
-    raw["student"].update(num_cpus=0.25, resources={"student_node": 1})
+    raw["student"].update(num_cpus=0.25, resources={"student_node": 1}, world_size=2)
     out, _ = run_multinode(raw, tmp_path)
     nodes = out["nodes"]
     assert len(set(nodes.values())) == 3

@@ -21,7 +21,7 @@ def test_two_students_learn_from_each_other(ray_session, tiny_models, tmp_path):
         tiny_models,
         distill={"mode": "mutual", "top_k": 16, "alpha": 0.5, "loss": "forward_kl"},
         train={"steps": 30, "lr": 0.02},
-        mutual={"peers": [{"name": "peer", "model": peer, "world_size": 2, "num_cpus": 0.25}]},
+        mutual={"peers": [{"name": "peer", "model": peer, "num_cpus": 0.25}]},
     )
     raw["teachers"] = []
     assert main(["run", str(write_recipe(tmp_path, raw))]) == 0
@@ -54,6 +54,7 @@ def test_mutual_run_resumes_every_student(ray_session, tiny_models, tmp_path):
         tiny_models,
         distill={"mode": "mutual", "top_k": 16, "alpha": 0.5},
         train={"steps": 6},
+        student={"world_size": 2},  # peers train on the main group's shards
         checkpoint={"every": 3},
         mutual={"peers": [{"name": "peer", "model": peer, "world_size": 2, "num_cpus": 0.25}]},
     )

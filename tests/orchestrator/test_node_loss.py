@@ -36,7 +36,7 @@ def test_a_lost_node_loses_no_step(tmp_path: Path, tiny_models: dict[str, str]) 
         checkpoint={"every": 2},
     )
     raw["teachers"][0].update(replicas=2, num_cpus=0.25, resources={"worker": 1})
-    raw["student"].update(num_cpus=0.25, resources={"worker": 1}, placement="spread")
+    raw["student"].update(num_cpus=0.25, resources={"worker": 1}, placement="spread", world_size=2)
     out, stdout = run_multinode(raw, tmp_path, "--node-loss")
     doomed, survivor = out["nodes"]["doomed"], out["nodes"]["survivor"]
     run = out["node_loss"]

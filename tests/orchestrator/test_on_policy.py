@@ -119,6 +119,7 @@ def test_strict_on_policy_resume_is_exact(ray_session, tiny_models, tmp_path):
         tiny_models,
         distill={"mode": "on_policy", "lambda": 1},
         rollout={"max_new_tokens": 6, "max_staleness": 0},
+        student={"world_size": 2},  # each rank's share of the samples, resumed
     )
     full = _run(tmp_path, raw, "full")
     stopped = _run(tmp_path, raw, "part", "--stop-after", "3")

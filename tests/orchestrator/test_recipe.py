@@ -10,7 +10,7 @@ from orchestrator.recipe import RecipeError, load_recipe
 
 
 def _bad(tmp_path, tiny_models, mutate):
-    raw = base_recipe(tmp_path, tiny_models)
+    raw = base_recipe(tmp_path, tiny_models, student={"world_size": 2})  # refused: none start
     mutate(raw)
     return write_recipe(tmp_path, raw)
 
@@ -132,7 +132,7 @@ def test_data_rows_without_text_or_prompt(tmp_path, tiny_models, capsys):
 
 
 def test_heldout_smaller_than_world_size(tmp_path, tiny_models, capsys):
-    raw = base_recipe(tmp_path, tiny_models, data={"heldout": 1})
+    raw = base_recipe(tmp_path, tiny_models, data={"heldout": 1}, student={"world_size": 2})
     assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
     assert "data.heldout: 1 gives some of the 2 student ranks" in capsys.readouterr().err
 
@@ -263,7 +263,10 @@ def test_known_model_not_fetched_says_how(tmp_path, tiny_models, capsys, monkeyp
 
 
 def test_hub_name_without_a_hub_says_what_to_do(tmp_path, tiny_models, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without network sees
+    # what a machine without network sees (the variable alone is read when the hub client is
+    # imported, long before this test: without the constant, this waits on network timeouts)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     raw = base_recipe(tmp_path, tiny_models)
     raw["teachers"][0]["model"] = "someorg/some-model-7b"
     assert main(["run", str(write_recipe(tmp_path, raw))]) == 2

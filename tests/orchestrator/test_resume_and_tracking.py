@@ -23,7 +23,7 @@ def test_resume_matches_uninterrupted_run(ray_session, tiny_models, tmp_path, ca
     raw = base_recipe(
         tmp_path,
         tiny_models,
-        student={"zero_stage": 2},
+        student={"zero_stage": 2, "world_size": 2},
         train={"steps": 12},
         checkpoint={"every": 4},
     )
