@@ -11,6 +11,7 @@ from transformers import AutoConfig
 from actors.model_store import KNOWN_MODELS, ModelNotFetchedError, local_model, resolve_model
 from actors.weights import GPU_SYNC
 from orchestrator.data import read_records, routes_of
+from orchestrator.ray_env import cuda_available
 from orchestrator.recipe import Recipe, RecipeError
 from orchestrator.tokenizer_identity import tokenizer_difference
 
@@ -209,12 +210,6 @@ def vllm_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _check_backends(recipe: Recipe) -> None:

@@ -32,12 +32,12 @@ def actor_env(threads: int) -> dict[str, str]:
         "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor"),
         "VLLM_LOGGING_LEVEL": "ERROR",
     }
-    if not _has_cuda():
+    if not cuda_available():
         env["DS_ACCELERATOR"] = "cpu"
     return env
 
 
-def _has_cuda() -> bool:
+def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
