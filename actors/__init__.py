@@ -2,19 +2,25 @@
 
 import sys
 
+# Imported by transformers whenever installed (MLflow installs both), for features nothing
+# here uses: scikit-learn for one assisted-generation option (~1.4 s of CPU), SciPy for the
+# object-detection losses (~0.6 s). Every actor that starts would pay for them.
+_UNUSED_BY_TRANSFORMERS = ("sklearn", "scipy")
 
-def _import_transformers_without_sklearn() -> None:
-    """transformers imports scikit-learn (~1.4 s of CPU, in every actor that starts) whenever
-    it is installed, for one assisted-generation option nothing here uses; MLflow is what
-    installs it. Hidden only while transformers' generation code is imported: a judge
-    function or anything later can still import it."""
-    if "sklearn" in sys.modules or "transformers.generation" in sys.modules:
+
+def _import_transformers_without_unused() -> None:
+    """Import transformers' model code with those packages hidden; hidden only meanwhile,
+    so a judge function or anything later can still import them."""
+    if "transformers.generation" in sys.modules:
         return
-    sys.modules["sklearn"] = None  # type: ignore[assignment]  # find_spec() -> None
+    hidden = [name for name in _UNUSED_BY_TRANSFORMERS if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # find_spec() -> None
     try:
         import transformers.generation.candidate_generator  # noqa: F401
     finally:
-        del sys.modules["sklearn"]
+        for name in hidden:
+            del sys.modules[name]
 
 
-_import_transformers_without_sklearn()
+_import_transformers_without_unused()

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -117,6 +118,28 @@ def set_rng_state_tensors(path: Path) -> None:
         random.setstate((version, internal, gauss_next))
 
 
+def import_deepspeed(cpu: bool) -> Any:
+    """`import deepspeed` without two things training never uses: its autotuner imports
+    MLflow when installed (~1.3 s of CPU in every rank; ranks never talk to MLflow), and
+    on CPU its backend JIT-compiles a shared-memory all-reduce at every init_distributed
+    (~50 s of C++ on each new machine or pod) that serves only tensor-parallel inference;
+    our ranks reduce through gloo. Call it only once DS_ACCELERATOR is set (runtime env)."""
+    import importlib
+
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # import -> ImportError
+    try:
+        import deepspeed
+    finally:
+        if hide:
+            del sys.modules["mlflow"]
+    if cpu:
+        # by its module name: the attribute path deepspeed.comm.torch is torch itself
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    return deepspeed
+
+
 class DistillStudent(torch.nn.Module):
     """The HF model and the objective as one module, so DeepSpeed sees every use of a
     parameter (under ZeRO-3 its hooks gather the head for each chunk, also in backward)."""
@@ -195,8 +218,7 @@ class StudentWorker:
         return ray.util.get_node_ip_address(), port
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
-        import deepspeed  # imported here: DS_ACCELERATOR must be set first (runtime env)
-
+        deepspeed = import_deepspeed(cpu=self.device.type == "cpu")
         spec = self.spec
         local_rank = 0 if self.device.type == "cpu" else int(os.environ.get("LOCAL_RANK", 0))
         os.environ.update(

@@ -29,7 +29,7 @@ from orchestrator.ray_env import ensure_ray
 from orchestrator.recipe import Recipe, RecipeError, TeacherConfig, to_yaml
 from orchestrator.students import StudentGroup
 from orchestrator.teachers import TeacherPool
-from orchestrator.tracking import Tracker, default_tracking_uri, flatten
+from orchestrator.tracking import Tracker, default_tracking_uri, flatten, prepare_store
 from orchestrator.train_loop import RunResult, TrainLoop
 
 
@@ -76,6 +76,7 @@ def execute(
             ray.shutdown()
         raise
     prune_uncommitted(run_dir)  # folders a crash left before their ledger entry
+    store = prepare_store(tracking_uri(recipe))
     ledger = read_ledger(run_dir)
     pools: list[Any] = []
     tracker: Tracker | None = None
@@ -97,6 +98,7 @@ def execute(
         for pool in cached.values():  # refused before anything of the run starts
             pool.check(dataset)
             pool.start()
+        store.join()
         tracker = open_tracker(recipe, run_dir, parent)
         if ledger is None:
             tracker.log_params(flatten(recipe.model_dump(mode="json", by_alias=True)))
@@ -162,13 +164,17 @@ def open_tracker(recipe: Recipe, run_dir: Path, parent: str | None = None) -> Tr
     start: a refused run leaves no MLflow run behind."""
     state_path = run_dir / "state.json"
     state = _read_json(state_path)
-    uri = recipe.tracking.uri or default_tracking_uri(recipe.run.output_dir)
+    uri = tracking_uri(recipe)
     artifacts = Path(recipe.run.output_dir).resolve() / "mlartifacts"
     name = run_dir.name if parent is None else f"{run_dir.parent.parent.name}/{run_dir.name}"
     exp = recipe.tracking.experiment
     tracker = Tracker(uri, exp, artifacts, name, state.get("run_id"), parent_run_id=parent)
     write_json(state_path, {**state, "run_id": tracker.run_id, "tracking_uri": uri})
     return tracker
+
+
+def tracking_uri(recipe: Recipe) -> str:
+    return recipe.tracking.uri or default_tracking_uri(recipe.run.output_dir)
 
 
 def _step(ledger: dict[str, Any] | None) -> int:

@@ -34,6 +34,9 @@ def actor_env(threads: int) -> dict[str, str]:
     }
     if not cuda_available():
         env["DS_ACCELERATOR"] = "cpu"
+        # nothing of ours is compiled; vLLM compiles two small sampler helpers with
+        # inductor even when eager, ~30 s of C++ per new machine or pod on CPU
+        env["TORCH_COMPILE_DISABLE"] = "1"
     return env
 
 
