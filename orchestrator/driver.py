@@ -18,6 +18,7 @@ from actors.models import vocab_size_of
 from orchestrator.checkpoint import (
     prune_uncommitted,
     read_ledger,
+    verify_checkpoint,
     write_json,
 )
 from orchestrator.data import Dataset, file_dataset, synthetic_dataset, writer_key
@@ -71,13 +72,15 @@ def execute(
     try:
         check_resources(recipe)
         check_reachable(run_dir)
+        prune_uncommitted(run_dir)  # folders a crash left before their ledger entry
+        ledger = read_ledger(run_dir)
+        if ledger is not None:  # before any actor starts, and before DeepSpeed unpickles
+            verify_checkpoint(run_dir, ledger)
     except RecipeError:
         if started_ray:
             ray.shutdown()
         raise
-    prune_uncommitted(run_dir)  # folders a crash left before their ledger entry
     store = prepare_store(tracking_uri(recipe))
-    ledger = read_ledger(run_dir)
     pools: list[Any] = []
     tracker: Tracker | None = None
     students: StudentGroup | None = None
@@ -120,6 +123,7 @@ def execute(
                 ledger = read_ledger(run_dir)
                 if not exc.student_lost or ledger is None:
                     raise
+                verify_checkpoint(run_dir, ledger)
                 if restores >= recipe.cluster.max_student_restores:
                     raise RuntimeFault(f"{exc} (after {restores} restores)") from exc
                 restores += 1

