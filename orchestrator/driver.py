@@ -101,7 +101,8 @@ def execute(
         for pool in cached.values():  # refused before anything of the run starts
             pool.check(dataset)
             pool.start()
-        store.join()
+        if store is not None:
+            store.join()
         tracker = open_tracker(recipe, run_dir, parent)
         if ledger is None:
             tracker.log_params(flatten(recipe.model_dump(mode="json", by_alias=True)))

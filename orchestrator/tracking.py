@@ -29,17 +29,19 @@ def default_tracking_uri(output_dir: str) -> str:
     return f"sqlite:///{(Path(output_dir).resolve() / 'mlflow.db').as_posix()}"
 
 
-def prepare_store(uri: str) -> threading.Thread:
-    """Open the store in the background while the actors start (a new sqlite file spends
-    ~1.5 s of the driver's CPU creating its tables). It creates no experiment and no run, so
-    a refused run still leaves no MLflow run; an error is left for the Tracker to report."""
-
+def prepare_store(uri: str) -> threading.Thread | None:
+    """Open a local sqlite store in the background while the actors start (a new file
+    spends ~1.5 s of the driver's CPU creating its tables). It creates no experiment and no
+    run, so a refused run still leaves no MLflow run; an error is left for the Tracker to
+    report. Other stores are opened by the Tracker (a server's client retries for minutes)."""
+    if not uri.startswith("sqlite:"):
+        return None
     # its INFO lines about creating tables: nothing to act on, and a refused run's one line
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
     def open_store() -> None:
         try:
-            MlflowClient(tracking_uri=reveal(uri)).search_experiments(max_results=1)
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         except Exception:  # noqa: BLE001 - reported, with context, by the Tracker
             pass
 

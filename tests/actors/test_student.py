@@ -130,3 +130,18 @@ def test_cut_tied_student_under_zero3_trains_and_exports(ray_session, tiny_model
     assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()
     for name, value in expected.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_deepspeed_is_imported_without_the_parts_training_never_uses():
+    """No shared-memory all-reduce build on CPU (its only user is tensor-parallel
+    inference), and MLflow stays importable after being hidden from DeepSpeed's autotuner."""
+    import importlib
+    import sys
+
+    from actors.student import import_deepspeed
+
+    deepspeed = import_deepspeed(cpu=True)
+    assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None
+    assert deepspeed.init_distributed is not None
+    assert sys.modules.get("mlflow", "absent") is not None  # never left hidden
+    import mlflow  # noqa: F401

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from orchestrator.checkpoint import read_ledger, tag_for, write_json
 from orchestrator.cli import main
-from orchestrator.tracking import Tracker
+from orchestrator.tracking import Tracker, prepare_store
 
 
 def _run_dirs(root: Path) -> list[Path]:
@@ -141,3 +141,18 @@ def test_tracker_replays_a_checkpoints_rows_once(tmp_path):
     assert sorted(history["loss"]) == [1, 2, 3, 4, 5]
     assert sorted(history["kl"]) == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(run_id, "eval/kl")] == [4]
+
+
+def test_the_store_is_prepared_quietly_without_a_run(tmp_path, capfd):
+    """The store opened while the actors start: its tables exist afterwards, it holds no
+    experiment of ours and no run (a refused run leaves none), MLflow's notices stay off
+    the console; a server is left to the Tracker (its client retries for minutes)."""
+    db = tmp_path / "new" / "mlflow.db"
+    db.parent.mkdir()
+    prepare_store(f"sqlite:///{db}").join(timeout=120)
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert client.search_runs(["0"]) == []
+    assert prepare_store("http://127.0.0.1:9/mlflow") is None  # a server: the Tracker's
+    out, err = capfd.readouterr()
+    assert "database tables" not in out + err, err
