@@ -156,3 +156,46 @@ def test_the_store_is_prepared_quietly_without_a_run(tmp_path, capfd):
     assert prepare_store("http://127.0.0.1:9/mlflow") is None  # a server: the Tracker's
     out, err = capfd.readouterr()
     assert "database tables" not in out + err, err
+
+
+def test_a_new_store_is_a_copy_of_an_empty_one_made_once(tmp_path, monkeypatch):
+    """A new sqlite store is seeded from an empty one (its schema migrations run once per
+    machine): same tables and schema version as a store MLflow makes, the Default experiment
+    where this store's MLflow puts it, and a store that exists is never replaced."""
+    import sqlite3
+
+    from orchestrator.tracking import seed_store
+
+    monkeypatch.setenv("RAYDISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+
+    def schema(db: Path) -> tuple[list, list]:
+        """Tables, indexes and their columns and constraints (MLflow's own migrations
+        write a table's constraints in varying order), and the schema version."""
+        with sqlite3.connect(db) as con:
+            rows = con.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+            version = con.execute("SELECT version_num FROM alembic_version").fetchall()
+        con.close()
+        parts = [
+            (name, sorted(x.strip(" ,") for x in (sql or "").splitlines())) for name, sql in rows
+        ]
+        return parts, version
+
+    made = tmp_path / "made.db"
+    made_client = MlflowClient(tracking_uri=f"sqlite:///{made}")
+    (default,) = made_client.search_experiments()
+    seeded = [tmp_path / f"a{i}" / "mlflow.db" for i in range(2)]
+    for db in seeded:
+        db.parent.mkdir()
+        seed_store(f"sqlite:///{db}")
+    (template,) = (tmp_path / "cache" / "mlflow").glob("empty-*.db")
+    assert schema(seeded[0]) == schema(made) == schema(seeded[1])
+    client = MlflowClient(tracking_uri=f"sqlite:///{seeded[0]}")
+    (ours,) = client.search_experiments()
+    assert (ours.name, ours.artifact_location) == ("Default", default.artifact_location)
+    run = client.create_run("0")
+    stamp = template.stat().st_mtime_ns
+    seed_store(f"sqlite:///{seeded[0]}")  # exists: left alone
+    assert client.get_run(run.info.run_id).info.run_id == run.info.run_id
+    assert template.stat().st_mtime_ns == stamp  # made once
+    assert sorted(p.name for p in seeded[0].parent.iterdir()) == ["mlflow.db"]  # no leftovers
