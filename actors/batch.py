@@ -98,3 +98,12 @@ def left_pad(
         ids[i, width - len(r) :] = torch.as_tensor(np.asarray(r, dtype=np.int64))
         attn[i, width - len(r) :] = 1
     return ids.to(device), attn.to(device)
+
+
+@dataclass
+class Sample:
+    """One rollout: what any engine (HF or vLLM) returns for a prompt."""
+
+    response: list[int]  # sampled ids, the stop id included when the sample ended
+    logprobs: list[float]  # log_softmax(logits / T)[id] under the writing weights
+    finish_reason: str  # "stop" | "length"

@@ -28,26 +28,18 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 
-from actors.batch import TokenBatch, left_pad
+from actors.batch import Sample, TokenBatch, left_pad
 from actors.chat import LENGTH, STOP
 from actors.model_store import local_model
 from actors.models import build_student, pick_device, pick_dtype
 from actors.objective import chunk_positions, label_logprobs
 from actors.weights import GPU_SYNC, WeightSnapshot
-
-
-@dataclass
-class Sample:
-    response: list[int]  # sampled ids, the stop id included when the sample ended
-    logprobs: list[float]  # log_softmax(logits / T)[id] under the writing weights
-    finish_reason: str  # "stop" | "length"
 
 
 def sampling_temperature(temperature: float) -> float:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.batch import TokenBatch
+from actors.batch import Sample, TokenBatch
 from actors.chat import LENGTH, STOP
 from actors.weights import GPU_SYNC, WeightSnapshot
 
@@ -175,8 +175,6 @@ class VLLMEngine:
         model's own EOS ends a sample only when it is in `stop_ids` (token-only data has
         none: every sample runs to max_new_tokens, as with the transformers sampler)."""
         from vllm import SamplingParams
-
-        from actors.rollout import Sample
 
         temperature = float(sampling["temperature"])
         params = [

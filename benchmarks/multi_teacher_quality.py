@@ -73,7 +73,7 @@ def heldout_signals(raw: dict, root: Path):
     import ray
 
     from actors.teacher import TeacherActor
-    from orchestrator.driver import build_dataset
+    from orchestrator.data import build_dataset
     from orchestrator.preflight import preflight
     from orchestrator.recipe import load_recipe
     from orchestrator.teachers import TeacherPool

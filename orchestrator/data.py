@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +15,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from transformers import AutoTokenizer
 
 from actors.batch import TokenBatch
 from actors.chat import FINISH_REASONS, STOP, ChatEncodingError, adds_bos, encode_chat, encode_text
-from orchestrator.recipe import DataConfig, RecipeError
+from actors.model_store import local_model
+from actors.models import vocab_size_of
+from orchestrator.recipe import DataConfig, Recipe, RecipeError
 
 
 @dataclass
@@ -319,3 +323,46 @@ def routes_of(records: list[dict[str, Any]], path: str, key: str, names: list[st
             )
         out[i] = names.index(name)
     return out
+
+
+def build_dataset(recipe: Recipe, pools: list[Any]) -> Dataset:
+    """The run's rows: synthetic, or a file (its responses written by the first of `pools`,
+    a live or cached teacher pool, where the recipe asks the teacher to write them)."""
+    data = recipe.data
+    student_path = local_model(recipe.student.model)
+    if data.source == "synthetic":
+        vocab = pools[0].info()["vocab_size"] if pools else vocab_size_of(student_path)
+        return synthetic_dataset(data, vocab, recipe.run.seed)
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    writer = pools[0] if pools else None
+    gen = data.generation
+    written = [0]
+
+    def generate(prompts: list[str]) -> list[dict[str, str]]:
+        start = time.monotonic()
+
+        def on_chunk(n: int) -> None:
+            written[0] += n
+            rate = written[0] / max(time.monotonic() - start, 1e-9)
+            eta = (len(prompts) - written[0]) / max(rate, 1e-9)
+            print(
+                f"teacher {writer.name} writing responses: {written[0]}/{len(prompts)} "
+                f"({rate:.1f}/s, eta {eta:.0f}s)",
+                flush=True,
+            )
+
+        sampling = gen.model_dump(exclude={"batch_size"})
+        return writer.generate(prompts, sampling, gen.batch_size, on_chunk)
+
+    cache_dir = Path(recipe.run.output_dir).resolve() / "cache"
+    key = None
+    if data.responses == "teacher":  # responses are reused only from the same writer
+        info = writer.info()
+        try:  # the template the teacher renders its prompts with (read here, no actor call)
+            template = AutoTokenizer.from_pretrained(local_model(writer.cfg.model)).chat_template
+        except (OSError, ValueError):
+            template = None
+        key = writer_key(info["model_hash"], info["tokenizer_hash"], template)
+    d = recipe.distill
+    route = (d.teacher_key, [t.name for t in recipe.teachers]) if d.teacher_key else None
+    return file_dataset(data, tokenizer, recipe.run.seed, generate, cache_dir, key, route)

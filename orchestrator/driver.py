@@ -5,31 +5,27 @@ loop (`orchestrator/train_loop.py`) and tears everything down, whatever happens.
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import ray
-from transformers import AutoTokenizer
 
-from actors.model_store import local_model
-from actors.models import vocab_size_of
 from orchestrator.checkpoint import (
     prune_uncommitted,
     read_ledger,
     verify_checkpoint,
     write_json,
 )
-from orchestrator.data import Dataset, file_dataset, synthetic_dataset, writer_key
+from orchestrator.data import build_dataset
 from orchestrator.faults import RuntimeFault, finish_tracking
 from orchestrator.identity import check_identity, run_identity
 from orchestrator.offline import CachedTeacherPool, cached_teachers
 from orchestrator.placement import check_reachable, check_resources, record
 from orchestrator.ray_env import ensure_ray
-from orchestrator.recipe import Recipe, RecipeError, TeacherConfig, to_yaml
+from orchestrator.recipe import Recipe, RecipeError, to_yaml
 from orchestrator.students import StudentGroup
-from orchestrator.teachers import TeacherPool
+from orchestrator.teachers import live_pool
 from orchestrator.tracking import Tracker, default_tracking_uri, flatten, prepare_store
 from orchestrator.train_loop import RunResult, TrainLoop
 
@@ -154,16 +150,6 @@ def execute(
             finish_tracking(tracker, status)
 
 
-def live_pool(recipe: Recipe, cfg: TeacherConfig) -> TeacherPool:
-    return TeacherPool(
-        cfg,
-        recipe.distill,
-        teacher_max_len(recipe),
-        student_tokenizer=recipe.student.model,
-        cluster=recipe.cluster,
-    )
-
-
 def open_tracker(recipe: Recipe, run_dir: Path, parent: str | None = None) -> Tracker:
     """The run's MLflow run (the one it had, on a resume), opened once the run is sure to
     start: a refused run leaves no MLflow run behind."""
@@ -186,54 +172,5 @@ def _step(ledger: dict[str, Any] | None) -> int:
     return int(ledger["step"]) if ledger is not None else 0
 
 
-def teacher_max_len(recipe: Recipe) -> int:
-    """The longest sequence a vLLM teacher is asked to hold: a rendered prompt plus what it
-    writes, or a training row plus a rollout."""
-    data = recipe.data
-    longest = data.seq_len + max(data.generation.max_new_tokens, recipe.rollout.max_new_tokens)
-    return max(2048, longest)
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def build_dataset(recipe: Recipe, pools: list[TeacherPool]) -> Dataset:
-    data = recipe.data
-    student_path = local_model(recipe.student.model)
-    if data.source == "synthetic":
-        vocab = pools[0].info()["vocab_size"] if pools else vocab_size_of(student_path)
-        return synthetic_dataset(data, vocab, recipe.run.seed)
-    tokenizer = AutoTokenizer.from_pretrained(student_path)
-    writer = pools[0] if pools else None
-    gen = data.generation
-    written = [0]
-
-    def generate(prompts: list[str]) -> list[dict[str, str]]:
-        start = time.monotonic()
-
-        def on_chunk(n: int) -> None:
-            written[0] += n
-            rate = written[0] / max(time.monotonic() - start, 1e-9)
-            eta = (len(prompts) - written[0]) / max(rate, 1e-9)
-            print(
-                f"teacher {writer.name} writing responses: {written[0]}/{len(prompts)} "
-                f"({rate:.1f}/s, eta {eta:.0f}s)",
-                flush=True,
-            )
-
-        sampling = gen.model_dump(exclude={"batch_size"})
-        return writer.generate(prompts, sampling, gen.batch_size, on_chunk)
-
-    cache_dir = Path(recipe.run.output_dir).resolve() / "cache"
-    key = None
-    if data.responses == "teacher":  # responses are reused only from the same writer
-        info = writer.info()
-        try:  # the template the teacher renders its prompts with (read here, no actor call)
-            template = AutoTokenizer.from_pretrained(local_model(writer.cfg.model)).chat_template
-        except (OSError, ValueError):
-            template = None
-        key = writer_key(info["model_hash"], info["tokenizer_hash"], template)
-    d = recipe.distill
-    route = (d.teacher_key, [t.name for t in recipe.teachers]) if d.teacher_key else None
-    return file_dataset(data, tokenizer, recipe.run.seed, generate, cache_dir, key, route)

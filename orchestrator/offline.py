@@ -326,9 +326,10 @@ def _hold_cache(root: Path) -> Iterator[None]:
 
 def _build_with(recipe: Recipe, wanted: list[TeacherConfig]) -> dict[str, Any]:
     """Start Ray and the `wanted` teachers, build every cache, tear everything down."""
-    from orchestrator.driver import build_dataset, live_pool
+    from orchestrator.data import build_dataset
     from orchestrator.placement import check_resources
     from orchestrator.ray_env import ensure_ray
+    from orchestrator.teachers import live_pool
 
     started = ensure_ray(recipe.cluster)
     pools: list[Any] = []

@@ -41,7 +41,7 @@ def requested(recipe: Recipe) -> list[tuple[str, int, Placed]]:
     mode = recipe.distill.mode
     if mode == "mutual":
         out += [(f"mutual.peers.{i}", p.world_size, p) for i, p in enumerate(recipe.mutual.peers)]
-    if mode in ("on_policy", "rlaif"):
+    if recipe.rolls_out:
         out.append(("rollout", recipe.rollout.replicas, recipe.rollout))
     if mode == "rlaif":
         out += [(f"judges.{i}", j.replicas, j) for i, j in enumerate(recipe.judges)]

@@ -136,7 +136,7 @@ def _check_context(kind: str, facts: ModelFacts, recipe: Recipe) -> None:
     """A training row (plus what a rollout writes onto it) must fit the model's positions:
     past them a model computes garbage, or fails deep inside an actor."""
     longest, what = recipe.data.seq_len, "data.seq_len"
-    if recipe.distill.mode in ("on_policy", "rlaif"):
+    if recipe.rolls_out:
         longest += recipe.rollout.max_new_tokens
         what = "data.seq_len + rollout.max_new_tokens"
     if facts.context is not None and longest > facts.context:
@@ -215,7 +215,7 @@ def vllm_installed() -> bool:
 def _check_backends(recipe: Recipe) -> None:
     """`backend: vllm` needs the extra: said before any actor starts."""
     wants = [f"teachers.{i}.backend" for i, t in enumerate(recipe.teachers) if t.backend == "vllm"]
-    if recipe.distill.mode == "on_policy" and recipe.rollout.backend == "vllm":
+    if recipe.rolls_out and recipe.rollout.backend == "vllm":
         wants.append("rollout.backend")
     if wants and not vllm_installed():
         raise RecipeError(
@@ -231,7 +231,7 @@ def _check_weight_sync(recipe: Recipe) -> None:
     rather than failing inside an actor. A local run looks at this machine; on a cluster the
     placement check counts the GPUs."""
     mode = recipe.rollout.weight_sync
-    if recipe.distill.mode not in ("on_policy", "rlaif") or mode not in GPU_SYNC:
+    if not recipe.rolls_out or mode not in GPU_SYNC:
         return
     field = "rollout.weight_sync"
     if recipe.cluster.address is None and not cuda_available():

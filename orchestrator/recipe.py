@@ -172,6 +172,8 @@ class DataConfig(_Strict):
 
 
 MODES = ("off_policy", "offline", "on_policy", "mutual", "rlaif")
+# the modes whose student writes its own samples: they start rollout engines
+ROLLOUT_MODES = ("on_policy", "rlaif")
 
 
 class DistillConfig(_Strict):
@@ -455,7 +457,7 @@ class Recipe(_Strict):
                     "distill.teacher_key: routing by a data field needs distill.mode "
                     "'off_policy' and data.source 'file'"
                 )
-        sampled = mode in ("on_policy", "rlaif")
+        sampled = self.rolls_out
         if sampled and (d.aggregate == "route" or d.confidence_by == "gold"):
             what = "route" if d.aggregate == "route" else "confidence_by: gold"
             raise ValueError(
@@ -481,7 +483,7 @@ class Recipe(_Strict):
         if not self.teachers and self.data.responses == "teacher":
             raise ValueError("data.responses: 'teacher' needs a teacher in `teachers`")
         for i, t in enumerate(self.teachers):
-            if (t.cache or mode == "offline") and mode in ("on_policy", "rlaif"):
+            if (t.cache or mode == "offline") and self.rolls_out:
                 raise ValueError(
                     f"teachers.{i}.cache: a cached teacher cannot score the student's own "
                     f"samples (distill.mode {mode})"
@@ -505,7 +507,7 @@ class Recipe(_Strict):
             self._check_rlaif()
             if "loss" not in self.distill.model_fields_set:
                 self.distill.loss = "reverse_kl"  # KD on the student's own samples
-        if mode not in ("on_policy", "rlaif"):
+        if not self.rolls_out:
             return
         r = self.rollout
         if r.weight_sync != "auto" and r.backend != "vllm":
@@ -584,6 +586,11 @@ class Recipe(_Strict):
                 f"or rlaif.kl_coef > 0): the ratio and the KL need the log-probs of the "
                 f"distribution sampled from, which top-p truncates; use top_p: 1"
             )
+
+    @property
+    def rolls_out(self) -> bool:
+        """Whether the run starts rollout engines (the student samples its own rows)."""
+        return self.distill.mode in ROLLOUT_MODES
 
     @property
     def grad_accum(self) -> int:

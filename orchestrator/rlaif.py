@@ -199,7 +199,8 @@ class RlaifLoop(OnPolicyLoop):
 
     def _sft_rows(self, prompts: list[str], rewrites: list[str | None]) -> Any:
         """The critique rewrites as chat rows (loss on the rewrite), or None."""
-        from actors.rollout import Sample, assemble
+        from actors.batch import Sample
+        from actors.rollout import assemble
 
         if self.tokenizer is None or not any(rewrites):
             return None

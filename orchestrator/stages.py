@@ -120,8 +120,9 @@ def _elicit(
 ) -> tuple[str, dict[str, float]]:
     """Run an expand, label or curate stage; (its output file, its figures)."""
     from orchestrator import elicit
-    from orchestrator.driver import live_pool, open_tracker
+    from orchestrator.driver import open_tracker
     from orchestrator.judges import JudgePool
+    from orchestrator.teachers import live_pool
 
     teacher = stage.teacher or recipe.teachers[0].name
     out = stage_dir / "data.parquet"

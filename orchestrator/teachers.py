@@ -11,7 +11,7 @@ from actors.teacher import TeacherActor
 from orchestrator.balance import LeastOutstanding
 from orchestrator.faults import gather, restart_unresponsive
 from orchestrator.ray_env import service_options
-from orchestrator.recipe import ClusterConfig, DistillConfig, TeacherConfig
+from orchestrator.recipe import ClusterConfig, DistillConfig, Recipe, TeacherConfig
 
 
 class TeacherPool:
@@ -143,3 +143,22 @@ class TeacherPool:
     def shutdown(self) -> None:
         for actor in self.replicas:
             ray.kill(actor)
+
+
+def live_pool(recipe: Recipe, cfg: TeacherConfig) -> TeacherPool:
+    """A teacher's live replicas, sized for what the recipe asks of them."""
+    return TeacherPool(
+        cfg,
+        recipe.distill,
+        teacher_max_len(recipe),
+        student_tokenizer=recipe.student.model,
+        cluster=recipe.cluster,
+    )
+
+
+def teacher_max_len(recipe: Recipe) -> int:
+    """The longest sequence a vLLM teacher is asked to hold: a rendered prompt plus what it
+    writes, or a training row plus a rollout."""
+    data = recipe.data
+    longest = data.seq_len + max(data.generation.max_new_tokens, recipe.rollout.max_new_tokens)
+    return max(2048, longest)

@@ -15,10 +15,10 @@ import torch
 from conftest import base_recipe
 from transformers import AutoModelForCausalLM
 
-from actors.batch import TokenBatch
+from actors.batch import Sample, TokenBatch
 from actors.chat import LENGTH, STOP
 from actors.models import build_student
-from actors.rollout import HFSampler, RolloutEngine, Sample, _top_p_filter, assemble, request_seed
+from actors.rollout import HFSampler, RolloutEngine, _top_p_filter, assemble, request_seed
 from actors.teacher import TeacherActor
 from orchestrator.recipe import Recipe
 from orchestrator.students import StudentGroup

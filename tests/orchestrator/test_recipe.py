@@ -162,6 +162,28 @@ def test_vllm_backend_without_the_extra_names_it(tmp_path, tiny_models, capsys, 
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("mode", ["on_policy", "rlaif"])
+def test_vllm_rollouts_without_the_extra_are_named_whatever_the_mode(
+    tmp_path, tiny_models, capsys, monkeypatch, mode
+):
+    """Every mode that starts rollout engines asks for the extra (RLAIF once did not)."""
+    import orchestrator.preflight
+
+    monkeypatch.setattr(orchestrator.preflight, "vllm_installed", lambda: False)
+
+    def mutate(r):
+        r["distill"]["mode"] = mode
+        r["rollout"] = {"backend": "vllm", "samples_per_prompt": 2}
+        r["judges"] = [{"name": "j", "function": "actors.rewards:seven_share"}]
+        if mode != "rlaif":
+            del r["judges"]
+
+    assert main(["run", str(_bad(tmp_path, tiny_models, mutate))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rollout.backend: 'vllm' needs the vLLM extra" in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_gpu_weight_sync_on_a_machine_without_cuda_is_one_line(
     tmp_path, tiny_models, capsys, monkeypatch
 ):

@@ -115,7 +115,8 @@ def test_dpo_pairs_each_prompts_best_and_worst(ray_session, tiny_models, tmp_pat
 def test_critique_rows_train_with_cross_entropy(ray_session, tiny_models, tmp_path):
     """A critique judge's rewrites are cross-entropy targets in the same step: with no
     reward signal and no KL, the step lowers the CE of the rewrite rows."""
-    from actors.rollout import Sample, assemble
+    from actors.batch import Sample
+    from actors.rollout import assemble
     from orchestrator.recipe import Recipe
     from orchestrator.rlaif import RlaifLoop
     from orchestrator.students import StudentGroup
