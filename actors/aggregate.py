@@ -40,8 +40,7 @@ import torch
 
 from actors.losses import covered
 from actors.objective import SparseTarget
-
-AGGREGATIONS: tuple[str, ...] = ("sum_of_losses", "mean", "weighted", "confidence", "route")
+from actors.registry import Registry
 
 
 @dataclass
@@ -60,6 +59,11 @@ class Context:
 class Blend:
     targets: list[SparseTarget]  # what trains (and, for a mixture, what only reports)
     top: torch.Tensor  # [T, P] bool: the teacher with the largest weight at each position
+
+
+# (the teachers' targets at the loss positions, context) -> what the student trains on
+Aggregation = Callable[[list[SparseTarget], Context], Blend]
+AGGREGATIONS: Registry[Aggregation] = Registry("aggregation")
 
 
 def _tail(t: SparseTarget, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +161,7 @@ def _per_teacher(targets: list[SparseTarget], weights: torch.Tensor) -> Blend:
     return Blend(trained, _top(weights))
 
 
+@AGGREGATIONS.register("sum_of_losses")
 def sum_of_losses(targets: list[SparseTarget], ctx: Context) -> Blend:
     return _per_teacher(targets, _normalised(_covering(targets, _recipe_weights(targets))))
 
@@ -165,14 +170,17 @@ def _mixed(targets: list[SparseTarget], weights: torch.Tensor, ctx: Context) -> 
     return Blend([mixture(targets, weights, ctx.vocab), *_reporting(targets)], _top(weights))
 
 
+@AGGREGATIONS.register("mean")
 def mean(targets: list[SparseTarget], ctx: Context) -> Blend:
     return _mixed(targets, _normalised(_covering(targets, [1.0] * len(targets))), ctx)
 
 
+@AGGREGATIONS.register("weighted")
 def weighted(targets: list[SparseTarget], ctx: Context) -> Blend:
     return _mixed(targets, _normalised(_covering(targets, _recipe_weights(targets))), ctx)
 
 
+@AGGREGATIONS.register("confidence")
 def confidence(targets: list[SparseTarget], ctx: Context) -> Blend:
     """Softmax over teachers of log w_i + c_i / tau at each position."""
     if ctx.confidence_by == "gold":
@@ -186,6 +194,7 @@ def confidence(targets: list[SparseTarget], ctx: Context) -> Blend:
     return _mixed(targets, weights.nan_to_num(0.0), ctx)
 
 
+@AGGREGATIONS.register("route")
 def route(targets: list[SparseTarget], ctx: Context) -> Blend:
     """By data field: each teacher covers only its examples. Else the teacher with the
     lowest mean cross-entropy on the example's gold tokens takes the whole example."""
@@ -207,16 +216,5 @@ def route(targets: list[SparseTarget], ctx: Context) -> Blend:
     return _per_teacher(targets, _normalised(cover * chosen))
 
 
-REGISTRY: dict[str, Callable[[list[SparseTarget], Context], Blend]] = {
-    "sum_of_losses": sum_of_losses,
-    "mean": mean,
-    "weighted": weighted,
-    "confidence": confidence,
-    "route": route,
-}
-
-
 def aggregate(kind: str, targets: list[SparseTarget], ctx: Context) -> Blend:
-    if kind not in REGISTRY:
-        raise ValueError(f"unknown aggregation {kind!r}; expected one of {AGGREGATIONS}")
-    return REGISTRY[kind](targets, ctx)
+    return AGGREGATIONS[kind](targets, ctx)

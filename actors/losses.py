@@ -19,17 +19,13 @@ is multiplied by T**2 so gradient scale does not shrink with T (Hinton et al.).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-LOSS_KINDS: tuple[str, ...] = (
-    "forward_kl",
-    "reverse_kl",
-    "jsd",
-    "skew_kl",
-    "skew_reverse_kl",
-    "tvd",
-)
+from actors.registry import Registry
+
 _NEG = -1e30  # log 0 stand-in that keeps gradients finite
 
 
@@ -88,35 +84,76 @@ def _mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
     return torch.logaddexp(log_a + math.log(w), log_b + math.log(1 - w))
 
 
+@dataclass(frozen=True)
+class LossParams:
+    """The settings a divergence may read (`distill.beta`, `distill.skew`)."""
+
+    beta: float = 0.5  # generalized JSD's mixture weight
+    skew: float = 0.1  # skew KL's mixture weight (DistiLLM); below 1
+
+    def __post_init__(self) -> None:
+        for name, value in (("beta", self.beta), ("skew", self.skew)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+# (log p teacher, log q student, params) -> [N] divergence, both on the same support
+Divergence = Callable[[torch.Tensor, torch.Tensor, LossParams], torch.Tensor]
+LOSSES: Registry[Divergence] = Registry("loss")
+
+
+@LOSSES.register("forward_kl")
+def forward_kl(log_p: torch.Tensor, log_q: torch.Tensor, params: LossParams) -> torch.Tensor:
+    return _kl(log_p, log_q)
+
+
+@LOSSES.register("reverse_kl")
+def reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, params: LossParams) -> torch.Tensor:
+    return _kl(log_q, log_p)
+
+
+@LOSSES.register("jsd")
+def jsd(log_p: torch.Tensor, log_q: torch.Tensor, params: LossParams) -> torch.Tensor:
+    """Generalized JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 -
+    beta) q. Its limit at beta 0 and 1 is identically zero, so, like TRL's
+    `generalized_jsd_loss`, the endpoints mean forward KL (beta 0) and reverse KL (beta 1):
+    a ported recipe trains on something."""
+    beta = params.beta
+    if beta == 0.0:
+        return _kl(log_p, log_q)
+    if beta == 1.0:
+        return _kl(log_q, log_p)
+    log_m = _mix(log_p, log_q, beta)
+    return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+
+
+def _skew(params: LossParams, name: str) -> float:
+    if params.skew >= 1.0:
+        raise ValueError(f"skew 1 makes {name} zero whatever the student does; use skew < 1")
+    return params.skew
+
+
+@LOSSES.register("skew_kl")
+def skew_kl(log_p: torch.Tensor, log_q: torch.Tensor, params: LossParams) -> torch.Tensor:
+    return _kl(log_p, _mix(log_p, log_q, _skew(params, "skew_kl")))
+
+
+@LOSSES.register("skew_reverse_kl")
+def skew_reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, params: LossParams) -> torch.Tensor:
+    return _kl(log_q, _mix(log_q, log_p, _skew(params, "skew_reverse_kl")))
+
+
+@LOSSES.register("tvd")
+def tvd(log_p: torch.Tensor, log_q: torch.Tensor, params: LossParams) -> torch.Tensor:
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
 def divergence(
     log_p: torch.Tensor, log_q: torch.Tensor, *, kind: str, beta: float = 0.5, skew: float = 0.1
 ) -> torch.Tensor:
-    """[N] divergence of kind `kind` between teacher log p and student log q (same support).
-
-    Generalized JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q.
-    Its limit at beta 0 and 1 is identically zero, so, like TRL's `generalized_jsd_loss`, the
-    endpoints mean forward KL (beta 0) and reverse KL (beta 1): a ported recipe trains on
-    something. Skew KL with skew 1 is identically zero and is refused.
-    """
-    if kind not in LOSS_KINDS:
-        raise ValueError(f"unknown loss kind {kind!r}; expected one of {LOSS_KINDS}")
-    for name, value in (("beta", beta), ("skew", skew)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {value}")
-    if kind in ("skew_kl", "skew_reverse_kl") and skew >= 1.0:
-        raise ValueError(f"skew 1 makes {kind} zero whatever the student does; use skew < 1")
-    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
-        return _kl(log_p, log_q)
-    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
-        return _kl(log_q, log_p)
-    if kind == "jsd":
-        log_m = _mix(log_p, log_q, beta)
-        return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
-    if kind == "skew_kl":
-        return _kl(log_p, _mix(log_p, log_q, skew))
-    if kind == "skew_reverse_kl":
-        return _kl(log_q, _mix(log_q, log_p, skew))
-    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)  # tvd
+    """[N] divergence of kind `kind` (a name in LOSSES) between teacher log p and student
+    log q (same support)."""
+    return LOSSES[kind](log_p, log_q, LossParams(beta=beta, skew=skew))
 
 
 def per_position_divergence(

@@ -25,7 +25,8 @@ from pydantic import (
 )
 
 from actors.aggregate import AGGREGATIONS
-from actors.losses import LOSS_KINDS
+from actors.losses import LOSSES
+from actors.registry import Registry
 from orchestrator import credentials
 
 
@@ -53,6 +54,16 @@ def _path_segment(name: str) -> str:
 
 
 Name = Annotated[str, AfterValidator(_path_segment)]
+
+
+def registered(registry: Registry) -> AfterValidator:
+    """A name the registry holds: what the code can run, not a list repeating it."""
+
+    def check(name: str) -> str:
+        registry[name]  # noqa: B018 - raises naming the registered ones
+        return name
+
+    return AfterValidator(check)
 
 
 class RunConfig(_Strict):
@@ -192,7 +203,9 @@ class DistillConfig(_Strict):
         alias="lambda",
         description="on_policy: probability that a step's batch is the student's own samples",
     )
-    loss: Literal[LOSS_KINDS] = "forward_kl"  # type: ignore[valid-type]
+    loss: Annotated[str, registered(LOSSES)] = Field(
+        "forward_kl", description=f"the divergence to the teachers: one of {LOSSES.names()}"
+    )
     alpha: float = Field(0.0, ge=0, le=1, description="weight of hard-label CE")
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(64, ge=1)
@@ -200,7 +213,7 @@ class DistillConfig(_Strict):
         0.5, ge=0, le=1, description="generalized JSD weight; 0: forward KL, 1: reverse KL (TRL)"
     )
     skew: float = Field(0.1, ge=0, le=1, description="skew KL alpha (DistiLLM); below 1")
-    aggregate: Literal[AGGREGATIONS] = Field(  # type: ignore[valid-type]
+    aggregate: Annotated[str, registered(AGGREGATIONS)] = Field(
         "sum_of_losses",
         description="how teachers combine: sum_of_losses, mean / weighted (one mixture "
         "target), confidence (per-token weights), route (one teacher per example)",

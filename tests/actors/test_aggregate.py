@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from actors.aggregate import Context, aggregate, entropy, gold_logprob, mixture
-from actors.losses import LOSS_KINDS, per_position_divergence
+from actors.losses import LOSSES, per_position_divergence
 from actors.objective import LossSpec, SparseTarget, objective_sums
 
 V = 4
@@ -190,7 +190,7 @@ def _subset(targets: list[SparseTarget], keep: torch.Tensor) -> list[SparseTarge
     return [SparseTarget(t.name, t.ids[keep], t.logprobs[keep], t.weight) for t in targets]
 
 
-@pytest.mark.parametrize("kind", LOSS_KINDS)
+@pytest.mark.parametrize("kind", LOSSES.names())
 @pytest.mark.parametrize("how", ["sum_of_losses", "mean", "weighted", "confidence", "route"])
 def test_positions_no_teacher_covered_add_no_kd_and_no_gradient(how, kind):
     """The loss with uncovered positions equals the loss over the covered positions alone
