@@ -16,9 +16,11 @@ minimised; a positive advantage pushes its tokens' log-probs up.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
 
 import torch
+
+from actors.registry import Registry
 
 Stats = dict[str, torch.Tensor]
 
@@ -39,10 +41,29 @@ def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return _float(rewards.detach()).reshape(-1, group_size)
 
 
+# (centred rewards [G, K], valid count per group [G, 1], scale, eps) -> advantages [G, K]
+ADVANTAGES: Registry[Callable[[torch.Tensor, torch.Tensor, bool, float], torch.Tensor]] = Registry(
+    "advantage estimator"
+)
+
+
+@ADVANTAGES.register("grpo")
+def _grpo(centred: torch.Tensor, count: torch.Tensor, scale: bool, eps: float) -> torch.Tensor:
+    if not scale:
+        return centred
+    std = (centred.square().sum(-1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+    return centred / (std + eps)
+
+
+@ADVANTAGES.register("rloo")
+def _rloo(centred: torch.Tensor, count: torch.Tensor, scale: bool, eps: float) -> torch.Tensor:
+    return centred * count / (count - 1).clamp(min=1)
+
+
 def group_advantages(
     rewards: torch.Tensor,
     group_size: int,
-    kind: Literal["grpo", "rloo"],
+    kind: str,
     eps: float = 1e-6,
     scale: bool = True,
 ) -> torch.Tensor:
@@ -60,8 +81,7 @@ def group_advantages(
     std. Groups with fewer than 2 valid rewards, or with all valid rewards equal, get exactly
     0 (no NaN, no eps-sized noise). The result is detached: advantages are constants.
     """
-    if kind not in ("grpo", "rloo"):
-        raise ValueError(f"unknown advantage kind {kind!r}; expected 'grpo' or 'rloo'")
+    estimate = ADVANTAGES[kind]
     if kind == "rloo" and group_size < 2:
         raise ValueError(f"rloo needs group_size >= 2 (a leave-one-out baseline), got {group_size}")
     r = _groups(rewards, group_size)
@@ -73,13 +93,7 @@ def group_advantages(
     hi = torch.where(valid, r, torch.full_like(r, -math.inf)).amax(-1, keepdim=True)
     lo = torch.where(valid, r, torch.full_like(r, math.inf)).amin(-1, keepdim=True)
     live = (count >= 2) & (hi > lo)  # [G, 1]: groups that carry a learning signal
-    if kind == "grpo":
-        adv = centred
-        if scale:
-            std = (centred.square().sum(-1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
-            adv = centred / (std + eps)
-    else:
-        adv = centred * count / (count - 1).clamp(min=1)
+    adv = estimate(centred, count, scale, eps)
     adv = torch.where(live & valid, adv, torch.zeros_like(adv))
     return adv.reshape(-1)
 
@@ -134,12 +148,27 @@ def policy_gradient_sums(
     return loss.sum(), stats
 
 
-def kl_penalty(
-    logp: torch.Tensor,
-    ref_logp: torch.Tensor,
-    estimator: Literal["k1", "k2", "k3"] = "k3",
-) -> torch.Tensor:
-    """[P] per-token estimate of KL(pi || ref) from tokens sampled from pi (Schulman 2020).
+KL_ESTIMATORS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("KL estimator")
+
+
+@KL_ESTIMATORS.register("k1")
+def _k1(d: torch.Tensor) -> torch.Tensor:
+    return -d
+
+
+@KL_ESTIMATORS.register("k2")
+def _k2(d: torch.Tensor) -> torch.Tensor:
+    return 0.5 * d.square()
+
+
+@KL_ESTIMATORS.register("k3")
+def _k3(d: torch.Tensor) -> torch.Tensor:
+    return torch.expm1(d) - d  # expm1: exact near 0, where exp(d) - 1 loses digits
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """[P] per-token estimate of KL(pi || ref) from tokens sampled from pi (Schulman 2020),
+    by the estimator registered under that name, of d = log(ref / pi).
 
     k1 = logp - ref (unbiased, can be negative); k2 = (logp - ref)^2 / 2 (biased, >= 0);
     k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased and >= 0). All are 0 when logp == ref.
@@ -150,14 +179,8 @@ def kl_penalty(
     """
     if logp.shape != ref_logp.shape:
         raise ValueError(f"shapes differ: logp {tuple(logp.shape)}, ref {tuple(ref_logp.shape)}")
-    d = _float(ref_logp.detach()) - _float(logp)  # log(ref / pi)
-    if estimator == "k1":
-        return -d
-    if estimator == "k2":
-        return 0.5 * d.square()
-    if estimator == "k3":
-        return torch.expm1(d) - d  # expm1: exact near 0, where exp(d) - 1 loses digits
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
+    estimate = KL_ESTIMATORS[estimator]
+    return estimate(_float(ref_logp.detach()) - _float(logp))
 
 
 def dpo_sums(

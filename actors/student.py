@@ -39,14 +39,7 @@ from actors.objective import (
     label_logprobs,
     objective_sums,
 )
-from actors.rl_losses import (
-    dpo_sums,
-    group_advantages,
-    kl_penalty,
-    pairs_from_rewards,
-    policy_gradient_sums,
-    sequence_sums,
-)
+from actors.rl_objective import Micro, next_critique_rows, rl_objective, rl_plan
 from actors.signal import TeacherSignal, topk_signal
 from actors.weights import WeightSnapshot
 
@@ -376,7 +369,7 @@ class StudentWorker:
         wait_start = time.perf_counter()
         signals = [s.covering(batch) for s in ray.get(signal_refs)]
         start, cpu_start = time.perf_counter(), time.process_time()
-        plan = self._rl_plan(batch, rl) if rl is not None else None
+        plan = rl_plan(batch, rl, self.rl, self.grad_accum) if rl is not None else None
         if step_tokens is None or plan is not None:
             step_tokens, pairs, sft_tokens = self._step_counts(batch, plan)
             if plan is not None:
@@ -419,87 +412,32 @@ class StudentWorker:
 
     # -- RLAIF ----------------------------------------------------------------------------
 
-    def _rl_plan(self, batch: TokenBatch, rl: dict[str, Any]) -> dict[str, Any]:
-        """What every micro-batch of an RLAIF step needs: advantages (GRPO/RLOO, over this
-        rank's whole groups) or DPO pairs, the behaviour log-probs and the critique rows;
-        `_step_counts` adds the step's pair and critique-token counts over all ranks."""
-        cfg = self.rl
-        k = int(cfg["group_size"])
-        rewards = torch.as_tensor(np.asarray(rl["rewards"], dtype=np.float64))
-        plan: dict[str, Any] = {"old_logp": torch.from_numpy(np.asarray(rl["old_logp"]))}
-        if cfg["algorithm"] == "dpo":
-            plan["pairs"] = pairs_from_rewards(rewards, k)
-        else:
-            plan["advantages"] = group_advantages(
-                rewards, k, cfg["algorithm"], scale=bool(cfg["scale_std"])
-            )
-        sft: TokenBatch | None = rl.get("sft")
-        plan["sft"] = sft
-        plan["sft_parts"] = (
-            np.array_split(np.arange(len(sft)), self.grad_accum) if sft is not None else None
-        )
-        plan["part"] = 0
-        plan["offsets"] = batch.row_offsets()
-        return plan
-
     def _rl_terms(self, plan, rows, part, signals, scale):
-        """The micro-batch's share of the one RLAIF objective, scaled to the step:
-        kd_weight * KD + rl_weight * (policy gradient | DPO) + kl_coef * KL(pi || ref)
-        + sft_weight * CE(critique rewrites)."""
-        cfg = self.rl
+        """The micro-batch's share of the one RLAIF objective (actors/rl_objective.py):
+        the engine's pass over its samples and critique rows, then the terms."""
         a, b = rows
-        sft_rows = None
-        if plan["sft_parts"] is not None:
-            idx = plan["sft_parts"][plan["part"]]
-            if idx.size:
-                sft_rows = plan["sft"].rows(int(idx[0]), int(idx[-1]) + 1).trimmed()
-        plan["part"] += 1
-        n_main = part.num_tokens
+        sft_rows = next_critique_rows(plan)
         full = TokenBatch.concat(part, sft_rows) if sft_rows is not None else part
         ids, attn, mask = full.to_torch(self.device)
         main = len(part)  # the critique rows after it carry no teacher signal
         targets = self._targets(signals, ids[:main], mask[:main])[0] if signals else []
-        loss, terms, extras = self.engine(
-            ids, attn, mask, targets, True, n_main if sft_rows is not None else None
-        )
-        total = float(cfg["kd_weight"]) * loss * scale
-        logp = extras["logp"]
-        ref_logp = self._reference_logprobs(part)
+        sft_from = part.num_tokens if sft_rows is not None else None
+        loss, terms, extras = self.engine(ids, attn, mask, targets, True, sft_from)
         offs = plan["offsets"]
-        old = plan["old_logp"][int(offs[a]) : int(offs[b])].to(self.device)
-        seq = torch.repeat_interleave(
-            torch.arange(b - a, device=self.device),
-            torch.from_numpy(part.loss_mask.sum(1)).to(self.device),
+        micro = Micro(
+            rows=rows,
+            logp=extras["logp"],
+            old_logp=plan["old_logp"][int(offs[a]) : int(offs[b])].to(self.device),
+            ref_logp=self._reference_logprobs(part),
+            seq=torch.repeat_interleave(
+                torch.arange(b - a, device=self.device),
+                torch.from_numpy(part.loss_mask.sum(1)).to(self.device),
+            ),
+            scale=scale,
+            world_size=self.world_size,
         )
-        rl_w = float(cfg["rl_weight"])
-        out = dict(terms)
-        if cfg["algorithm"] == "dpo":
-            pairs = [(i - a, j - a) for i, j in plan["pairs"] if a <= i < b and a <= j < b]
-            out.update({"rl/pairs": 0.0, "rl/margin": 0.0, "rl/accuracy": 0.0})
-            if pairs:
-                seq_lp = sequence_sums(logp, seq, b - a)
-                seq_ref = sequence_sums(ref_logp, seq, b - a)
-                c = torch.tensor([p[0] for p in pairs], device=self.device)
-                r = torch.tensor([p[1] for p in pairs], device=self.device)
-                dpo, st = dpo_sums(seq_lp[c], seq_lp[r], seq_ref[c], seq_ref[r], cfg["dpo_beta"])
-                total = total + rl_w * dpo * self.world_size / max(plan["step_pairs"], 1.0)
-                out.update({f"rl/{k}": v for k, v in st.items()})
-        else:
-            adv = plan["advantages"][a:b].to(self.device, torch.float32)[seq]
-            pg, st = policy_gradient_sums(logp, old, adv, float(cfg["clip_eps"]))
-            total = total + rl_w * pg * scale
-            out["rl/clip_frac"] = st["clip_frac"]
-            out["rl/ratio_mean"] = st["ratio_mean"]
-        kl = kl_penalty(logp, ref_logp, cfg["kl_estimator"])
-        total = total + float(cfg["kl_coef"]) * kl.sum() * scale
-        out["rl/kl_ref"] = kl.detach().sum()
-        out["rl/tokens"] = torch.tensor(float(n_main))
-        if sft_rows is not None and "sft" in extras:
-            norm = self.world_size / max(plan["step_sft_tokens"], 1.0)
-            total = total + float(cfg["sft_weight"]) * extras["sft"] * norm
-            out["rl/sft_ce"] = extras["sft"].detach()
-            out["rl/sft_tokens"] = torch.tensor(float(sft_rows.num_tokens))
-        return total, out
+        sft = (extras["sft"], sft_rows.num_tokens) if sft_rows is not None else None
+        return rl_objective(plan, self.rl, micro, (loss, terms), sft, part.num_tokens)
 
     def _reference_logprobs(self, part: TokenBatch) -> torch.Tensor:
         """log p_ref(label) at the loss positions at the sampling T (the policy's T), from

@@ -27,6 +27,8 @@ from pydantic import (
 from actors.aggregate import AGGREGATIONS
 from actors.losses import LOSSES
 from actors.registry import Registry
+from actors.rl_losses import KL_ESTIMATORS
+from actors.rl_objective import ALGORITHMS
 from orchestrator import credentials
 
 
@@ -294,11 +296,11 @@ class JudgeConfig(Placed):
 
 
 class RlaifConfig(_Strict):
-    algorithm: Literal["grpo", "rloo", "dpo"] = "grpo"
+    algorithm: Annotated[str, registered(ALGORITHMS)] = "grpo"
     rl_weight: float = Field(1.0, ge=0, description="weight of the RL term; 0: on-policy KD")
     kd_weight: float = Field(0.0, ge=0, description="weight of logit KD on the samples")
     kl_coef: float = Field(0.05, ge=0, description="KL(student || reference) in the loss")
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Annotated[str, registered(KL_ESTIMATORS)] = "k3"
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip of the importance ratio")
     scale_std: bool = Field(True, description="GRPO: divide advantages by the group's std")
     dpo_beta: float = Field(0.1, gt=0)
@@ -581,10 +583,11 @@ class Recipe(_Strict):
             if j.teacher and j.teacher not in names:
                 raise ValueError(f"judges.{i}.teacher: no teacher named {j.teacher!r} in {names}")
         k = self.rollout.samples_per_prompt
-        if k < 2 and self.rlaif.algorithm in ("grpo", "rloo", "dpo") and self.rlaif.rl_weight:
+        need = ALGORITHMS[self.rlaif.algorithm].min_group
+        if k < need and self.rlaif.rl_weight:
             raise ValueError(
                 f"rollout.samples_per_prompt: {self.rlaif.algorithm} compares a prompt's "
-                f"samples with each other, it needs at least 2 (got {k})"
+                f"samples with each other, it needs at least {need} (got {k})"
             )
         if self.train.micro_batch_size % k:
             raise ValueError(

@@ -24,7 +24,7 @@ OVERSIZE = {
     "orchestrator.train_loop.TrainLoop": 339,
     "orchestrator.train_loop.TrainLoop.run": 61,
     "orchestrator.driver.execute": 89,
-    "actors.student.StudentWorker": 458,
+    "actors.student.StudentWorker": 403,
     "actors.student.StudentWorker.setup": 80,
     "actors.teacher.TeacherActor": 269,
     "actors.teacher.TeacherActor.__init__": 76,

@@ -51,3 +51,30 @@ def test_the_recipe_lists_every_registered_aggregation(tmp_path):
         assert Recipe.model_validate(raw).distill.aggregate == name
     with pytest.raises(ValidationError, match="unknown aggregation 'median'"):
         Recipe.model_validate(base_recipe(tmp_path, models, distill={"aggregate": "median"}))
+
+
+def test_rl_pieces_come_from_their_registries(tmp_path, monkeypatch):
+    """An RL algorithm (its plan and term), an advantage estimator and a KL estimator are
+    each accepted by the recipe once registered, and refused by name before."""
+    from actors.rl_losses import ADVANTAGES, KL_ESTIMATORS, group_advantages, kl_penalty
+    from actors.rl_objective import ALGORITHMS, RLAlgorithm
+
+    raw = base_recipe(tmp_path, {"teacher": "t", "student": "s"}, distill={"mode": "rlaif"})
+    raw["judges"] = [{"name": "j", "function": "actors.rewards:seven_share"}]
+    raw["rollout"] = {"samples_per_prompt": 2}
+    raw["rlaif"] = {"algorithm": "solo", "kl_estimator": "k0"}
+    with pytest.raises(ValidationError, match="unknown RL algorithm 'solo'"):
+        Recipe.model_validate(raw)
+    solo = RLAlgorithm(plan=lambda r, k, cfg: {}, term=lambda plan, m, cfg: (0, {}), min_group=1)
+    monkeypatch.setitem(ALGORITHMS._items, "solo", solo)
+    with pytest.raises(ValidationError, match="unknown KL estimator 'k0'"):
+        Recipe.model_validate(raw)
+    monkeypatch.setitem(KL_ESTIMATORS._items, "k0", torch.zeros_like)
+    raw["rollout"] = {"samples_per_prompt": 1}  # one sample per prompt: solo compares none
+    rlaif = Recipe.model_validate(raw).rlaif
+    assert (rlaif.algorithm, rlaif.kl_estimator) == ("solo", "k0")
+    logp = torch.randn(4)
+    assert kl_penalty(logp, logp + 1, "k0").tolist() == [0.0] * 4
+    monkeypatch.setitem(ADVANTAGES._items, "raw", lambda centred, count, scale, eps: centred)
+    rewards = torch.tensor([1.0, 3.0, 0.0, 4.0])
+    assert group_advantages(rewards, 2, "raw").tolist() == [-1.0, 1.0, -2.0, 2.0]
