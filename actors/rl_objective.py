@@ -26,6 +26,7 @@ from actors.rl_losses import (
     policy_gradient_sums,
     sequence_sums,
 )
+from actors.specs import RLSpec
 
 
 @dataclass
@@ -44,34 +45,34 @@ class Micro:
 @dataclass(frozen=True)
 class RLAlgorithm:
     # (rewards [N], group size, settings) -> what every micro-batch of the step reads
-    plan: Callable[[torch.Tensor, int, dict[str, Any]], dict[str, Any]]
+    plan: Callable[[torch.Tensor, int, RLSpec], dict[str, Any]]
     # (plan, micro-batch, settings) -> (its term, already scaled to the step; stats)
-    term: Callable[[dict[str, Any], Micro, dict[str, Any]], tuple[torch.Tensor, dict]]
+    term: Callable[[dict[str, Any], Micro, RLSpec], tuple[torch.Tensor, dict]]
     min_group: int = 2  # samples per prompt it compares (1: it reads each sample alone)
 
 
 ALGORITHMS: Registry[RLAlgorithm] = Registry("RL algorithm")
 
 
-def _advantage_plan(kind: str) -> Callable[[torch.Tensor, int, dict], dict]:
-    def plan(rewards: torch.Tensor, k: int, cfg: dict[str, Any]) -> dict[str, Any]:
-        return {"advantages": group_advantages(rewards, k, kind, scale=bool(cfg["scale_std"]))}
+def _advantage_plan(kind: str) -> Callable[[torch.Tensor, int, RLSpec], dict]:
+    def plan(rewards: torch.Tensor, k: int, cfg: RLSpec) -> dict[str, Any]:
+        return {"advantages": group_advantages(rewards, k, kind, scale=cfg.scale_std)}
 
     return plan
 
 
-def _policy_gradient(plan: dict[str, Any], m: Micro, cfg: dict[str, Any]):
+def _policy_gradient(plan: dict[str, Any], m: Micro, cfg: RLSpec):
     a, b = m.rows
     adv = plan["advantages"][a:b].to(m.logp.device, torch.float32)[m.seq]
-    pg, st = policy_gradient_sums(m.logp, m.old_logp, adv, float(cfg["clip_eps"]))
+    pg, st = policy_gradient_sums(m.logp, m.old_logp, adv, cfg.clip_eps)
     return pg * m.scale, {"rl/clip_frac": st["clip_frac"], "rl/ratio_mean": st["ratio_mean"]}
 
 
-def _dpo_plan(rewards: torch.Tensor, k: int, cfg: dict[str, Any]) -> dict[str, Any]:
+def _dpo_plan(rewards: torch.Tensor, k: int, cfg: RLSpec) -> dict[str, Any]:
     return {"pairs": pairs_from_rewards(rewards, k)}
 
 
-def _dpo(plan: dict[str, Any], m: Micro, cfg: dict[str, Any]):
+def _dpo(plan: dict[str, Any], m: Micro, cfg: RLSpec):
     """Pairs whose both rows are in this micro-batch; normalised by the step's pairs."""
     a, b = m.rows
     pairs = [(i - a, j - a) for i, j in plan["pairs"] if a <= i < b and a <= j < b]
@@ -82,7 +83,7 @@ def _dpo(plan: dict[str, Any], m: Micro, cfg: dict[str, Any]):
     seq_ref = sequence_sums(m.ref_logp, m.seq, b - a)
     c = torch.tensor([p[0] for p in pairs], device=m.logp.device)
     r = torch.tensor([p[1] for p in pairs], device=m.logp.device)
-    dpo, st = dpo_sums(seq_lp[c], seq_lp[r], seq_ref[c], seq_ref[r], cfg["dpo_beta"])
+    dpo, st = dpo_sums(seq_lp[c], seq_lp[r], seq_ref[c], seq_ref[r], cfg.dpo_beta)
     stats.update({f"rl/{k}": v for k, v in st.items()})
     return dpo * m.world_size / max(plan["step_pairs"], 1.0), stats
 
@@ -92,12 +93,12 @@ ALGORITHMS.register("rloo")(RLAlgorithm(_advantage_plan("rloo"), _policy_gradien
 ALGORITHMS.register("dpo")(RLAlgorithm(_dpo_plan, _dpo))
 
 
-def rl_plan(batch: TokenBatch, rl: dict[str, Any], cfg: dict[str, Any], parts: int) -> dict:
+def rl_plan(batch: TokenBatch, rl: dict[str, Any], cfg: RLSpec, parts: int) -> dict:
     """What every micro-batch of an RLAIF step needs: the algorithm's plan over this rank's
     whole groups, the behaviour log-probs and the critique rows split over `parts`
     micro-batches; the caller adds the step's pair and critique-token counts (all ranks)."""
     rewards = torch.as_tensor(np.asarray(rl["rewards"], dtype=np.float64))
-    plan = ALGORITHMS[cfg["algorithm"]].plan(rewards, int(cfg["group_size"]), cfg)
+    plan = ALGORITHMS[cfg.algorithm].plan(rewards, cfg.group_size, cfg)
     sft: TokenBatch | None = rl.get("sft")
     plan.update(
         old_logp=torch.from_numpy(np.asarray(rl["old_logp"])),
@@ -122,7 +123,7 @@ def next_critique_rows(plan: dict[str, Any]) -> TokenBatch | None:
 
 def rl_objective(
     plan: dict[str, Any],
-    cfg: dict[str, Any],
+    cfg: RLSpec,
     m: Micro,
     kd: tuple[torch.Tensor, dict[str, Any]],
     sft: tuple[torch.Tensor, int] | None,
@@ -132,17 +133,15 @@ def rl_objective(
     and terms; `sft`: the critique rows' CE sum and token count; `tokens`: the micro-batch's
     loss tokens."""
     loss, terms = kd
-    rl, stats = ALGORITHMS[cfg["algorithm"]].term(plan, m, cfg)
-    kl = kl_penalty(m.logp, m.ref_logp, cfg["kl_estimator"])
-    total = float(cfg["kd_weight"]) * loss * m.scale + float(cfg["rl_weight"]) * rl
-    total = total + float(cfg["kl_coef"]) * kl.sum() * m.scale
+    rl, stats = ALGORITHMS[cfg.algorithm].term(plan, m, cfg)
+    kl = kl_penalty(m.logp, m.ref_logp, cfg.kl_estimator)
+    total = cfg.kd_weight * loss * m.scale + cfg.rl_weight * rl
+    total = total + cfg.kl_coef * kl.sum() * m.scale
     out = {**terms, **stats, "rl/kl_ref": kl.detach().sum()}
     out["rl/tokens"] = torch.tensor(float(tokens))
     if sft is not None:
         ce, sft_tokens = sft
-        total = total + float(cfg["sft_weight"]) * ce * m.world_size / max(
-            plan["step_sft_tokens"], 1.0
-        )
+        total = total + cfg.sft_weight * ce * m.world_size / max(plan["step_sft_tokens"], 1.0)
         out["rl/sft_ce"] = ce.detach()
         out["rl/sft_tokens"] = torch.tensor(float(sft_tokens))
     return total, out

@@ -41,6 +41,7 @@ from actors.objective import (
 )
 from actors.rl_objective import Micro, next_critique_rows, rl_objective, rl_plan
 from actors.signal import TeacherSignal, topk_signal
+from actors.specs import WorkerSpec
 from actors.weights import WeightSnapshot
 
 
@@ -191,9 +192,10 @@ class DistillStudent(torch.nn.Module):
 
 
 class StudentWorker:
-    def __init__(self, rank: int, world_size: int, spec: dict[str, Any]) -> None:
-        torch.set_num_threads(int(spec.get("threads", 1)))
+    def __init__(self, rank: int, world_size: int, spec: WorkerSpec) -> None:
+        torch.set_num_threads(spec.threads)
         self.rank, self.world_size, self.spec = rank, world_size, spec
+        self.model_path = spec.model  # this node's folder, once setup resolved a known name
         self.device = pick_device(want_gpu=True)
         self.engine = None
         self.sender: Any = None  # GPU weight_sync: vLLM's trainer engine (actors/vllm_transfer.py)
@@ -201,7 +203,7 @@ class StudentWorker:
     def node(self) -> dict[str, str]:
         """The Ray node this rank runs on and the model folder it loaded there (the run
         records where each actor landed)."""
-        return {"node": ray.get_runtime_context().get_node_id(), "model": self.spec["model"]}
+        return {"node": ray.get_runtime_context().get_node_id(), "model": self.model_path}
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's address and a free port for the process group."""
@@ -224,67 +226,59 @@ class StudentWorker:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
-        seed = int(spec["seed"])
+        seed = spec.seed
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed)
-        dtype = pick_dtype(spec.get("dtype", "auto"), self.device)
-        self.grad_accum = int(spec["grad_accum"])
-        self.zero3 = int(spec["zero_stage"]) == 3
+        dtype = pick_dtype(spec.dtype, self.device)
+        self.grad_accum = spec.grad_accum
+        self.zero3 = spec.zero_stage == 3
         ds_config = {
-            "train_micro_batch_size_per_gpu": int(spec["micro_batch_size"]),
+            "train_micro_batch_size_per_gpu": spec.micro_batch_size,
             "gradient_accumulation_steps": self.grad_accum,
-            "gradient_clipping": float(spec["grad_clip"]),  # 0: off
-            "zero_optimization": {"stage": int(spec["zero_stage"])},
+            "gradient_clipping": spec.grad_clip,  # 0: off
+            "zero_optimization": {"stage": spec.zero_stage},
             "bf16": {"enabled": dtype == torch.bfloat16},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
         }
-        spec["model"] = local_model(spec["model"])  # this node's copy of a known name
+        self.model_path = local_model(spec.model)  # this node's copy of a known name
         lm = build_student(
-            spec["model"],
-            spec.get("layers"),
+            self.model_path,
+            spec.layers,
             init_context=deepspeed.zero.Init(config_dict_or_path=ds_config) if self.zero3 else None,
             gather=(lambda p: deepspeed.zero.GatheredParameters([p], modifier_rank=0))
             if self.zero3
             else None,
             is_writer=self.rank == 0 or not self.zero3,
         )
-        if spec["gradient_checkpointing"]:
+        if spec.gradient_checkpointing:
             lm.gradient_checkpointing_enable({"use_reentrant": False})
         self.vocab_size = int(lm.config.get_text_config().vocab_size)
-        self._chunk = chunk_positions(self.vocab_size, 0, int(spec["chunk_bytes"]))  # no grads
+        self._chunk = chunk_positions(self.vocab_size, 0, spec.chunk_bytes)  # no grads
         self.num_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in lm.parameters())
-        self.loss_spec = LossSpec(
-            kind=spec["loss"],
-            temperature=float(spec["temperature"]),
-            alpha=float(spec["alpha"]),
-            beta=float(spec["beta"]),
-            skew=float(spec["skew"]),
-        )
-        self.rl = spec.get("rl")
-        self.rl_temperature = float(self.rl["temperature"]) if self.rl else 1.0
+        self.loss_spec = spec.loss
+        self.rl = spec.rl
+        self.rl_temperature = self.rl.temperature if self.rl else 1.0
         model = DistillStudent(
-            lm, self.loss_spec, int(spec["chunk_bytes"]), logp_temperature=self.rl_temperature
+            lm, self.loss_spec, spec.chunk_bytes, logp_temperature=self.rl_temperature
         )
         self.reference = None
         if self.rl:  # RLAIF: a frozen copy of the starting student, full on every rank
-            ref = build_student(spec["model"], spec.get("layers"))
+            ref = build_student(self.model_path, spec.layers)
             self.reference = ref.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
-        if spec["optimizer"] == "sgd":
+        if spec.optimizer == "sgd":
             optimizer = torch.optim.SGD(
-                model.parameters(), lr=float(spec["lr"]), weight_decay=float(spec["weight_decay"])
+                model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay
             )
         else:
             optimizer = torch.optim.AdamW(
                 model.parameters(),
-                lr=float(spec["lr"]),
-                weight_decay=float(spec["weight_decay"]),
+                lr=spec.lr,
+                weight_decay=spec.weight_decay,
                 betas=(0.9, 0.95),
             )
-        schedule = lr_lambda(
-            int(spec["warmup_steps"]), int(spec["total_steps"]), float(spec["min_lr_ratio"])
-        )
+        schedule = lr_lambda(spec.warmup_steps, spec.total_steps, spec.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
@@ -304,7 +298,7 @@ class StudentWorker:
         with the recipe's weights) and how many positions each teacher counted most at;
         `ids`, `mask`: the micro-batch on the device. Evaluation (held-out teachers only, no
         peers) reads only each signal's KL."""
-        weights = self.spec["teacher_weights"] if train else [0.0] * len(signals)
+        weights = self.spec.teacher_weights if train else [0.0] * len(signals)
         out = []
         for weight, sig in zip(weights, signals, strict=True):
             t_ids, t_lp = (x.to(self.device) for x in sig.torch_targets())
@@ -317,11 +311,11 @@ class StudentWorker:
             labels=torch.roll(ids, shifts=-1, dims=1)[mask],
             rows=torch.nonzero(mask)[:, 0],
             vocab=self.vocab_size,
-            confidence_by=str(self.spec.get("confidence_by", "entropy")),
-            confidence_temperature=float(self.spec.get("confidence_temperature", 1.0)),
-            routed_by_field=bool(self.spec.get("routed_by_field", False)),
+            confidence_by=self.spec.confidence_by,
+            confidence_temperature=self.spec.confidence_temperature,
+            routed_by_field=self.spec.routed_by_field,
         )
-        blend = aggregate(str(self.spec.get("aggregate", "sum_of_losses")), out, ctx)
+        blend = aggregate(self.spec.aggregate, out, ctx)
         counts = blend.top.sum(1).tolist()
         top = {f"top/{t.name}": float(n) for t, n in zip(out, counts, strict=True)}
         return blend.targets, top
@@ -456,7 +450,7 @@ class StudentWorker:
         """Token sums of CE and KL to each teacher, in micro-batches, for the driver to pool."""
         signals = [s.covering(batch) for s in ray.get(signal_refs)]
         self.engine.eval()
-        n = max(1, math.ceil(len(batch) / int(self.spec["micro_batch_size"])))
+        n = max(1, math.ceil(len(batch) / self.spec.micro_batch_size))
         out: dict[str, float] = {"tokens": float(batch.num_tokens)}
         for _, part, part_signals in self._micro_batches(batch, signals, n):
             _, terms = self._forward(part, part_signals, train=False)
@@ -524,9 +518,9 @@ class StudentWorker:
         signal = topk_signal(
             hidden.last_hidden_state[mask],
             self.engine.module.head,
-            k=int(self.spec["top_k"]),
+            k=self.spec.top_k,
             temperature=spec.temperature,
-            teacher=str(self.spec["name"]),
+            teacher=self.spec.name,
             vocab_size=self.vocab_size,
             chunk=self._chunk,
         )

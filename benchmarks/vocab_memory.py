@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from common import models
 from actors.batch import TokenBatch
 from actors.losses import per_position_divergence
 from actors.signal import TeacherSignal, id_dtype, topk_signal
+from actors.specs import WorkerSpec
 from actors.student import StudentWorker
 from actors.teacher import TeacherActor
 from orchestrator.ray_env import actor_options
@@ -125,13 +127,15 @@ def measure_teacher(path: str, batch: TokenBatch, naive: bool, k: int) -> tuple[
         ray.kill(actor)
 
 
-def measure_student(spec: dict, batch: TokenBatch, signal, naive: bool) -> tuple[int, float]:
+def measure_student(
+    spec: WorkerSpec, vocab: int, batch: TokenBatch, signal, naive: bool
+) -> tuple[int, float]:
     actor = ray.remote(ProbedStudent).options(**actor_options(1, 0, 2)).remote(0, 1, spec)
     try:
         addr, port = ray.get(actor.rendezvous.remote())
         ray.get(actor.setup.remote(addr, port))
-        small = token_batch(ROW, spec["vocab"])
-        ray.get(actor.train_local.remote(small, fake_signal(small, spec["vocab"], 64)))  # Adam
+        small = token_batch(ROW, vocab)
+        ray.get(actor.train_local.remote(small, fake_signal(small, vocab, 64)))  # Adam
         method = "naive_train" if naive else "train_local"
         return ray.get(actor.peak_of.remote(method, batch, signal))
     finally:
@@ -156,9 +160,9 @@ def main() -> None:
             "data": {"heldout": 1},
         }
     )
-    spec = {**worker_spec(recipe), "threads": 2, "vocab": args.vocab}
+    spec = replace(worker_spec(recipe), threads=2)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
-    spec_gc = {**spec, "gradient_checkpointing": True}
+    spec_gc = replace(spec, gradient_checkpointing=True)
     rows: dict[tuple[str, str, int], tuple[int, float]] = {}
 
     def show(who: str, impl: str, n: int) -> None:
@@ -174,10 +178,11 @@ def main() -> None:
                 continue
             impl = "naive" if naive else "chunked"
             rows["teacher", impl, n] = measure_teacher(m["teacher"], batch, naive, args.top_k)
-            rows["student", impl, n] = measure_student(spec, batch, signal, naive)
+            rows["student", impl, n] = measure_student(spec, args.vocab, batch, signal, naive)
             show("teacher", impl, n)
             show("student", impl, n)
-        rows["student", "chunked+ckpt", n] = measure_student(spec_gc, batch, signal, False)
+        ckpt = measure_student(spec_gc, args.vocab, batch, signal, False)
+        rows["student", "chunked+ckpt", n] = ckpt
         show("student", "chunked+ckpt", n)
     ray.shutdown()
     lo, hi, mid = min(args.positions), max(args.positions), 4096

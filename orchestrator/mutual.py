@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 
+from actors.specs import WorkerSpec
 from orchestrator.checkpoint import tag_for
 from orchestrator.faults import gather
 from orchestrator.recipe import Recipe
@@ -42,7 +43,7 @@ def signal_weights(recipe: Recipe, name: str) -> list[float]:
 
 class MutualLoop(TrainLoop):
     @classmethod
-    def student_spec(cls, recipe: Recipe) -> dict[str, Any]:
+    def student_spec(cls, recipe: Recipe) -> WorkerSpec:
         return worker_spec(recipe, name=MAIN, target_weights=signal_weights(recipe, MAIN))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -37,6 +37,7 @@ import ray
 
 from actors.chat import encode_chat
 from actors.rollout import request_seed, sampling_temperature
+from actors.specs import RLSpec, WorkerSpec
 from orchestrator.judges import JudgePool, Outcome
 from orchestrator.on_policy import OnPolicyLoop, prompt_ids
 from orchestrator.recipe import Recipe
@@ -46,27 +47,27 @@ from orchestrator.train_loop import InFlight, Queued
 _WIN_RATE_SEED = 0x77696E  # the win-rate samples' own seed stream
 
 
-def rl_spec(recipe: Recipe) -> dict[str, Any]:
+def rl_spec(recipe: Recipe) -> RLSpec:
     r = recipe.rlaif
-    return {
-        "algorithm": r.algorithm,
-        "rl_weight": r.rl_weight,
-        "kd_weight": r.kd_weight,
-        "kl_coef": r.kl_coef,
-        "kl_estimator": r.kl_estimator,
-        "clip_eps": r.clip_eps,
-        "scale_std": r.scale_std,
-        "dpo_beta": r.dpo_beta,
-        "sft_weight": r.sft_weight,
-        "group_size": recipe.rollout.samples_per_prompt,
-        "temperature": sampling_temperature(recipe.rollout.temperature),
-    }
+    return RLSpec(
+        algorithm=r.algorithm,
+        rl_weight=r.rl_weight,
+        kd_weight=r.kd_weight,
+        kl_coef=r.kl_coef,
+        kl_estimator=r.kl_estimator,
+        clip_eps=r.clip_eps,
+        scale_std=r.scale_std,
+        dpo_beta=r.dpo_beta,
+        sft_weight=r.sft_weight,
+        group_size=recipe.rollout.samples_per_prompt,
+        temperature=sampling_temperature(recipe.rollout.temperature),
+    )
 
 
 class RlaifLoop(OnPolicyLoop):
     @classmethod
-    def student_spec(cls, recipe: Recipe) -> dict[str, Any]:
-        return {**worker_spec(recipe), "rl": rl_spec(recipe)}
+    def student_spec(cls, recipe: Recipe) -> WorkerSpec:
+        return worker_spec(recipe, rl=rl_spec(recipe))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -8,6 +8,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.objective import LossSpec
+from actors.specs import RLSpec, WorkerSpec
 from actors.student import StudentWorker
 from orchestrator.faults import gather
 from orchestrator.placement import demand
@@ -20,44 +22,43 @@ def worker_spec(
     student: StudentConfig | None = None,
     name: str = "student",
     target_weights: list[float] | None = None,
-) -> dict[str, Any]:
-    """The plain dict a worker needs: actors know nothing of recipes. `target_weights`: one
-    per signal the worker trains on (default: the teachers' weights, normalised)."""
+    rl: RLSpec | None = None,
+) -> WorkerSpec:
+    """What a rank needs (actors know nothing of recipes). `target_weights`: one per signal
+    the worker trains on (default: the teachers' weights, normalised)."""
     s, t, d = student or recipe.student, recipe.train, recipe.distill
     if target_weights is None:
         total = sum(x.weight for x in recipe.teachers)
         target_weights = [x.weight / total for x in recipe.teachers]
-    return {
-        "name": name,
-        "top_k": d.top_k,
-        "model": s.model,
-        "layers": s.layers,
-        "zero_stage": s.zero_stage,
-        "gradient_checkpointing": s.gradient_checkpointing,
-        "dtype": s.dtype,
-        "threads": s.threads,
-        "seed": recipe.run.seed,
-        "lr": t.lr,
-        "weight_decay": t.weight_decay,
-        "warmup_steps": t.warmup_steps,
-        "total_steps": t.steps,
-        "min_lr_ratio": t.min_lr_ratio,
-        "grad_clip": t.grad_clip,
-        "optimizer": t.optimizer,
-        "chunk_bytes": d.chunk_mb * 2**20,
-        "micro_batch_size": t.micro_batch_size,
-        "grad_accum": recipe.grad_accum,
-        "loss": d.loss,
-        "alpha": d.alpha,
-        "temperature": d.temperature,
-        "beta": d.beta,
-        "skew": d.skew,
-        "teacher_weights": target_weights,
-        "aggregate": d.aggregate,
-        "confidence_by": d.confidence_by,
-        "confidence_temperature": d.confidence_temperature,
-        "routed_by_field": d.aggregate == "route" and d.teacher_key is not None,
-    }
+    loss = LossSpec(d.loss, d.temperature, d.alpha, d.beta, d.skew)
+    return WorkerSpec(
+        name=name,
+        model=s.model,
+        layers=s.layers,
+        loss=loss,
+        top_k=d.top_k,
+        teacher_weights=target_weights,
+        aggregate=d.aggregate,
+        confidence_by=d.confidence_by,
+        confidence_temperature=d.confidence_temperature,
+        routed_by_field=d.aggregate == "route" and d.teacher_key is not None,
+        zero_stage=s.zero_stage,
+        gradient_checkpointing=s.gradient_checkpointing,
+        dtype=s.dtype,
+        threads=s.threads,
+        seed=recipe.run.seed,
+        optimizer=t.optimizer,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        total_steps=t.steps,
+        min_lr_ratio=t.min_lr_ratio,
+        grad_clip=t.grad_clip,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum=recipe.grad_accum,
+        chunk_bytes=d.chunk_mb * 2**20,
+        rl=rl,
+    )
 
 
 class StudentGroup:
@@ -69,11 +70,11 @@ class StudentGroup:
         self,
         recipe: Recipe,
         student: StudentConfig | None = None,
-        spec: dict[str, Any] | None = None,
+        spec: WorkerSpec | None = None,
     ) -> None:
         s = self.config = student or recipe.student
         spec = spec or worker_spec(recipe, s)
-        self.name = str(spec["name"])
+        self.name = spec.name
         # setup, load, save and export: whole-model work, bounded by the setup bound
         self.wait = {"timeout_s": recipe.cluster.setup_timeout_s}
         # one bundle per rank, reserved together: the group starts whole or not at once

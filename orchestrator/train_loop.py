@@ -21,6 +21,7 @@ import psutil
 import ray
 
 from actors.batch import TokenBatch
+from actors.specs import WorkerSpec
 from orchestrator.checkpoint import (
     checkpoint_rows,
     commit_checkpoint,
@@ -98,7 +99,7 @@ class _StopFlag:
 
 class TrainLoop:
     @classmethod
-    def student_spec(cls, recipe: Recipe) -> dict[str, Any]:
+    def student_spec(cls, recipe: Recipe) -> WorkerSpec:
         """The worker spec of the run's (first) student group."""
         return worker_spec(recipe)
 

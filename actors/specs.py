@@ -1,0 +1,56 @@
+"""What a student rank is told at construction: typed and frozen, so a misspelt setting fails
+where the spec is built, and no default is repeated inside the actor. Actors know nothing
+of recipes; `orchestrator/students.py` builds these from one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from actors.objective import LossSpec
+
+
+@dataclass(frozen=True)
+class RLSpec:
+    """RLAIF's part of the objective (actors/rl_objective.py)."""
+
+    algorithm: str
+    rl_weight: float
+    kd_weight: float
+    kl_coef: float
+    kl_estimator: str
+    clip_eps: float
+    scale_std: bool
+    dpo_beta: float
+    sft_weight: float
+    group_size: int  # samples per prompt
+    temperature: float  # the rollouts' sampling T: the policy's log-probs are taken at it
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    name: str  # the group's name (what a peer's signal is called)
+    model: str  # a folder or known name; each rank resolves it on its node
+    layers: list[int] | None
+    loss: LossSpec
+    top_k: int  # what this student sends when it is a peer
+    teacher_weights: list[float]  # one per signal it trains on
+    aggregate: str
+    confidence_by: str
+    confidence_temperature: float
+    routed_by_field: bool
+    zero_stage: int
+    gradient_checkpointing: bool
+    dtype: str
+    threads: int
+    seed: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    total_steps: int
+    min_lr_ratio: float
+    grad_clip: float
+    micro_batch_size: int
+    grad_accum: int
+    chunk_bytes: int
+    rl: RLSpec | None = None
