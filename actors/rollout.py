@@ -146,7 +146,7 @@ class HFSampler:
             samples.append(Sample(row[:end], lp[:end], reason))
         return samples
 
-    def load(self, snapshot: WeightSnapshot) -> None:
+    def load_weights(self, snapshot: WeightSnapshot) -> None:
         state = self.model.state_dict()
         with torch.no_grad():
             for name, tensor in snapshot.tensors():
@@ -206,7 +206,7 @@ class RolloutEngine:
         if wanted.version != version:
             raise ValueError(f"snapshot holds version {wanted.version}, expected {version}")
         with self.lock:
-            how = self.sampler.load(wanted)
+            how = self.sampler.load_weights(wanted)
             self.version = wanted.version
         return {
             "sync_in_place": float(how != "reload"),  # HF: a copy into the model, always

@@ -201,7 +201,7 @@ class VLLMEngine:
             results.append(Sample(ids, lps, reason))
         return results
 
-    def load(self, snapshot: WeightSnapshot, in_place: bool = True) -> str:
+    def load_weights(self, snapshot: WeightSnapshot, in_place: bool = True) -> str:
         """Load a snapshot; returns how: "in_place" (copies into the engine's own memory,
         `actors/vllm_weights.py`, where the engine allows it) or "reload" (vLLM's
         `reload_weights`, also when `in_place` is False). `weight_sync` "reload" always

@@ -110,7 +110,7 @@ def load_both_ways(student: str, repeats: int = 3) -> dict[str, float]:
             for how in times:
                 ray.get(engine.__ray_ready__.remote())
                 start = time.perf_counter()
-                assert ray.get(engine.load.remote(snapshot, in_place=how == "in_place")) == how
+                assert ray.get(engine.load_weights.remote(snapshot, in_place=how == "in_place")) == how
                 times[how].append(time.perf_counter() - start)
         return {how: median(t) * 1e3 for how, t in times.items()}
     finally:

@@ -115,7 +115,7 @@ class MutualLoop(TrainLoop):
     def _started(self, start: int) -> None:
         if start:
             for group in self.peers:
-                group.load(self._peer_dir(tag_for(start)), group.name)
+                group.load_checkpoint(self._peer_dir(tag_for(start)), group.name)
 
     def _finish(self, tokens_total: float, elapsed: float) -> dict[str, Any]:
         summary = super()._finish(tokens_total, elapsed)

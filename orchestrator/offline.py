@@ -178,7 +178,7 @@ class CachedTeacherPool:
         info = gather([self.replicas[0].info.remote()], f"cache {self.name}", timeout_s=bound)[0]
         return {k: int(info["served"][k]) for k in ("calls", "rows")}
 
-    def load(self) -> dict[str, float]:
+    def queue_metrics(self) -> dict[str, float]:
         return {}
 
     def shutdown(self) -> None:

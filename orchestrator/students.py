@@ -161,7 +161,7 @@ class StudentGroup:
         {path: sha256} of the files that rank wrote (for the ledger)."""
         return [w.save_checkpoint.remote(directory, tag) for w in self.workers]
 
-    def load(self, directory: str, tag: str) -> None:
+    def load_checkpoint(self, directory: str, tag: str) -> None:
         refs = [w.load_checkpoint.remote(directory, tag) for w in self.workers]
         gather(refs, "loading a checkpoint", who=self.ranks(), students=True, **self.wait)
 

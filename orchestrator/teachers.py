@@ -108,7 +108,7 @@ class TeacherPool:
         )
         return {k: sum(int(i["served"][k]) for i in infos) for k in ("calls", "rows")}
 
-    def load(self) -> dict[str, float]:
+    def queue_metrics(self) -> dict[str, float]:
         """Queue depth and requests served per replica, for MLflow."""
         out: dict[str, float] = {}
         for i, depth in enumerate(self.balance.depths()):

@@ -300,7 +300,7 @@ class TrainLoop:
         summary: dict[str, Any] = {}
         if ledger is not None:
             self.tracker.replay(checkpoint_rows(self.run_dir, ledger))  # if MLflow missed them
-            self.students.load(str(self.run_dir / "checkpoints"), ledger["tag"])
+            self.students.load_checkpoint(str(self.run_dir / "checkpoints"), ledger["tag"])
             start = int(ledger["step"])
             summary = dict(ledger.get("summary", {}))
             print(f"resumed from checkpoint at step {start}", flush=True)
@@ -375,7 +375,7 @@ class TrainLoop:
             for i in range(len(pool.replicas)):
                 key = f"teacher_busy_s/{pool.name}/r{i}"
                 out[key] = sum(m.get(key, 0.0) for m in per_rank)
-            out.update(pool.load())
+            out.update(pool.queue_metrics())
         out.update(
             tokens=tokens,
             tokens_per_s=tokens / max(wall, 1e-9),

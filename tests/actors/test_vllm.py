@@ -139,16 +139,16 @@ def test_live_weight_load_from_the_ranks(engine, vllm_model, tiny_models, tmp_pa
             sig = [[ray.put(teacher.score(batch))]]
             ray.get(group.train_step([ray.put(batch)], sig, None))
         snapshot = group.snapshot()
-        assert ray.get(engine.load.remote(snapshot)) == "in_place"  # copies, no rebuild
+        assert ray.get(engine.load_weights.remote(snapshot)) == "in_place"  # copies, no rebuild
         after = ray.get(engine.token_logprobs.remote(text))
         ranks = ray.get(group.token_logprobs(ray.put(text)))
         np.testing.assert_allclose(after, ranks, rtol=0, atol=1e-3)
         assert np.abs(after - before).max() > 1e-2  # scored differently after the sync
         # vLLM's own reload of the same snapshot: the very same numbers, and the in-place
         # path still works after it (its buffers beside what vLLM keeps)
-        assert ray.get(engine.load.remote(snapshot, in_place=False)) == "reload"
+        assert ray.get(engine.load_weights.remote(snapshot, in_place=False)) == "reload"
         np.testing.assert_array_equal(ray.get(engine.token_logprobs.remote(text)), after)
-        assert ray.get(engine.load.remote(snapshot)) == "in_place"
+        assert ray.get(engine.load_weights.remote(snapshot)) == "in_place"
         np.testing.assert_array_equal(ray.get(engine.token_logprobs.remote(text)), after)
     finally:
         group.shutdown()
@@ -163,8 +163,8 @@ def test_in_place_load_refuses_a_snapshot_that_would_leave_old_rows(engine, vllm
     model = AutoModelForCausalLM.from_pretrained(vllm_model, dtype=torch.float32).eval()
     state = model.state_dict()
     part = {k: v for k, v in state.items() if "layers.0.self_attn.k_proj" not in k}
-    assert ray.get(engine.load.remote(WeightSnapshot.of(part, 1, 0.0))) == "reload"
-    assert ray.get(engine.load.remote(WeightSnapshot.of(state, 2, 0.0))) == "in_place"
+    assert ray.get(engine.load_weights.remote(WeightSnapshot.of(part, 1, 0.0))) == "reload"
+    assert ray.get(engine.load_weights.remote(WeightSnapshot.of(state, 2, 0.0))) == "in_place"
     text = _text(3)
     ids, attn, mask = text.to_torch(torch.device("cpu"))
     with torch.no_grad():

@@ -25,7 +25,7 @@ from actors.weights import GPU_SYNC, WeightSnapshot
 
 
 class FakeLLM:
-    """What VLLMEngine.load and Receiver call on vLLM's LLM, recorded."""
+    """What VLLMEngine.load_weights and Receiver call on vLLM's LLM, recorded."""
 
     def __init__(self, in_place_ok: bool = True) -> None:
         self.in_place_ok, self.calls = in_place_ok, []
@@ -49,23 +49,23 @@ SNAPSHOT = WeightSnapshot.of({"w": torch.ones(2, 2)}, 3, 0.0)
 
 def test_reload_is_forced_and_never_tries_in_place():
     llm = FakeLLM()
-    assert _engine("reload", llm).load(SNAPSHOT) == "reload"
+    assert _engine("reload", llm).load_weights(SNAPSHOT) == "reload"
     assert llm.calls == ["_reload", "reset_prefix_cache"]
 
 
 def test_in_place_is_forced_and_says_so_when_it_cannot():
-    assert _engine("in_place", FakeLLM()).load(SNAPSHOT) == "in_place"
+    assert _engine("in_place", FakeLLM()).load_weights(SNAPSHOT) == "in_place"
     llm = FakeLLM(in_place_ok=False)
     with pytest.raises(RuntimeError, match="rollout.weight_sync: in_place"):
-        _engine("in_place", llm).load(SNAPSHOT)
+        _engine("in_place", llm).load_weights(SNAPSHOT)
     assert "_reload" not in llm.calls
 
 
 def test_auto_falls_back_to_reload():
     llm = FakeLLM(in_place_ok=False)
-    assert _engine("auto", llm).load(SNAPSHOT) == "reload"
+    assert _engine("auto", llm).load_weights(SNAPSHOT) == "reload"
     assert llm.calls == ["load_in_place", "_reload", "reset_prefix_cache"]
-    assert _engine("auto", FakeLLM()).load(SNAPSHOT, in_place=False) == "reload"
+    assert _engine("auto", FakeLLM()).load_weights(SNAPSHOT, in_place=False) == "reload"
 
 
 def test_a_receipt_is_told_apart_from_a_snapshot():
