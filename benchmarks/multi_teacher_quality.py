@@ -76,14 +76,14 @@ def heldout_signals(raw: dict, root: Path):
     from orchestrator.data import build_dataset
     from orchestrator.preflight import preflight
     from orchestrator.recipe import load_recipe
-    from orchestrator.teachers import TeacherPool
+    from orchestrator.teachers import LiveTeacherPool
 
     path = root / "eval.yaml"
     path.write_text(yaml.safe_dump(raw))
     recipe = preflight(load_recipe(path))
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
     try:
-        writer = TeacherPool(recipe.teachers[0], recipe.distill)
+        writer = LiveTeacherPool(recipe.teachers[0], recipe.distill)
         heldout = build_dataset(recipe, [writer]).heldout  # responses from the cache
         writer.shutdown()
     finally:

@@ -110,7 +110,8 @@ def load_both_ways(student: str, repeats: int = 3) -> dict[str, float]:
             for how in times:
                 ray.get(engine.__ray_ready__.remote())
                 start = time.perf_counter()
-                assert ray.get(engine.load_weights.remote(snapshot, in_place=how == "in_place")) == how
+                done = engine.load_weights.remote(snapshot, in_place=how == "in_place")
+                assert ray.get(done) == how
                 times[how].append(time.perf_counter() - start)
         return {how: median(t) * 1e3 for how, t in times.items()}
     finally:

@@ -15,7 +15,7 @@ import hashlib
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -93,7 +93,7 @@ def cached_teachers(recipe: Recipe) -> list[TeacherConfig]:
 
 
 class CachedTeacherPool:
-    """A TeacherPool's interface over a teacher's cache. The manifest is read on the driver
+    """The TeacherPool of a teacher served from its cache. The manifest is read on the driver
     (what the run needs to know of the teacher, no actor); `check` compares its provenance
     with the recipe's once the data is tokenized, and only then `start` starts the one
     CachedTeacher actor (no model, a little CPU) that reads the shards."""
@@ -155,7 +155,13 @@ class CachedTeacherPool:
         self.balance.track(0, ref)
         return ref
 
-    def generate(self, *args: Any, **kwargs: Any) -> list[dict[str, str]]:
+    def generate(
+        self,
+        prompts: list[str],
+        sampling: dict[str, Any],
+        chunk: int,
+        on_chunk: Callable[[int], None],
+    ) -> list[dict[str, str]]:
         raise RecipeError(
             "data.responses",
             f"teacher {self.name} is served from its cache and its responses are not in the "

@@ -1,9 +1,11 @@
-"""TeacherPool: the replicas of one teacher, behind one handle that spreads work over them."""
+"""Teacher pools: what the loop asks of a teacher, whatever serves it (TeacherPool), and the
+live implementation: the replicas of one teacher behind one handle that spreads work over
+them. The cached implementation reads a signal cache (orchestrator/offline.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 
@@ -14,7 +16,44 @@ from orchestrator.ray_env import service_options
 from orchestrator.recipe import ClusterConfig, DistillConfig, Recipe, TeacherConfig
 
 
-class TeacherPool:
+class TeacherPool(Protocol):
+    """One teacher as the loop sees it: signals for shards, responses for prompts, and the
+    actors behind it by name (for faults and restarts)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    def score(
+        self,
+        shard_ref: ray.ObjectRef,
+        rows: list[int] | None = None,
+        examples: list[int] | None = None,
+    ) -> ray.ObjectRef: ...
+
+    def generate(
+        self,
+        prompts: list[str],
+        sampling: dict[str, Any],
+        chunk: int,
+        on_chunk: Callable[[int], None],
+    ) -> list[dict[str, str]]: ...
+
+    def holder(self, ref: ray.ObjectRef) -> str: ...
+
+    def actors(self) -> dict[str, Any]: ...
+
+    def restart_unresponsive(self, timeout_s: float) -> list[str]: ...
+
+    def served(self) -> dict[str, int]: ...
+
+    def queue_metrics(self) -> dict[str, float]: ...
+
+    def shutdown(self) -> None: ...
+
+
+class LiveTeacherPool:
     def __init__(
         self,
         cfg: TeacherConfig,
@@ -145,9 +184,9 @@ class TeacherPool:
             ray.kill(actor)
 
 
-def live_pool(recipe: Recipe, cfg: TeacherConfig) -> TeacherPool:
+def live_pool(recipe: Recipe, cfg: TeacherConfig) -> LiveTeacherPool:
     """A teacher's live replicas, sized for what the recipe asks of them."""
-    return TeacherPool(
+    return LiveTeacherPool(
         cfg,
         recipe.distill,
         teacher_max_len(recipe),

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from actors.batch import TokenBatch
 from orchestrator.cli import main
 from orchestrator.recipe import DistillConfig, TeacherConfig
-from orchestrator.teachers import TeacherPool
+from orchestrator.teachers import LiveTeacherPool
 
 ray.cloudpickle.register_pickle_by_value(toy_teachers)  # the actors need not import tests/
 
@@ -96,9 +96,9 @@ def _shard(n_rows: int = 2) -> ray.ObjectRef:
     return ray.put(TokenBatch(ids, np.ones_like(ids, dtype=np.int8), mask))
 
 
-def _pool(model: str, actor_class: type, replicas: int = 1, name: str = "t") -> TeacherPool:
+def _pool(model: str, actor_class: type, replicas: int = 1, name: str = "t") -> LiveTeacherPool:
     cfg = TeacherConfig(name=name, model=model, replicas=replicas, num_cpus=0.1)
-    return TeacherPool(cfg, DistillConfig(top_k=8), actor_class=actor_class)
+    return LiveTeacherPool(cfg, DistillConfig(top_k=8), actor_class=actor_class)
 
 
 def test_least_outstanding_sends_more_to_the_fast_replica(ray_session, tiny_models):

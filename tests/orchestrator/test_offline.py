@@ -265,3 +265,22 @@ def test_a_second_cache_build_of_a_held_cache_is_refused_naming_the_holder(tmp_p
     assert f"{cache}: this signal cache is in use by another raydistill process " in line
     assert f"(pid {pid})" in line
     assert [p.name for p in cache.iterdir()] == [".lock"]
+
+
+def test_live_and_cached_pools_are_both_teacher_pools():
+    """The loop talks to a TeacherPool: both implementations have each of its methods, with
+    the same parameters."""
+    import inspect
+
+    from orchestrator.offline import CachedTeacherPool
+    from orchestrator.teachers import LiveTeacherPool, TeacherPool
+
+    wanted = [n for n in vars(TeacherPool) if not n.startswith("_")]
+    assert {"score", "generate", "actors", "restart_unresponsive", "shutdown"} <= set(wanted)
+    for cls in (LiveTeacherPool, CachedTeacherPool):
+        for name in wanted:
+            proto, impl = getattr(TeacherPool, name), getattr(cls, name, None)
+            assert impl is not None, f"{cls.__name__} has no {name}"
+            if callable(proto):
+                want = list(inspect.signature(proto).parameters)
+                assert list(inspect.signature(impl).parameters) == want, (cls, name)
