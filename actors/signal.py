@@ -24,6 +24,34 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
 
 
+@dataclass(frozen=True)
+class HiddenStates:
+    """The teacher's hidden states at the signal's loss positions: {layer: [P, H] float16},
+    layers numbered as HF's `hidden_states` (0: the embeddings, i < L: block i's output, L:
+    the backbone's final, normalised output). Shipped out-of-band like the top-k arrays;
+    feature distillation reads them."""
+
+    layers: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        lengths = {h.shape[0] for h in self.layers.values()}
+        for layer, h in self.layers.items():
+            if h.dtype != np.float16 or h.ndim != 2:
+                raise ValueError(f"hidden layer {layer}: {h.dtype} {h.shape}, want [P, H] float16")
+        if len(lengths) > 1:
+            raise ValueError(f"hidden layers cover different position counts: {sorted(lengths)}")
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h.nbytes for h in self.layers.values())
+
+    def rows(self, start: int, stop: int) -> HiddenStates:
+        return HiddenStates({k: v[start:stop] for k, v in self.layers.items()})
+
+
 @dataclass
 class TeacherSignal:
     teacher: str
@@ -32,15 +60,13 @@ class TeacherSignal:
     temperature: float
     busy_s: float = 0.0  # wall time the teacher spent on this shard, inside the actor
     cpu_s: float = 0.0  # CPU time of the actor process for this shard (cores are shared)
-    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [P, H] float16
+    hidden: HiddenStates = field(default_factory=HiddenStates)
     replica: int | None = None  # which replica of the teacher scored it
     routed_rows: np.ndarray | None = None  # the shard rows it covers (routing); None: all
 
     @property
     def nbytes(self) -> int:
-        return int(
-            self.ids.nbytes + self.logprobs.nbytes + sum(h.nbytes for h in self.hidden.values())
-        )
+        return int(self.ids.nbytes + self.logprobs.nbytes + self.hidden.nbytes)
 
     def rows(self, start: int, stop: int) -> TeacherSignal:
         """The loss positions [start, stop) (see TokenBatch.row_offsets)."""
@@ -51,7 +77,7 @@ class TeacherSignal:
             temperature=self.temperature,
             busy_s=self.busy_s,
             cpu_s=self.cpu_s,
-            hidden={k: v[start:stop] for k, v in self.hidden.items()},
+            hidden=self.hidden.rows(start, stop),
             replica=self.replica,
         )
 

@@ -28,7 +28,7 @@ from actors.models import (
     tokenizer_hash,
 )
 from actors.objective import DEFAULT_CHUNK_BYTES, chunk_positions
-from actors.signal import TeacherSignal, id_dtype, topk_signal
+from actors.signal import HiddenStates, TeacherSignal, id_dtype, topk_signal
 
 
 class TeacherActor:
@@ -175,9 +175,8 @@ class TeacherActor:
             vocab_size=self.vocab_size,
             chunk=self.chunk,
         )
-        for layer in self.hidden_layers:
-            hidden = out.hidden_states[layer][mask]
-            signal.hidden[layer] = hidden.float().cpu().numpy().astype(np.float16)
+        states = {i: out.hidden_states[i][mask].float().cpu() for i in self.hidden_layers}
+        signal.hidden = HiddenStates({i: h.numpy().astype(np.float16) for i, h in states.items()})
         signal.busy_s = time.perf_counter() - start
         signal.cpu_s = time.process_time() - cpu_start
         return signal

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -29,7 +30,7 @@ def test_score_matches_full_forward_at_loss_positions(tiny_models):
     batch = _batch()
     sig = teacher.score(batch)
     assert sig.ids.shape == (batch.num_tokens, 5) == sig.logprobs.shape
-    assert sig.hidden[1].shape[0] == batch.num_tokens
+    assert sig.hidden.layers[1].shape[0] == batch.num_tokens
     model = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval()
     ids, attn, mask = batch.to_torch(torch.device("cpu"))
     with torch.no_grad():
@@ -47,3 +48,32 @@ def test_row_offsets_split_signals_by_rows():
     assert batch.loss_columns().tolist() == list(range(3, 11))
     assert batch.trimmed().input_ids.shape == (3, 12)
     assert batch.rows(1, 2).trimmed().input_ids.shape == (1, 9)
+
+
+def test_hidden_states_arrive_intact(ray_session, tiny_models):
+    """The chosen layers' hidden states at the loss positions, float16, exactly as the model
+    computes them; through the object store and row slicing they stay bit for bit."""
+    import ray
+
+    from actors.signal import HiddenStates
+
+    path = tiny_models["teacher"]
+    teacher = TeacherActor("t", path, top_k=5, temperature=1.0, hidden_layers=(0, 2))
+    batch = _batch()
+    sig = teacher.score(batch)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval()
+    ids, attn, mask = batch.to_torch(torch.device("cpu"))
+    with torch.no_grad():
+        states = model.model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+    want = {i: states.hidden_states[i][mask].numpy().astype(np.float16) for i in (0, 2)}
+    back = ray.get(ray.put(sig))
+    assert sorted(back.hidden.layers) == [0, 2]
+    for layer, expected in want.items():
+        assert expected.shape == (batch.num_tokens, 48)
+        assert np.array_equal(back.hidden.layers[layer], expected)
+        assert np.array_equal(back.rows(7, 9).hidden.layers[layer], expected[7:9])  # row 1
+    assert back.nbytes == sig.ids.nbytes + sig.logprobs.nbytes + 2 * batch.num_tokens * 48 * 2
+    with pytest.raises(ValueError, match="want \\[P, H\\] float16"):
+        HiddenStates({1: np.zeros((3, 4), dtype=np.float32)})
+    with pytest.raises(ValueError, match="different position counts"):
+        HiddenStates({0: np.zeros((3, 4), np.float16), 1: np.zeros((2, 4), np.float16)})
