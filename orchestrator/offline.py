@@ -88,8 +88,7 @@ def cache_path(recipe: Recipe, cfg: TeacherConfig) -> Path:
 
 def cached_teachers(recipe: Recipe) -> list[TeacherConfig]:
     """The teachers served from a cache in this run (all of them in mode offline)."""
-    offline = recipe.distill.mode == "offline"
-    return [t for t in recipe.teachers if t.cache or offline]
+    return [t for t in recipe.teachers if recipe.from_cache(t)]
 
 
 class CachedTeacherPool:

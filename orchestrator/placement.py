@@ -32,7 +32,7 @@ def requested(recipe: Recipe) -> list[tuple[str, int, Placed]]:
     """(recipe field, how many, placement) for every kind of actor the run starts."""
     out: list[tuple[str, int, Placed]] = []
     for i, t in enumerate(recipe.teachers):
-        if t.cache or recipe.distill.mode == "offline":  # one reader actor, no model
+        if recipe.from_cache(t):  # one reader actor, no model
             t = t.model_copy(update={"num_cpus": min(t.num_cpus, 0.25), "num_gpus": 0.0})
             out.append((f"teachers.{i}", 1, t))
         else:

@@ -498,7 +498,7 @@ class Recipe(_Strict):
         if not self.teachers and self.data.responses == "teacher":
             raise ValueError("data.responses: 'teacher' needs a teacher in `teachers`")
         for i, t in enumerate(self.teachers):
-            if (t.cache or mode == "offline") and self.rolls_out:
+            if self.from_cache(t) and self.rolls_out:
                 raise ValueError(
                     f"teachers.{i}.cache: a cached teacher cannot score the student's own "
                     f"samples (distill.mode {mode})"
@@ -602,6 +602,11 @@ class Recipe(_Strict):
                 f"or rlaif.kl_coef > 0): the ratio and the KL need the log-probs of the "
                 f"distribution sampled from, which top-p truncates; use top_p: 1"
             )
+
+    def from_cache(self, teacher: TeacherConfig) -> bool:
+        """Whether a teacher is served from its signal cache (its own `cache`, or every
+        teacher of an offline run) rather than by live replicas."""
+        return bool(teacher.cache) or self.distill.mode == "offline"
 
     @property
     def rolls_out(self) -> bool:
