@@ -5,7 +5,10 @@ loop (`orchestrator/train_loop.py`) and tears everything down, whatever happens.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ from orchestrator.checkpoint import (
     verify_checkpoint,
     write_json,
 )
-from orchestrator.data import build_dataset
+from orchestrator.data import Dataset, build_dataset
 from orchestrator.faults import RuntimeFault, finish_tracking
 from orchestrator.identity import check_identity, run_identity
 from orchestrator.offline import CachedTeacherPool, cached_teachers
@@ -59,6 +62,24 @@ def new_run_dir(recipe: Recipe, at: str | Path | None = None) -> Path:
     return run_dir
 
 
+@dataclass
+class _Parts:
+    """What a run has started, torn down whatever happens."""
+
+    pools: list[Any] = field(default_factory=list)
+    students: StudentGroup | None = None
+    loop: TrainLoop | None = None
+    tracker: Tracker | None = None
+
+    def shutdown(self, status: str) -> None:
+        if self.loop is not None:
+            self.loop.shutdown()
+        if self.students is not None:
+            self.students.shutdown(graceful=status != "FAILED")
+        for pool in self.pools:
+            pool.shutdown()
+
+
 def execute(
     recipe: Recipe, run_dir: Path, *, stop_after: int | None = None, parent: str | None = None
 ) -> RunResult:
@@ -77,77 +98,97 @@ def execute(
             ray.shutdown()
         raise
     store = prepare_store(tracking_uri(recipe))
-    pools: list[Any] = []
-    tracker: Tracker | None = None
-    students: StudentGroup | None = None
-    loop: TrainLoop | None = None
+    parts = _Parts()
     status = "FAILED"
     try:
-        cached = {t.name: CachedTeacherPool(recipe, t) for t in cached_teachers(recipe)}
-        for t in recipe.teachers:  # one by one: a failure leaves the started ones to kill
-            pools.append(cached.get(t.name) or live_pool(recipe, t))
-        mode = loop_class(recipe.distill.mode)
-        # the ranks start (imports, engine setup) while the teachers load
-        students = StudentGroup(recipe, spec=mode.student_spec(recipe))
-        infos = [p.info() for p in pools]
-        identity = run_identity(recipe, infos)
-        if ledger is not None and ledger.get("identity"):  # older ledgers have none
-            check_identity(ledger["identity"], identity)
-        dataset = build_dataset(recipe, pools)
-        for pool in cached.values():  # refused before anything of the run starts
-            pool.check(dataset)
-            pool.start()
-        if store is not None:
-            store.join()
-        tracker = open_tracker(recipe, run_dir, parent)
-        if ledger is None:
-            tracker.log_params(flatten(recipe.model_dump(mode="json", by_alias=True)))
-            tracker.log_artifact(run_dir / "recipe.yaml")
-        tracker.log_params(
-            {f"teacher.{i['name']}.{k}": str(v) for i in infos for k, v in i.items()}
-        )
+        mode, dataset, identity = _start(recipe, run_dir, parts, ledger, parent, store)
         end = None if stop_after is None else _step(ledger) + stop_after
-        restores = 0
-        while True:
-            students = (students or StudentGroup(recipe, spec=mode.student_spec(recipe))).ready()
-            record(run_dir, pools, students)
-            tracker.log_params({"student.num_params": str(students.num_params)})
-            loop = mode(recipe, run_dir, pools, students, dataset, tracker, identity)
-            try:
-                result = loop.run(ledger, None if end is None else end - _step(ledger))
-                break
-            except RuntimeFault as exc:
-                ledger = read_ledger(run_dir)
-                if not exc.student_lost or ledger is None:
-                    raise
-                verify_checkpoint(run_dir, ledger)
-                if restores >= recipe.cluster.max_student_restores:
-                    raise RuntimeFault(f"{exc} (after {restores} restores)") from exc
-                restores += 1
-                print(
-                    f"{exc}; bringing the student group back from the checkpoint at step "
-                    f"{ledger['step']} ({restores}/{recipe.cluster.max_student_restores})",
-                    flush=True,
-                )
-                tracker.discard()  # rows of the steps about to be trained again
-                tracker.set_tags({"student_restores": str(restores)})
-                loop.shutdown()
-                students.shutdown(graceful=False)
-                loop = students = None
-                prune_uncommitted(run_dir)
+        loop = partial(mode, recipe, run_dir, dataset=dataset, identity=identity)
+        result = _train(recipe, run_dir, parts, mode, loop, ledger, end)
         status = "FINISHED" if result.finished else "KILLED"  # KILLED: stopped, resumable
         return result
     finally:
-        if loop is not None:
-            loop.shutdown()
-        if students is not None:
-            students.shutdown(graceful=status != "FAILED")
-        for pool in pools:
-            pool.shutdown()
+        parts.shutdown(status)
         if started_ray:
             ray.shutdown()
-        if tracker is not None:  # last: a store that fails leaves no actor behind
-            finish_tracking(tracker, status)
+        if parts.tracker is not None:  # last: a store that fails leaves no actor behind
+            finish_tracking(parts.tracker, status)
+
+
+def _start(
+    recipe: Recipe,
+    run_dir: Path,
+    parts: _Parts,
+    ledger: dict[str, Any] | None,
+    parent: str | None,
+    store: Any,
+) -> tuple[type[TrainLoop], Dataset, dict[str, Any]]:
+    """Teachers, students, data and the MLflow run; (loop class, dataset, identity)."""
+    cached = {t.name: CachedTeacherPool(recipe, t) for t in cached_teachers(recipe)}
+    for t in recipe.teachers:  # one by one: a failure leaves the started ones to kill
+        parts.pools.append(cached.get(t.name) or live_pool(recipe, t))
+    mode = loop_class(recipe.distill.mode)
+    # the ranks start (imports, engine setup) while the teachers load
+    parts.students = StudentGroup(recipe, spec=mode.student_spec(recipe))
+    infos = [p.info() for p in parts.pools]
+    identity = run_identity(recipe, infos)
+    if ledger is not None and ledger.get("identity"):  # older ledgers have none
+        check_identity(ledger["identity"], identity)
+    dataset = build_dataset(recipe, parts.pools)
+    for pool in cached.values():  # refused before anything of the run starts
+        pool.check(dataset)
+        pool.start()
+    if store is not None:
+        store.join()
+    tracker = parts.tracker = open_tracker(recipe, run_dir, parent)
+    if ledger is None:
+        tracker.log_params(flatten(recipe.model_dump(mode="json", by_alias=True)))
+        tracker.log_artifact(run_dir / "recipe.yaml")
+    tracker.log_params({f"teacher.{i['name']}.{k}": str(v) for i in infos for k, v in i.items()})
+    return mode, dataset, identity
+
+
+def _train(
+    recipe: Recipe,
+    run_dir: Path,
+    parts: _Parts,
+    mode: type[TrainLoop],
+    new_loop: Callable[..., TrainLoop],
+    ledger: dict[str, Any] | None,
+    end: int | None,
+) -> RunResult:
+    """The loop until it finishes or stops at step `end`; a lost student group is brought
+    back from the last checkpoint (cluster.max_student_restores times)."""
+    assert parts.tracker is not None
+    restores = 0
+    while True:
+        if parts.students is None:
+            parts.students = StudentGroup(recipe, spec=mode.student_spec(recipe))
+        parts.students.ready()
+        record(run_dir, parts.pools, parts.students)
+        parts.tracker.log_params({"student.num_params": str(parts.students.num_params)})
+        parts.loop = new_loop(pools=parts.pools, students=parts.students, tracker=parts.tracker)
+        try:
+            return parts.loop.run(ledger, None if end is None else end - _step(ledger))
+        except RuntimeFault as exc:
+            ledger = read_ledger(run_dir)
+            if not exc.student_lost or ledger is None:
+                raise
+            verify_checkpoint(run_dir, ledger)
+            if restores >= recipe.cluster.max_student_restores:
+                raise RuntimeFault(f"{exc} (after {restores} restores)") from exc
+            restores += 1
+            print(
+                f"{exc}; bringing the student group back from the checkpoint at step "
+                f"{ledger['step']} ({restores}/{recipe.cluster.max_student_restores})",
+                flush=True,
+            )
+            parts.tracker.discard()  # rows of the steps about to be trained again
+            parts.tracker.set_tags({"student_restores": str(restores)})
+            parts.loop.shutdown()
+            parts.students.shutdown(graceful=False)
+            parts.loop = parts.students = None
+            prune_uncommitted(run_dir)
 
 
 def open_tracker(recipe: Recipe, run_dir: Path, parent: str | None = None) -> Tracker:

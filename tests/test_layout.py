@@ -23,7 +23,6 @@ LEVEL_NOW = 10  # see test_orchestrator_is_at_most_six_import_levels_deep
 OVERSIZE = {
     "orchestrator.train_loop.TrainLoop": 339,
     "orchestrator.train_loop.TrainLoop.run": 61,
-    "orchestrator.driver.execute": 89,
     "actors.student.StudentWorker": 396,
     "actors.student.StudentWorker.setup": 72,
     "actors.teacher.TeacherActor": 269,
