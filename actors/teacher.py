@@ -29,6 +29,7 @@ from actors.models import (
 )
 from actors.objective import DEFAULT_CHUNK_BYTES, chunk_positions
 from actors.signal import HiddenStates, TeacherSignal, id_dtype, topk_signal
+from actors.xtok import TokenAligner, aligned_signal
 
 
 class TeacherActor:
@@ -74,17 +75,7 @@ class TeacherActor:
         self.aligner = None
         self.signal_vocab = self.vocab_size  # the vocab the signal's ids are in
         if student_tokenizer is not None:
-            from actors.xtok import TokenAligner
-
-            if self.tokenizer is None or backend != "hf" or self.hidden_layers:
-                raise ValueError(
-                    f"teacher {name}: cross-tokenizer scoring needs its tokenizer, the hf "
-                    f"backend and no hidden states"
-                )
-            student_tok = AutoTokenizer.from_pretrained(student_tokenizer)
-            limit = getattr(self.model.config, "max_position_embeddings", None) or max_model_len
-            self.aligner = TokenAligner(student_tok, self.tokenizer, min(max_model_len, limit))
-            self.signal_vocab = len(student_tok)
+            self._align_to(student_tokenizer, backend, max_model_len)
         self._info = {
             "name": name,
             "vocab_size": self.vocab_size,
@@ -97,17 +88,33 @@ class TeacherActor:
         }
         self.vllm = None
         if backend == "vllm":
-            self.generation_config = self.model.generation_config  # the model goes below
-            if self.hidden_layers:
-                raise ValueError(f"teacher {name}: the vllm backend sends no hidden states")
-            from actors.vllm_backend import VLLMEngine
+            self._serve_with_vllm(torch_dtype, max_model_len)
 
-            limit = getattr(self.model.config, "max_position_embeddings", None) or max_model_len
-            del self.model  # hashed and counted above; vLLM holds the weights from now on
-            self.vllm = VLLMEngine(
-                model, dtype=torch_dtype, max_model_len=min(max_model_len, limit), top_k=top_k
+    def _align_to(self, student_tokenizer: str, backend: str, max_model_len: int) -> None:
+        """Cross-tokenizer: score in the teacher's tokens, send in the student's."""
+        if self.tokenizer is None or backend != "hf" or self.hidden_layers:
+            raise ValueError(
+                f"teacher {self.name}: cross-tokenizer scoring needs its tokenizer, the hf "
+                f"backend and no hidden states"
             )
-            self.vllm.set_temperature(temperature)
+        student_tok = AutoTokenizer.from_pretrained(student_tokenizer)
+        limit = getattr(self.model.config, "max_position_embeddings", None) or max_model_len
+        self.aligner = TokenAligner(student_tok, self.tokenizer, min(max_model_len, limit))
+        self.signal_vocab = len(student_tok)
+
+    def _serve_with_vllm(self, dtype: torch.dtype, max_model_len: int) -> None:
+        """Hand the weights to a vLLM engine (hashed and counted already)."""
+        if self.hidden_layers:
+            raise ValueError(f"teacher {self.name}: the vllm backend sends no hidden states")
+        from actors.vllm_backend import VLLMEngine
+
+        self.generation_config = self.model.generation_config  # the model goes below
+        limit = getattr(self.model.config, "max_position_embeddings", None) or max_model_len
+        del self.model  # vLLM holds the weights from now on
+        self.vllm = VLLMEngine(
+            self.model_path, dtype=dtype, max_model_len=min(max_model_len, limit), top_k=self.top_k
+        )
+        self.vllm.set_temperature(self.temperature)
 
     def node(self) -> dict[str, str]:
         """The Ray node this replica runs on and the model folder it loaded there (the run
@@ -147,7 +154,17 @@ class TeacherActor:
         self.served["rows"] += len(batch)
         start, cpu_start = time.perf_counter(), time.process_time()
         if self.aligner is not None:
-            signal = self._score_aligned(batch)
+            signal = aligned_signal(
+                self.aligner,
+                self.model,
+                batch,
+                top_k=self.top_k,
+                temperature=self.temperature,
+                teacher=self.name,
+                vocab_size=self.vocab_size,
+                signal_vocab=self.signal_vocab,
+                chunk=self.chunk,
+            )
             signal.busy_s = time.perf_counter() - start
             signal.cpu_s = time.process_time() - cpu_start
             return signal
@@ -180,57 +197,6 @@ class TeacherActor:
         signal.busy_s = time.perf_counter() - start
         signal.cpu_s = time.process_time() - cpu_start
         return signal
-
-    def _score_aligned(self, batch: TokenBatch) -> TeacherSignal:
-        """Cross-tokenizer: the teacher reads its own tokenization of each row's text; at
-        every student loss position whose context ends where one of the teacher's tokens
-        ends, its top-k is mapped onto the student's pieces (see `actors/xtok.py`). Other
-        positions carry no entry. The alignment runs here, in the teacher actor: it needs
-        the teacher's tokenizer, it runs ahead of the students in the pipeline, and what
-        crosses the object store is an ordinary signal in the student's vocab ([P, k],
-        uint16 for SmolLM2's 49152 ids even though Gemma's vocab needs int32)."""
-        assert self.aligner is not None
-        offsets = batch.row_offsets()
-        n_pos, k = int(offsets[-1]), self.top_k
-        out_ids = np.zeros((n_pos, k), dtype=np.int64)
-        out_lp = np.full((n_pos, k), -np.inf, dtype=np.float32)
-        rows, where = [], []
-        for r in range(len(batch)):
-            length = int(batch.attention_mask[r].sum())
-            loss_pos = np.flatnonzero(batch.loss_mask[r][:length])
-            al = self.aligner.align(batch.input_ids[r, :length], loss_pos)
-            rows.append(al.teacher_ids)
-            where.extend((r, int(offsets[r]) + int(i), int(j)) for i, j in al.pairs)
-        if where:
-            pad = self.tokenizer.pad_token_id or 0
-            width = max(len(t) for t in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, t in enumerate(rows):
-                ids[r, : len(t)] = torch.tensor(t)
-                attn[r, : len(t)] = 1
-            hidden = backbone(self.model)(
-                input_ids=ids.to(self.device), attention_mask=attn.to(self.device)
-            ).last_hidden_state
-            at = torch.tensor([(r, j) for r, _, j in where], device=self.device)
-            signal = topk_signal(
-                hidden[at[:, 0], at[:, 1]],
-                output_head(self.model),
-                k=k,
-                temperature=self.temperature,
-                teacher=self.name,
-                vocab_size=self.vocab_size,
-                chunk=self.chunk,
-            )
-            mapped_ids, mapped_lp = self.aligner.map_topk(signal.ids, signal.logprobs)
-            pos = np.array([p for _, p, _ in where], dtype=np.int64)
-            out_ids[pos], out_lp[pos] = mapped_ids, mapped_lp
-        return TeacherSignal(
-            teacher=self.name,
-            ids=out_ids.astype(id_dtype(self.signal_vocab)),
-            logprobs=out_lp.astype(np.float16),
-            temperature=self.temperature,
-        )
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], sampling: dict[str, Any]) -> list[dict[str, str]]:

@@ -43,8 +43,12 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import torch
 
+from actors.batch import TokenBatch
 from actors.chat import adds_bos
+from actors.models import backbone, output_head
+from actors.signal import TeacherSignal, id_dtype, topk_signal
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _NO_PAIRS = np.zeros((0, 2), dtype=np.int64)
@@ -280,3 +284,66 @@ class TokenAligner:
         kept = np.isfinite(out_lp)
         row_first = np.where(kept.any(1), mapped[np.arange(n), kept.argmax(1)], 0)
         return np.where(kept, mapped, row_first[:, None]).astype(np.int64), out_lp
+
+
+@torch.inference_mode()
+def aligned_signal(
+    aligner: TokenAligner,
+    model: Any,
+    batch: TokenBatch,
+    *,
+    top_k: int,
+    temperature: float,
+    teacher: str,
+    vocab_size: int,
+    signal_vocab: int,
+    chunk: int,
+) -> TeacherSignal:
+    """A cross-tokenizer teacher's signal, in the teacher actor (it needs the teacher's
+    tokenizer and runs ahead of the students): the teacher reads its own tokenization of
+    each row; at every student loss position whose context ends where one of its tokens
+    ends, its top-k is mapped onto the student's pieces; other positions carry no entry.
+    What crosses the object store is an ordinary signal in the student's vocab
+    (`signal_vocab`; `vocab_size` is the teacher's)."""
+    device = next(model.parameters()).device
+    offsets = batch.row_offsets()
+    n_pos, k = int(offsets[-1]), top_k
+    out_ids = np.zeros((n_pos, k), dtype=np.int64)
+    out_lp = np.full((n_pos, k), -np.inf, dtype=np.float32)
+    rows, where = [], []
+    for r in range(len(batch)):
+        length = int(batch.attention_mask[r].sum())
+        loss_pos = np.flatnonzero(batch.loss_mask[r][:length])
+        al = aligner.align(batch.input_ids[r, :length], loss_pos)
+        rows.append(al.teacher_ids)
+        where.extend((r, int(offsets[r]) + int(i), int(j)) for i, j in al.pairs)
+    if where:
+        pad = aligner.teacher_tok.pad_token_id or 0
+        width = max(len(t) for t in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, t in enumerate(rows):
+            ids[r, : len(t)] = torch.tensor(t)
+            attn[r, : len(t)] = 1
+        hidden = backbone(model)(
+            input_ids=ids.to(device), attention_mask=attn.to(device)
+        ).last_hidden_state
+        at = torch.tensor([(r, j) for r, _, j in where], device=device)
+        signal = topk_signal(
+            hidden[at[:, 0], at[:, 1]],
+            output_head(model),
+            k=k,
+            temperature=temperature,
+            teacher=teacher,
+            vocab_size=vocab_size,
+            chunk=chunk,
+        )
+        mapped_ids, mapped_lp = aligner.map_topk(signal.ids, signal.logprobs)
+        pos = np.array([p for _, p, _ in where], dtype=np.int64)
+        out_ids[pos], out_lp[pos] = mapped_ids, mapped_lp
+    return TeacherSignal(
+        teacher=teacher,
+        ids=out_ids.astype(id_dtype(signal_vocab)),
+        logprobs=out_lp.astype(np.float16),
+        temperature=temperature,
+    )

@@ -25,8 +25,6 @@ OVERSIZE = {
     "orchestrator.train_loop.TrainLoop.run": 61,
     "actors.student.StudentWorker": 396,
     "actors.student.StudentWorker.setup": 72,
-    "actors.teacher.TeacherActor": 269,
-    "actors.teacher.TeacherActor.__init__": 76,
     "actors.objective.objective_sums": 91,
 }
 
