@@ -20,6 +20,8 @@ class TeacherPool(Protocol):
     """One teacher as the loop sees it: signals for shards, responses for prompts, and the
     actors behind it by name (for faults and restarts)."""
 
+    replicas: list[Any]
+
     @property
     def name(self) -> str: ...
 

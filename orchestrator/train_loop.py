@@ -34,6 +34,7 @@ from orchestrator.model_registry import log_student, model_tags
 from orchestrator.plots import plot_curves
 from orchestrator.progress import Progress
 from orchestrator.recipe import Recipe
+from orchestrator.step_metrics import step_metrics
 from orchestrator.students import StudentGroup, worker_spec
 from orchestrator.teachers import TeacherPool
 from orchestrator.tracking import Tracker
@@ -296,14 +297,7 @@ class TrainLoop:
         """Keep QUEUED_STEPS train steps queued on the students, so a rank never waits for
         the driver to read metrics, log or checkpoint between steps."""
         train = self.recipe.train
-        start = 0
-        summary: dict[str, Any] = {}
-        if ledger is not None:
-            self.tracker.replay(checkpoint_rows(self.run_dir, ledger))  # if MLflow missed them
-            self.students.load_checkpoint(str(self.run_dir / "checkpoints"), ledger["tag"])
-            start = int(ledger["step"])
-            summary = dict(ledger.get("summary", {}))
-            print(f"resumed from checkpoint at step {start}", flush=True)
+        start, summary = self._resume(ledger)
         self._started(start)
         if "eval_before" not in summary:
             summary["eval_before"] = self.evaluate()
@@ -354,46 +348,20 @@ class TrainLoop:
             self.tracker.log_artifact(self.run_dir / "summary.json")
         return RunResult(self.run_dir, step, finished, summary)
 
+    def _resume(self, ledger: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+        """(first step, summary so far): the checkpoint's, loaded on the ranks, and its
+        MLflow rows logged again where MLflow missed them; (0, {}) for a new run."""
+        if ledger is None:
+            return 0, {}
+        self.tracker.replay(checkpoint_rows(self.run_dir, ledger))
+        self.students.load_checkpoint(str(self.run_dir / "checkpoints"), ledger["tag"])
+        start = int(ledger["step"])
+        print(f"resumed from checkpoint at step {start}", flush=True)
+        return start, dict(ledger.get("summary", {}))
+
     def _aggregate(self, per_rank: list[dict[str, float]], wall: float, depth: int) -> dict:
-        """Token-weighted loss terms; busy times per stage. A teacher's busy time is spread
-        over its replicas and the slowest teacher is the critical path; `*_cpu_s` is CPU
-        time (on a machine with fewer cores than actors, wall busy time includes waiting)."""
-        tokens = sum(m["tokens"] for m in per_rank)
-        out: dict[str, float] = {}
-        for key in per_rank[0]:
-            if key in {"loss", "ce", "kd"} or key.startswith(("kl/", "share/", "cover/")):
-                out[key] = sum(m[key] * m["tokens"] for m in per_rank) / max(tokens, 1)
-        kls = [v for k, v in out.items() if k.startswith("kl/")]
-        out["kl"] = float(np.mean(kls)) if kls else 0.0
-        cpu_total = sum(m["student_cpu_s"] for m in per_rank)
-        for pool in self.pools:
-            for kind in ("teacher_busy_s", "teacher_cpu_s"):
-                total = sum(m.get(f"{kind}/{pool.name}", 0.0) for m in per_rank)
-                out[f"{kind}/{pool.name}"] = total / len(pool.replicas)
-                if kind == "teacher_cpu_s":
-                    cpu_total += total
-            for i in range(len(pool.replicas)):
-                key = f"teacher_busy_s/{pool.name}/r{i}"
-                out[key] = sum(m.get(key, 0.0) for m in per_rank)
-            out.update(pool.queue_metrics())
-        out.update(
-            tokens=tokens,
-            tokens_per_s=tokens / max(wall, 1e-9),
-            step_time_s=wall,
-            student_busy_s=max(m["student_busy_s"] for m in per_rank),
-            student_cpu_s=max(m["student_cpu_s"] for m in per_rank),
-            teacher_busy_s=max((out[f"teacher_busy_s/{p.name}"] for p in self.pools), default=0),
-            teacher_cpu_s=max((out[f"teacher_cpu_s/{p.name}"] for p in self.pools), default=0),
-            actors_cpu_s=cpu_total,
-            signal_wait_s=max(m["signal_wait_s"] for m in per_rank),
-            bytes_moved=sum(m["signal_bytes"] + m["batch_bytes"] for m in per_rank),
-            signal_bytes_per_token=sum(m["signal_bytes"] for m in per_rank) / max(tokens, 1),
-            inflight_depth=float(depth),
-            driver_rss_mb=self._process.memory_info().rss / 2**20,
-            lr=per_rank[0]["lr"],
-            grad_norm=per_rank[0]["grad_norm"],
-        )
-        return out
+        rss_mb = self._process.memory_info().rss / 2**20
+        return step_metrics(per_rank, self.pools, wall, depth, rss_mb)
 
     def _checkpoint(self, step: int, summary: dict[str, Any], saved: list[ray.ObjectRef]) -> None:
         """Shards (fsynced and hashed by the ranks that wrote them), then the ledger with

@@ -1,0 +1,55 @@
+"""What one train step's per-rank metrics add up to for the run (MLflow and the console)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from orchestrator.teachers import TeacherPool
+
+
+def step_metrics(
+    per_rank: list[dict[str, float]],
+    pools: list[TeacherPool],
+    wall: float,
+    depth: int,
+    rss_mb: float,
+) -> dict[str, float]:
+    """Token-weighted loss terms; busy times per stage. A teacher's busy time is spread
+    over its replicas and the slowest teacher is the critical path; `*_cpu_s` is CPU
+    time (on a machine with fewer cores than actors, wall busy time includes waiting)."""
+    tokens = sum(m["tokens"] for m in per_rank)
+    out: dict[str, float] = {}
+    for key in per_rank[0]:
+        if key in {"loss", "ce", "kd"} or key.startswith(("kl/", "share/", "cover/")):
+            out[key] = sum(m[key] * m["tokens"] for m in per_rank) / max(tokens, 1)
+    kls = [v for k, v in out.items() if k.startswith("kl/")]
+    out["kl"] = float(np.mean(kls)) if kls else 0.0
+    cpu_total = sum(m["student_cpu_s"] for m in per_rank)
+    for pool in pools:
+        for kind in ("teacher_busy_s", "teacher_cpu_s"):
+            total = sum(m.get(f"{kind}/{pool.name}", 0.0) for m in per_rank)
+            out[f"{kind}/{pool.name}"] = total / len(pool.replicas)
+            if kind == "teacher_cpu_s":
+                cpu_total += total
+        for i in range(len(pool.replicas)):
+            key = f"teacher_busy_s/{pool.name}/r{i}"
+            out[key] = sum(m.get(key, 0.0) for m in per_rank)
+        out.update(pool.queue_metrics())
+    out.update(
+        tokens=tokens,
+        tokens_per_s=tokens / max(wall, 1e-9),
+        step_time_s=wall,
+        student_busy_s=max(m["student_busy_s"] for m in per_rank),
+        student_cpu_s=max(m["student_cpu_s"] for m in per_rank),
+        teacher_busy_s=max((out[f"teacher_busy_s/{p.name}"] for p in pools), default=0),
+        teacher_cpu_s=max((out[f"teacher_cpu_s/{p.name}"] for p in pools), default=0),
+        actors_cpu_s=cpu_total,
+        signal_wait_s=max(m["signal_wait_s"] for m in per_rank),
+        bytes_moved=sum(m["signal_bytes"] + m["batch_bytes"] for m in per_rank),
+        signal_bytes_per_token=sum(m["signal_bytes"] for m in per_rank) / max(tokens, 1),
+        inflight_depth=float(depth),
+        driver_rss_mb=rss_mb,
+        lr=per_rank[0]["lr"],
+        grad_norm=per_rank[0]["grad_norm"],
+    )
+    return out
