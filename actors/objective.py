@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,56 @@ def metric_names(targets: list[SparseTarget]) -> list[str]:
     return ["loss", "ce", "kd", *[f"kl/{n}" for n in reported], *[f"cover/{n}" for n in reported]]
 
 
+def _chunk_objective(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    targets: list[SparseTarget],
+    spec: LossSpec,
+    grad: bool,
+    want_logp: bool,
+    logp_temperature: float,
+    f: torch.Tensor,
+    y: torch.Tensor,
+    *tgt: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk of `objective_sums`: (loss sum, its stats, log p(label)); `tgt` holds
+    (ids, log-probs, weights) per target for these positions. A function of its tensor
+    arguments alone, so activation checkpointing can run it again in backward."""
+    logits = head(f)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # >= fp32
+    with torch.set_grad_enabled(grad and (spec.alpha > 0 or want_logp)):
+        token_ce = F.cross_entropy(logits, y, reduction="none")
+        ce = token_ce.sum()
+    kd = logits.new_zeros(())
+    kls, covers = [], []
+    with torch.set_grad_enabled(grad and spec.alpha < 1):
+        for t, ids, lp, w in zip(targets, tgt[0::3], tgt[1::3], tgt[2::3], strict=True):
+            temp = t.temperature or spec.temperature
+            log_p, log_q = collapsed(logits, ids, lp, temp)
+            d = None
+            cov = covered(lp)
+            if t.train:
+                d = divergence(log_p, log_q, kind=spec.kind, beta=spec.beta, skew=spec.skew)
+                kd = kd + temp**2 * torch.where(cov, w.to(d.dtype) * d, 0.0).sum()
+            if not t.report:
+                continue
+            if d is None or spec.kind != "forward_kl":
+                d = divergence(log_p.detach(), log_q.detach(), kind="forward_kl")
+            kls.append(torch.where(cov, d.detach(), 0.0).sum())
+            covers.append(cov.sum().to(kls[-1].dtype))
+    if spec.alpha >= 1:
+        loss = ce
+    elif spec.alpha <= 0:
+        loss = kd
+    else:
+        loss = spec.alpha * ce + (1 - spec.alpha) * kd
+    stats = torch.stack([loss.detach(), ce.detach(), kd.detach(), *kls, *covers])
+    logp = -token_ce
+    if want_logp and logp_temperature != 1.0:
+        with torch.set_grad_enabled(grad):
+            logp = -F.cross_entropy(logits / logp_temperature, y, reduction="none")
+    return loss, stats, logp
+
+
 def objective_sums(
     features: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
@@ -98,42 +149,9 @@ def objective_sums(
         for t in targets
     ]
 
-    def one_chunk(f: torch.Tensor, y: torch.Tensor, *tgt: torch.Tensor):
-        logits = head(f)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # >= fp32
-        with torch.set_grad_enabled(grad and (spec.alpha > 0 or logp_out is not None)):
-            token_ce = F.cross_entropy(logits, y, reduction="none")
-            ce = token_ce.sum()
-        kd = logits.new_zeros(())
-        kls, covers = [], []
-        with torch.set_grad_enabled(grad and spec.alpha < 1):
-            for t, ids, lp, w in zip(targets, tgt[0::3], tgt[1::3], tgt[2::3], strict=True):
-                temp = t.temperature or spec.temperature
-                log_p, log_q = collapsed(logits, ids, lp, temp)
-                d = None
-                cov = covered(lp)
-                if t.train:
-                    d = divergence(log_p, log_q, kind=spec.kind, beta=spec.beta, skew=spec.skew)
-                    kd = kd + temp**2 * torch.where(cov, w.to(d.dtype) * d, 0.0).sum()
-                if not t.report:
-                    continue
-                if d is None or spec.kind != "forward_kl":
-                    d = divergence(log_p.detach(), log_q.detach(), kind="forward_kl")
-                kls.append(torch.where(cov, d.detach(), 0.0).sum())
-                covers.append(cov.sum().to(kls[-1].dtype))
-        if spec.alpha >= 1:
-            loss = ce
-        elif spec.alpha <= 0:
-            loss = kd
-        else:
-            loss = spec.alpha * ce + (1 - spec.alpha) * kd
-        stats = torch.stack([loss.detach(), ce.detach(), kd.detach(), *kls, *covers])
-        logp = -token_ce
-        if logp_out is not None and logp_temperature != 1.0:
-            with torch.set_grad_enabled(grad):
-                logp = -F.cross_entropy(logits / logp_temperature, y, reduction="none")
-        return loss, stats, logp
-
+    one_chunk = partial(
+        _chunk_objective, head, targets, spec, grad, logp_out is not None, logp_temperature
+    )
     for a in range(0, n, chunk):
         b = a + chunk
         tgt = [

@@ -75,6 +75,18 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
     return f
 
 
+def optimizer_for(model: torch.nn.Module, spec: WorkerSpec) -> tuple[Any, Any]:
+    """(optimizer, LR schedule): SGD (tests read its step as the gradient) or AdamW."""
+    if spec.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.95)
+        )
+    schedule = lr_lambda(spec.warmup_steps, spec.total_steps, spec.min_lr_ratio)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
 # what DeepSpeed's rank 0 copies into a ZeRO checkpoint folder with `copyfile`
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 
@@ -267,19 +279,7 @@ class StudentWorker:
         if self.rl:  # RLAIF: a frozen copy of the starting student, full on every rank
             ref = build_student(self.model_path, spec.layers)
             self.reference = ref.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
-        if spec.optimizer == "sgd":
-            optimizer = torch.optim.SGD(
-                model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay
-            )
-        else:
-            optimizer = torch.optim.AdamW(
-                model.parameters(),
-                lr=spec.lr,
-                weight_decay=spec.weight_decay,
-                betas=(0.9, 0.95),
-            )
-        schedule = lr_lambda(spec.warmup_steps, spec.total_steps, spec.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        optimizer, scheduler = optimizer_for(model, spec)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
