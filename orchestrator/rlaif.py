@@ -48,17 +48,10 @@ _WIN_RATE_SEED = 0x77696E  # the win-rate samples' own seed stream
 
 
 def rl_spec(recipe: Recipe) -> RLSpec:
-    r = recipe.rlaif
+    """The rlaif section as the ranks read it, with the rollouts' group size and T."""
+    ours = recipe.rlaif.model_dump(exclude={"win_rate_every", "win_rate_prompts"})
     return RLSpec(
-        algorithm=r.algorithm,
-        rl_weight=r.rl_weight,
-        kd_weight=r.kd_weight,
-        kl_coef=r.kl_coef,
-        kl_estimator=r.kl_estimator,
-        clip_eps=r.clip_eps,
-        scale_std=r.scale_std,
-        dpo_beta=r.dpo_beta,
-        sft_weight=r.sft_weight,
+        **ours,
         group_size=recipe.rollout.samples_per_prompt,
         temperature=sampling_temperature(recipe.rollout.temperature),
     )
