@@ -41,6 +41,8 @@ import torch
 from actors.losses import covered
 from actors.objective import SparseTarget
 from actors.registry import Registry
+from actors.signal import TeacherSignal
+from actors.specs import WorkerSpec
 
 
 @dataclass
@@ -218,3 +220,36 @@ def route(targets: list[SparseTarget], ctx: Context) -> Blend:
 
 def aggregate(kind: str, targets: list[SparseTarget], ctx: Context) -> Blend:
     return AGGREGATIONS[kind](targets, ctx)
+
+
+def signal_targets(
+    signals: list[TeacherSignal],
+    spec: WorkerSpec,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    vocab: int,
+    train: bool = True,
+) -> tuple[list[SparseTarget], dict[str, float]]:
+    """A micro-batch's targets as `spec.aggregate` combines the signals (training; with the
+    recipe's weights) and how many positions each teacher counted most at; `ids`, `mask`:
+    the micro-batch on the device. Evaluation (held-out teachers only, no peers) reads only
+    each signal's KL."""
+    weights = spec.teacher_weights if train else [0.0] * len(signals)
+    out = []
+    for weight, sig in zip(weights, signals, strict=True):
+        t_ids, t_lp = (x.to(ids.device) for x in sig.torch_targets())
+        out.append(SparseTarget(sig.teacher, t_ids, t_lp, float(weight), sig.temperature, train))
+    if not train:
+        return out, {}
+    ctx = Context(
+        labels=torch.roll(ids, shifts=-1, dims=1)[mask],
+        rows=torch.nonzero(mask)[:, 0],
+        vocab=vocab,
+        confidence_by=spec.confidence_by,
+        confidence_temperature=spec.confidence_temperature,
+        routed_by_field=spec.routed_by_field,
+    )
+    blend = aggregate(spec.aggregate, out, ctx)
+    counts = blend.top.sum(1).tolist()
+    top = {f"top/{t.name}": float(n) for t, n in zip(out, counts, strict=True)}
+    return blend.targets, top

@@ -10,7 +10,6 @@ mean over the whole step, whatever micro_batch_size and world_size are.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -18,20 +17,17 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from actors.aggregate import Context, aggregate
+from actors import engine_state
+from actors.aggregate import signal_targets
 from actors.batch import TokenBatch
-from actors.durable import fsync_dir, seal_file
 from actors.model_store import local_model
-from actors.models import backbone, build_student, output_head, pick_device, pick_dtype
+from actors.models import backbone, build_student, model_hash, output_head, pick_device, pick_dtype
 from actors.objective import (
     LossSpec,
     SparseTarget,
@@ -85,43 +81,6 @@ def optimizer_for(model: torch.nn.Module, spec: WorkerSpec) -> tuple[Any, Any]:
         )
     schedule = lr_lambda(spec.warmup_steps, spec.total_steps, spec.min_lr_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-
-# what DeepSpeed's rank 0 copies into a ZeRO checkpoint folder with `copyfile`
-RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
-
-
-def rng_state_tensors() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """torch (CPU and CUDA), numpy and python RNG states as tensors + JSON metadata, so a
-    checkpoint loads without unpickling anything."""
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = state
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
-    version, internal, gauss_next = random.getstate()
-    tensors["python"] = torch.tensor(internal, dtype=torch.int64)
-    meta = {
-        "numpy": json.dumps([kind, int(pos), int(has_gauss), float(cached)]),
-        "python": json.dumps([version, gauss_next]),
-    }
-    return tensors, meta
-
-
-def set_rng_state_tensors(path: Path) -> None:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        torch.set_rng_state(f.get_tensor("torch"))
-        cuda = sorted(k for k in f.keys() if k.startswith("cuda."))
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([f.get_tensor(k) for k in cuda])
-        kind, pos, has_gauss, cached = json.loads(meta["numpy"])
-        keys = f.get_tensor("numpy").numpy().astype(np.uint32)
-        np.random.set_state((kind, keys, pos, has_gauss, cached))
-        version, gauss_next = json.loads(meta["python"])
-        internal = tuple(int(x) for x in f.get_tensor("python").tolist())
-        random.setstate((version, internal, gauss_next))
 
 
 def import_deepspeed(cpu: bool) -> Any:
@@ -203,6 +162,75 @@ class DistillStudent(torch.nn.Module):
         return loss, terms, extras
 
 
+def micro_batches(batch: TokenBatch, signals: list[TeacherSignal], n: int):
+    """(row range, rows, their signal slices) for n micro-batches, padding trimmed per
+    micro-batch."""
+    offsets = batch.row_offsets()
+    for rows in np.array_split(np.arange(len(batch)), n):
+        if rows.size == 0:
+            continue
+        a, b = int(rows[0]), int(rows[-1]) + 1
+        part = batch.rows(a, b).trimmed()
+        yield (a, b), part, [s.rows(int(offsets[a]), int(offsets[b])) for s in signals]
+
+
+def step_counts(batch: TokenBatch, plan: dict[str, Any] | None, device: torch.device) -> list:
+    """Counts of the whole step, summed over the ranks in one all-reduce: its loss tokens
+    (for shards the driver never saw, such as the rollout engines' samples) and, for
+    RLAIF, its DPO pairs and critique tokens (the normalisers of those terms)."""
+    local = [batch.num_tokens, 0, 0]
+    if plan is not None:
+        local[1] = len(plan.get("pairs", []))
+        local[2] = plan["sft"].num_tokens if plan["sft"] is not None else 0
+    counts = torch.tensor(local, dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(counts)
+    return [int(c) for c in counts.tolist()]
+
+
+def step_report(sums: dict[str, float], signals: list[TeacherSignal], tokens: int) -> dict:
+    """A rank's step metrics: loss terms per token, RL sums as they are, and the time each
+    teacher (and replica) spent on this rank's signals."""
+    metrics = per_token(sums, tokens)
+    metrics.update({k: v for k, v in sums.items() if k.startswith("rl/")})  # raw sums
+    for sig in signals:
+        for key, value in (("teacher_busy_s", sig.busy_s), ("teacher_cpu_s", sig.cpu_s)):
+            name = f"{key}/{sig.teacher}"
+            metrics[name] = metrics.get(name, 0.0) + value
+            if sig.replica is not None:
+                name = f"{name}/r{sig.replica}"
+                metrics[name] = metrics.get(name, 0.0) + value
+    return metrics
+
+
+@torch.no_grad()
+def peer_signal(
+    model: DistillStudent, batch: TokenBatch, spec: WorkerSpec, vocab: int, chunk: int
+) -> TeacherSignal:
+    """A student's top-k at a shard's loss positions: a teacher's signal contract."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    device = next(model.parameters()).device
+    ids, attn, mask = batch.to_torch(device)
+    hidden = backbone(model.lm)(input_ids=ids, attention_mask=attn)
+    signal = topk_signal(
+        hidden.last_hidden_state[mask],
+        model.head,
+        k=spec.top_k,
+        temperature=spec.loss.temperature,
+        teacher=spec.name,
+        vocab_size=vocab,
+        chunk=chunk,
+    )
+    signal.busy_s = time.perf_counter() - start
+    signal.cpu_s = time.process_time() - cpu_start
+    return signal
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
 class StudentWorker:
     def __init__(self, rank: int, world_size: int, spec: WorkerSpec) -> None:
         torch.set_num_threads(spec.threads)
@@ -219,10 +247,7 @@ class StudentWorker:
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's address and a free port for the process group."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return ray.util.get_node_ip_address(), free_port()
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
         deepspeed = import_deepspeed(cpu=self.device.type == "cpu")
@@ -288,66 +313,15 @@ class StudentWorker:
     # -- training -------------------------------------------------------------------------
 
     def _targets(
-        self,
-        signals: list[TeacherSignal],
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        train: bool = True,
+        self, signals: list[TeacherSignal], ids: torch.Tensor, mask: torch.Tensor, train=True
     ) -> tuple[list[SparseTarget], dict[str, float]]:
-        """The micro-batch's targets as `distill.aggregate` combines the signals (training;
-        with the recipe's weights) and how many positions each teacher counted most at;
-        `ids`, `mask`: the micro-batch on the device. Evaluation (held-out teachers only, no
-        peers) reads only each signal's KL."""
-        weights = self.spec.teacher_weights if train else [0.0] * len(signals)
-        out = []
-        for weight, sig in zip(weights, signals, strict=True):
-            t_ids, t_lp = (x.to(self.device) for x in sig.torch_targets())
-            out.append(
-                SparseTarget(sig.teacher, t_ids, t_lp, float(weight), sig.temperature, train)
-            )
-        if not train:
-            return out, {}
-        ctx = Context(
-            labels=torch.roll(ids, shifts=-1, dims=1)[mask],
-            rows=torch.nonzero(mask)[:, 0],
-            vocab=self.vocab_size,
-            confidence_by=self.spec.confidence_by,
-            confidence_temperature=self.spec.confidence_temperature,
-            routed_by_field=self.spec.routed_by_field,
-        )
-        blend = aggregate(self.spec.aggregate, out, ctx)
-        counts = blend.top.sum(1).tolist()
-        top = {f"top/{t.name}": float(n) for t, n in zip(out, counts, strict=True)}
-        return blend.targets, top
-
-    def _micro_batches(self, batch: TokenBatch, signals: list[TeacherSignal], n: int):
-        """(row range, rows, their signal slices) for n micro-batches, padding trimmed per
-        micro-batch."""
-        offsets = batch.row_offsets()
-        for rows in np.array_split(np.arange(len(batch)), n):
-            if rows.size == 0:
-                continue
-            a, b = int(rows[0]), int(rows[-1]) + 1
-            part = batch.rows(a, b).trimmed()
-            yield (a, b), part, [s.rows(int(offsets[a]), int(offsets[b])) for s in signals]
+        return signal_targets(signals, self.spec, ids, mask, self.vocab_size, train)
 
     def _forward(self, part: TokenBatch, signals: list[TeacherSignal], train: bool = True):
         ids, attn, mask = part.to_torch(self.device)
         targets, top = self._targets(signals, ids, mask, train)
         loss, terms, _ = self.engine(ids, attn, mask, targets)
         return loss, {**terms, **top}
-
-    def _step_counts(self, batch: TokenBatch, plan: dict[str, Any] | None) -> list[int]:
-        """Counts of the whole step, summed over the ranks in one all-reduce: its loss
-        tokens (for shards the driver never saw, such as the rollout engines' samples) and,
-        for RLAIF, its DPO pairs and critique tokens (the normalisers of those terms)."""
-        local = [batch.num_tokens, 0, 0]
-        if plan is not None:
-            local[1] = len(plan.get("pairs", []))
-            local[2] = plan["sft"].num_tokens if plan["sft"] is not None else 0
-        counts = torch.tensor(local, dtype=torch.int64, device=self.device)
-        torch.distributed.all_reduce(counts)
-        return [int(c) for c in counts.tolist()]
 
     def train_step(
         self,
@@ -365,13 +339,13 @@ class StudentWorker:
         start, cpu_start = time.perf_counter(), time.process_time()
         plan = rl_plan(batch, rl, self.rl, self.grad_accum) if rl is not None else None
         if step_tokens is None or plan is not None:
-            step_tokens, pairs, sft_tokens = self._step_counts(batch, plan)
+            step_tokens, pairs, sft_tokens = step_counts(batch, plan, self.device)
             if plan is not None:
                 plan["step_pairs"], plan["step_sft_tokens"] = pairs, sft_tokens
         self.engine.train()
         scale = self.world_size / max(int(step_tokens), 1)  # DeepSpeed averages over ranks
         sums: dict[str, float] = {}
-        for rows, part, part_signals in self._micro_batches(batch, signals, self.grad_accum):
+        for rows, part, part_signals in micro_batches(batch, signals, self.grad_accum):
             if plan is None:
                 loss, terms = self._forward(part, part_signals)
                 total = loss * scale
@@ -382,15 +356,7 @@ class StudentWorker:
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         tokens = batch.num_tokens
-        metrics = per_token(sums, tokens)
-        metrics.update({k: v for k, v in sums.items() if k.startswith("rl/")})  # raw sums
-        for sig in signals:
-            for key, value in (("teacher_busy_s", sig.busy_s), ("teacher_cpu_s", sig.cpu_s)):
-                name = f"{key}/{sig.teacher}"
-                metrics[name] = metrics.get(name, 0.0) + value
-                if sig.replica is not None:
-                    name = f"{name}/r{sig.replica}"
-                    metrics[name] = metrics.get(name, 0.0) + value
+        metrics = step_report(sums, signals, tokens)
         grad_norm = self.engine.get_global_grad_norm()
         metrics.update(
             tokens=float(tokens),
@@ -422,7 +388,8 @@ class StudentWorker:
             rows=rows,
             logp=extras["logp"],
             old_logp=plan["old_logp"][int(offs[a]) : int(offs[b])].to(self.device),
-            ref_logp=self._reference_logprobs(part),
+            # the frozen starting student's, at the sampling T (the policy's)
+            ref_logp=label_logprobs(self.reference, part, self._chunk, self.rl_temperature),
             seq=torch.repeat_interleave(
                 torch.arange(b - a, device=self.device),
                 torch.from_numpy(part.loss_mask.sum(1)).to(self.device),
@@ -433,16 +400,8 @@ class StudentWorker:
         sft = (extras["sft"], sft_rows.num_tokens) if sft_rows is not None else None
         return rl_objective(plan, self.rl, micro, (loss, terms), sft, part.num_tokens)
 
-    def _reference_logprobs(self, part: TokenBatch) -> torch.Tensor:
-        """log p_ref(label) at the loss positions at the sampling T (the policy's T), from
-        the frozen starting student."""
-        assert self.reference is not None
-        return label_logprobs(self.reference, part, self._chunk, self.rl_temperature)
-
     def reference_hash(self) -> str | None:
         """The frozen reference's weights hash (it must never change)."""
-        from actors.models import model_hash
-
         return model_hash(self.reference) if self.reference is not None else None
 
     @torch.no_grad()
@@ -452,7 +411,7 @@ class StudentWorker:
         self.engine.eval()
         n = max(1, math.ceil(len(batch) / self.spec.micro_batch_size))
         out: dict[str, float] = {"tokens": float(batch.num_tokens)}
-        for _, part, part_signals in self._micro_batches(batch, signals, n):
+        for _, part, part_signals in micro_batches(batch, signals, n):
             _, terms = self._forward(part, part_signals, train=False)
             for key, value in terms.items():
                 if key == "ce" or key.startswith(("kl/", "cover/")):
@@ -466,13 +425,9 @@ class StudentWorker:
         rank takes part in gathering them). Queued behind a train step, it holds exactly
         that step's weights; its version is the optimizer steps taken."""
         start = time.perf_counter()
-        if self.zero3:
-            state = self.engine._zero3_consolidated_16bit_state_dict()  # None off rank 0
-        else:
-            state = self.engine.module.state_dict() if self.rank == 0 else None
-        if self.rank != 0:
+        state = engine_state.full_state(self.engine, self.zero3, self.rank)
+        if state is None:
             return None
-        state = {k.removeprefix("lm."): v for k, v in state.items()}
         return WeightSnapshot.of(state, int(self.engine.global_steps), time.perf_counter() - start)
 
     def push_weights(self, mode: str, engines: list[Any]) -> WeightSnapshot | None:
@@ -484,14 +439,10 @@ class StudentWorker:
 
         start = time.perf_counter()
         version = int(self.engine.global_steps)
-        if self.zero3:
-            state = self.engine._zero3_consolidated_16bit_state_dict()  # None off rank 0
-        else:
-            state = self.engine.module.state_dict()
+        state = engine_state.full_state(self.engine, self.zero3, self.rank, every_rank=True)
         gather_s = time.perf_counter() - start
         sent = 0
         if state is not None and sends_on(mode, self.rank):
-            state = {k.removeprefix("lm."): v for k, v in state.items()}
             if self.sender is None:
                 self.sender = WeightSender(mode, engines, self.rank, state, self.device)
             sent = self.sender.send(state, version)
@@ -505,84 +456,24 @@ class StudentWorker:
         self.engine.eval()
         return label_logprobs(self.engine.module.lm, batch, self._chunk).cpu().numpy()
 
-    @torch.no_grad()
     def score(self, batch: TokenBatch) -> TeacherSignal:
         """This student's own top-k at the shard's loss positions, for its peers (mutual
-        distillation): the same contract as a teacher's signal, from the weights before
-        this step's update. Under ZeRO-3 every rank of the group must be called."""
-        start, cpu_start = time.perf_counter(), time.process_time()
+        distillation), from the weights before this step's update. Under ZeRO-3 every rank
+        of the group must be called."""
         self.engine.eval()
-        ids, attn, mask = batch.to_torch(self.device)
-        hidden = backbone(self.engine.module.lm)(input_ids=ids, attention_mask=attn)
-        spec = self.loss_spec
-        signal = topk_signal(
-            hidden.last_hidden_state[mask],
-            self.engine.module.head,
-            k=self.spec.top_k,
-            temperature=spec.temperature,
-            teacher=self.spec.name,
-            vocab_size=self.vocab_size,
-            chunk=self._chunk,
-        )
-        signal.busy_s = time.perf_counter() - start
-        signal.cpu_s = time.process_time() - cpu_start
-        return signal
+        return peer_signal(self.engine.module, batch, self.spec, self.vocab_size, self._chunk)
 
     # -- state ----------------------------------------------------------------------------
 
     def save_checkpoint(self, directory: str, tag: str) -> dict[str, str]:
-        """DeepSpeed state (weights, optimizer, scheduler) plus this rank's RNG state. Each
-        rank fsyncs the files it wrote (only the writer's node surely can) and returns
-        {path: sha256} of them, which the ledger records and a resume checks before
-        DeepSpeed unpickles anything. No `latest` file: the ledger names the checkpoint."""
-        written: list[str] = []
-        io = self.engine.checkpoint_engine
-        engine_save = io.save
-
-        def save(state_dict: Any, path: str) -> None:
-            engine_save(state_dict, path)
-            written.append(str(path))
-
-        io.save = save  # every file DeepSpeed writes for this rank goes through it
-        try:
-            self.engine.save_checkpoint(directory, tag=tag, save_latest=False)
-        finally:
-            io.save = engine_save
-        folder = Path(directory) / tag
-        if self.rank == 0:  # copied by rank 0 beside ZeRO shards, not through the engine
-            written += [str(folder / n) for n in RECOVERY_SCRIPTS if (folder / n).is_file()]
-        tensors, meta = rng_state_tensors()
-        rng = folder / f"rng_rank{self.rank}.safetensors"
-        save_file(tensors, str(rng), meta)
-        written.append(str(rng))
-        hashes = {path: seal_file(path) for path in written}
-        for parent in {Path(path).parent for path in written}:
-            fsync_dir(parent)
-        return hashes
+        """{path: sha256} of the files this rank wrote (see engine_state.save_checkpoint)."""
+        return engine_state.save_checkpoint(self.engine, directory, tag, self.rank)
 
     def load_checkpoint(self, directory: str, tag: str) -> None:
-        self.engine.load_checkpoint(directory, tag=tag)
-        set_rng_state_tensors(Path(directory) / tag / f"rng_rank{self.rank}.safetensors")
+        engine_state.load_checkpoint(self.engine, directory, tag, self.rank)
 
     def export(self, path: str, tokenizer_from: str | None = None) -> None:
-        """Write the student as a plain HF folder from rank 0; under ZeRO-3 the shards are
-        gathered onto rank 0 one layer at a time (the other ranks hold no full copy)."""
-        if self.zero3:
-            state = self.engine._zero3_consolidated_16bit_state_dict()  # None off rank 0
-        else:
-            state = self.engine.module.state_dict() if self.rank == 0 else None
-        if self.rank != 0:
-            return
-        lm = self.engine.module.lm
-        state = {k.removeprefix("lm."): v.detach().cpu() for k, v in state.items()}
-        lm.save_pretrained(path, state_dict=state)
-        if tokenizer_from:
-            from transformers import AutoTokenizer
-
-            try:
-                AutoTokenizer.from_pretrained(local_model(tokenizer_from)).save_pretrained(path)
-            except (OSError, ValueError):
-                pass  # token-only student (tests): nothing to save
+        engine_state.export(self.engine, self.zero3, self.rank, path, tokenizer_from)
 
     def shutdown(self) -> None:
         if torch.distributed.is_initialized():
