@@ -65,7 +65,7 @@ def _empty_store() -> Path:
 
 def seed_store(uri: str) -> None:
     """A new local sqlite store starts as a copy of an empty one: creating its tables runs
-    MLflow's ~90 schema migrations, ~1.5 s of CPU for every new output folder. A store that
+    MLflow's ~70 schema migrations, ~1.5 s of CPU for every new output folder. A store that
     exists, or appears meanwhile (a run beside ours), is left as it is."""
     path = _sqlite_path(uri)
     if path is None or path.exists() or not path.parent.is_dir():
