@@ -312,14 +312,9 @@ class StudentWorker:
 
     # -- training -------------------------------------------------------------------------
 
-    def _targets(
-        self, signals: list[TeacherSignal], ids: torch.Tensor, mask: torch.Tensor, train=True
-    ) -> tuple[list[SparseTarget], dict[str, float]]:
-        return signal_targets(signals, self.spec, ids, mask, self.vocab_size, train)
-
     def _forward(self, part: TokenBatch, signals: list[TeacherSignal], train: bool = True):
         ids, attn, mask = part.to_torch(self.device)
-        targets, top = self._targets(signals, ids, mask, train)
+        targets, top = signal_targets(signals, self.spec, ids, mask, self.vocab_size, train)
         loss, terms, _ = self.engine(ids, attn, mask, targets)
         return loss, {**terms, **top}
 
@@ -380,7 +375,11 @@ class StudentWorker:
         full = TokenBatch.concat(part, sft_rows) if sft_rows is not None else part
         ids, attn, mask = full.to_torch(self.device)
         main = len(part)  # the critique rows after it carry no teacher signal
-        targets = self._targets(signals, ids[:main], mask[:main])[0] if signals else []
+        targets = (
+            signal_targets(signals, self.spec, ids[:main], mask[:main], self.vocab_size)[0]
+            if signals
+            else []
+        )
         sft_from = part.num_tokens if sft_rows is not None else None
         loss, terms, extras = self.engine(ids, attn, mask, targets, True, sft_from)
         offs = plan["offsets"]

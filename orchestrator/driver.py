@@ -5,10 +5,8 @@ loop (`orchestrator/train_loop.py`) and tears everything down, whatever happens.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +101,7 @@ def execute(
     try:
         mode, dataset, identity = _start(recipe, run_dir, parts, ledger, parent, store)
         end = None if stop_after is None else _step(ledger) + stop_after
-        loop = partial(mode, recipe, run_dir, dataset=dataset, identity=identity)
-        result = _train(recipe, run_dir, parts, mode, loop, ledger, end)
+        result = _train(recipe, run_dir, parts, mode, dataset, identity, ledger, end)
         status = "FINISHED" if result.finished else "KILLED"  # KILLED: stopped, resumable
         return result
     finally:
@@ -153,7 +150,8 @@ def _train(
     run_dir: Path,
     parts: _Parts,
     mode: type[TrainLoop],
-    new_loop: Callable[..., TrainLoop],
+    dataset: Dataset,
+    identity: dict[str, Any],
     ledger: dict[str, Any] | None,
     end: int | None,
 ) -> RunResult:
@@ -167,7 +165,9 @@ def _train(
         parts.students.ready()
         record(run_dir, parts.pools, parts.students)
         parts.tracker.log_params({"student.num_params": str(parts.students.num_params)})
-        parts.loop = new_loop(pools=parts.pools, students=parts.students, tracker=parts.tracker)
+        parts.loop = mode(
+            recipe, run_dir, parts.pools, parts.students, dataset, parts.tracker, identity
+        )
         try:
             return parts.loop.run(ledger, None if end is None else end - _step(ledger))
         except RuntimeFault as exc:
