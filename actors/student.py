@@ -10,6 +10,7 @@ mean over the whole step, whatever micro_batch_size and world_size are.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
@@ -232,26 +233,30 @@ def free_port() -> int:
 
 
 class StudentWorker:
-    def __init__(self, rank: int, world_size: int, spec: WorkerSpec) -> None:
-        torch.set_num_threads(spec.threads)
-        self.rank, self.world_size, self.spec = rank, world_size, spec
-        self.model_path = spec.model  # this node's folder, once setup resolved a known name
+    """A process that a run sets up (`setup`) and leaves (`shutdown`); the driver may set it
+    up again for its next run (orchestrator/warm.py), so everything a run owns is made in
+    `setup`."""
+
+    def __init__(self, rank: int, world_size: int, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.rank, self.world_size = rank, world_size
         self.device = pick_device(want_gpu=True)
         self.engine = None
-        self.sender: Any = None  # GPU weight_sync: vLLM's trainer engine (actors/vllm_transfer.py)
 
-    def node(self) -> dict[str, str]:
-        """The Ray node this rank runs on and the model folder it loaded there (the run
-        records where each actor landed)."""
-        return {"node": ray.get_runtime_context().get_node_id(), "model": self.model_path}
+    def node(self) -> dict[str, Any]:
+        """The Ray node this rank runs on, its process and the model folder it loaded there
+        (the run records where each actor landed, and which process served it)."""
+        node = ray.get_runtime_context().get_node_id()
+        return {"node": node, "pid": os.getpid(), "model": self.model_path}
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's address and a free port for the process group."""
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
+    def setup(self, master_addr: str, master_port: int, spec: WorkerSpec) -> dict[str, Any]:
         deepspeed = import_deepspeed(cpu=self.device.type == "cpu")
-        spec = self.spec
+        self.spec = spec
+        self.sender: Any = None  # GPU weight_sync: vLLM's trainer engine (vllm_transfer.py)
         local_rank = 0 if self.device.type == "cpu" else int(os.environ.get("LOCAL_RANK", 0))
         os.environ.update(
             MASTER_ADDR=master_addr,
@@ -475,5 +480,8 @@ class StudentWorker:
         engine_state.export(self.engine, self.zero3, self.rank, path, tokenizer_from)
 
     def shutdown(self) -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        """Leave the process group and drop the run's engine (the process may serve again)."""
+        if torch.distributed.is_initialized():  # DeepSpeed's own: it forgets its groups too
+            import_deepspeed(cpu=self.device.type == "cpu").comm.destroy_process_group()
+        self.engine = self.reference = self.sender = None
+        gc.collect()

@@ -8,6 +8,7 @@ backends return the same layout; the vLLM one scores through prompt log-probs (s
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -116,15 +117,24 @@ class TeacherActor:
         )
         self.vllm.set_temperature(self.temperature)
 
-    def node(self) -> dict[str, str]:
-        """The Ray node this replica runs on and the model folder it loaded there (the run
-        records where each actor landed)."""
+    def node(self) -> dict[str, Any]:
+        """The Ray node this replica runs on, its process and the model folder it loaded there
+        (the run records where each actor landed, and which process served it)."""
         import ray
 
-        return {"node": ray.get_runtime_context().get_node_id(), "model": self.model_path}
+        node = ray.get_runtime_context().get_node_id()
+        return {"node": node, "pid": os.getpid(), "model": self.model_path}
 
     def info(self) -> dict[str, Any]:
         return {**self._info, "served": dict(self.served), "replica": self.replica}
+
+    def park(self) -> bool:
+        """Kept for another run of the same driver: its per-run counts start again. False
+        when Ray restarted this replica (the driver then kills it: its budget is spent)."""
+        import ray
+
+        self.served = {"calls": 0, "rows": 0}
+        return not ray.get_runtime_context().was_current_actor_reconstructed
 
     def score(self, batch: TokenBatch, rows: list[int] | None = None) -> TeacherSignal:
         """Top-k log-probs (and chosen hidden states) at the loss positions of the shard, or

@@ -130,10 +130,10 @@ def measure_teacher(path: str, batch: TokenBatch, naive: bool, k: int) -> tuple[
 def measure_student(
     spec: WorkerSpec, vocab: int, batch: TokenBatch, signal, naive: bool
 ) -> tuple[int, float]:
-    actor = ray.remote(ProbedStudent).options(**actor_options(1, 0, 2)).remote(0, 1, spec)
+    actor = ray.remote(ProbedStudent).options(**actor_options(1, 0, 2)).remote(0, 1, spec.threads)
     try:
         addr, port = ray.get(actor.rendezvous.remote())
-        ray.get(actor.setup.remote(addr, port))
+        ray.get(actor.setup.remote(addr, port, spec))
         small = token_batch(ROW, vocab)
         ray.get(actor.train_local.remote(small, fake_signal(small, vocab, 64)))  # Adam
         method = "naive_train" if naive else "train_local"

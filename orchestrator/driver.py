@@ -12,6 +12,7 @@ from typing import Any
 
 import ray
 
+from orchestrator import warm
 from orchestrator.checkpoint import (
     prune_uncommitted,
     read_ledger,
@@ -69,13 +70,16 @@ class _Parts:
     loop: TrainLoop | None = None
     tracker: Tracker | None = None
 
-    def shutdown(self, status: str) -> None:
+    def shutdown(self, status: str, keep: bool) -> None:
+        """`keep`: park the teachers and students for the next run in this Ray
+        (orchestrator/warm.py), unless the run failed."""
+        keep = keep and status != "FAILED"
         if self.loop is not None:
             self.loop.shutdown()
         if self.students is not None:
-            self.students.shutdown(graceful=status != "FAILED")
+            self.students.shutdown(graceful=status != "FAILED", keep=keep)
         for pool in self.pools:
-            pool.shutdown()
+            pool.shutdown(keep=keep)
 
 
 def execute(
@@ -105,7 +109,7 @@ def execute(
         status = "FINISHED" if result.finished else "KILLED"  # KILLED: stopped, resumable
         return result
     finally:
-        parts.shutdown(status)
+        parts.shutdown(status, keep=not started_ray)
         if started_ray:
             ray.shutdown()
         if parts.tracker is not None:  # last: a store that fails leaves no actor behind
@@ -127,6 +131,7 @@ def _start(
     mode = loop_class(recipe.distill.mode)
     # the ranks start (imports, engine setup) while the teachers load
     parts.students = StudentGroup(recipe, spec=mode.student_spec(recipe))
+    warm.release()  # what an earlier run parked and this one did not take
     infos = [p.info() for p in parts.pools]
     identity = run_identity(recipe, infos)
     if ledger is not None and ledger.get("identity"):  # older ledgers have none

@@ -186,7 +186,8 @@ class CachedTeacherPool:
     def queue_metrics(self) -> dict[str, float]:
         return {}
 
-    def shutdown(self) -> None:
+    def shutdown(self, keep: bool = False) -> None:
+        """Readers are cheap to start again: `keep` parks nothing."""
         for actor in self.replicas:
             ray.kill(actor)
 

@@ -11,6 +11,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.objective import LossSpec
 from actors.specs import RLSpec, WorkerSpec
 from actors.student import StudentWorker
+from orchestrator import warm
 from orchestrator.faults import gather
 from orchestrator.placement import demand
 from orchestrator.ray_env import actor_options
@@ -77,25 +78,30 @@ class StudentGroup:
         self.name = spec.name
         # setup, load, save and export: whole-model work, bounded by the setup bound
         self.wait = {"timeout_s": recipe.cluster.setup_timeout_s}
-        # one bundle per rank, reserved together: the group starts whole or not at once
-        self.pg = placement_group([demand(s)] * s.world_size, strategy=s.placement.upper())
+        options = actor_options(s.num_cpus, s.num_gpus, s.threads, s.resources)
+        self.key = warm.key("student", s.world_size, s.placement, demand(s), options)
         self.workers: list[Any] = []
         self.num_params = 0
         self._setup: list[ray.ObjectRef] | None = None
         try:
-            options = actor_options(s.num_cpus, s.num_gpus, s.threads, s.resources)
-            remote = ray.remote(StudentWorker)
-            self.workers = [
-                remote.options(
-                    **options, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, r)
-                ).remote(r, s.world_size, spec)
-                for r in range(s.world_size)
-            ]
+            self.pg, self.workers = warm.take(self.key) or self._place(s, options)
             addr, port = self.workers[0].rendezvous.options(num_returns=2).remote()
-            self._setup = [w.setup.remote(addr, port) for w in self.workers]
+            self._setup = [w.setup.remote(addr, port, spec) for w in self.workers]
         except BaseException:
             self.shutdown()  # a group that failed to form leaves no actor behind
             raise
+
+    def _place(self, s: StudentConfig, options: dict[str, Any]) -> tuple[Any, list[Any]]:
+        """One bundle per rank, reserved together: the group starts whole or not at once."""
+        self.pg = placement_group([demand(s)] * s.world_size, strategy=s.placement.upper())
+        remote = ray.remote(StudentWorker)
+        workers = [
+            remote.options(
+                **options, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, r)
+            ).remote(r, s.world_size, s.threads)
+            for r in range(s.world_size)
+        ]
+        return self.pg, workers
 
     def ready(self) -> StudentGroup:
         """Wait until every rank's engine is set up (once; later calls return at once)."""
@@ -169,14 +175,25 @@ class StudentGroup:
         refs = [w.export.remote(path, tokenizer_from) for w in self.workers]
         gather(refs, "export", who=self.ranks(), **self.wait)
 
-    def shutdown(self, graceful: bool = True) -> None:
-        """Leave the process group, then kill. After a fault a surviving rank may sit in a
+    def shutdown(self, graceful: bool = True, keep: bool = False) -> None:
+        """Leave the process group, then kill, or with `keep` park the ranks for the next run
+        in this Ray (orchestrator/warm.py). After a fault a surviving rank may sit in a
         collective with a dead one: it is killed at once, not waited for."""
         if graceful:
             try:
                 ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
             except Exception:  # best effort before the kill
-                pass
-        for w in self.workers:
-            ray.kill(w)
-        remove_placement_group(self.pg)
+                keep = False
+            else:
+                if keep and self._setup is None:
+                    pg, workers = self.pg, self.workers
+                    warm.park(self.key, (pg, workers), workers, lambda: _kill(pg, workers))
+                    return
+        if hasattr(self, "pg"):
+            _kill(self.pg, self.workers)
+
+
+def _kill(pg: Any, workers: list[Any]) -> None:
+    for w in workers:
+        ray.kill(w)
+    remove_placement_group(pg)

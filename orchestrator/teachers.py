@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import ray
 
 from actors.teacher import TeacherActor
+from orchestrator import warm
 from orchestrator.balance import LeastOutstanding
 from orchestrator.faults import gather, restart_unresponsive
 from orchestrator.ray_env import service_options
@@ -52,7 +53,7 @@ class TeacherPool(Protocol):
 
     def queue_metrics(self) -> dict[str, float]: ...
 
-    def shutdown(self) -> None: ...
+    def shutdown(self, keep: bool = False) -> None: ...
 
 
 class LiveTeacherPool:
@@ -76,23 +77,26 @@ class LiveTeacherPool:
         self.step_timeout_s = cluster.step_timeout_s
         self.max_restarts = cluster.max_restarts
         self.restarts: dict[str, int] = {}  # by replica name, the ones the driver did
-        remote = ray.remote(actor_class).options(**service_options(cfg, cluster.max_restarts))
-        self.replicas = [
-            remote.remote(
-                cfg.name,
-                cfg.model,
-                top_k=cfg.top_k or distill.top_k,
-                temperature=cfg.temperature or distill.temperature,
-                dtype=cfg.dtype,
-                threads=cfg.threads,
-                chunk_bytes=distill.chunk_mb * 2**20,
-                backend=cfg.backend,
-                max_model_len=max_model_len,
-                replica=i,
-                student_tokenizer=student_tokenizer if cfg.cross_tokenizer else None,
-            )
-            for i in range(cfg.replicas)
-        ]
+        options = service_options(cfg, cluster.max_restarts)
+        remote = ray.remote(actor_class).options(**options)
+        self.keys: list[str] = []
+        self.replicas = []
+        for i in range(cfg.replicas):
+            kwargs = {
+                "top_k": cfg.top_k or distill.top_k,
+                "temperature": cfg.temperature or distill.temperature,
+                "dtype": cfg.dtype,
+                "threads": cfg.threads,
+                "chunk_bytes": distill.chunk_mb * 2**20,
+                "backend": cfg.backend,
+                "max_model_len": max_model_len,
+                "replica": i,
+                "student_tokenizer": student_tokenizer if cfg.cross_tokenizer else None,
+            }
+            stamp = warm.folder_stamp(cfg.model)
+            self.keys.append(warm.key(actor_class, options, cfg.name, cfg.model, kwargs, stamp))
+            replica = warm.take(self.keys[-1])
+            self.replicas.append(replica or remote.remote(cfg.name, cfg.model, **kwargs))
         self.balance = LeastOutstanding(cfg.replicas)
         self._info: dict[str, Any] | None = None
 
@@ -181,9 +185,22 @@ class LiveTeacherPool:
             on_chunk(len(c))
         return out
 
-    def shutdown(self) -> None:
-        for actor in self.replicas:
-            ray.kill(actor)
+    def shutdown(self, keep: bool = False) -> None:
+        """Kill the replicas, or with `keep` park them for the next run in this Ray
+        (`orchestrator/warm.py`): not the ones Ray or the driver restarted."""
+        for k, actor in zip(self.keys, self.replicas, strict=True):
+            if keep and not self.restarts and _parks(actor):
+                warm.park(k, actor, [actor], lambda a=actor: ray.kill(a))
+            else:
+                ray.kill(actor)
+
+
+def _parks(actor: Any) -> bool:
+    """The replica answered, reset its per-run counts and was never restarted."""
+    try:
+        return bool(ray.get(actor.park.remote(), timeout=warm.PING_S))
+    except Exception:
+        return False
 
 
 def live_pool(recipe: Recipe, cfg: TeacherConfig) -> LiveTeacherPool:

@@ -1,0 +1,103 @@
+"""Actors kept warm between the runs of one driver process (the stages of a staged recipe, a
+notebook, a test session).
+
+Starting an actor costs its process 6-7 s of CPU (torch, transformers and DeepSpeed imports)
+plus its model load, often more than the run itself. A run that ends cleanly parks its
+teacher replicas and student ranks here, and the next run in the same Ray cluster takes
+those whose key matches exactly: a teacher's class, Ray options, arguments and model files
+(a folder rewritten in place does not match); a student group's size, placement and
+options (its ranks are set up again from the new run's spec). What a run does not take is
+killed before its own actors are placed, so parked actors never hold resources a run needs.
+A run that failed, a replica that Ray restarted (its restart budget is partly spent) and a
+driver that started Ray itself (Ray ends with it) park nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+PING_S = 10.0  # a parked actor that does not answer within this is not taken
+
+
+@dataclass
+class _Parked:
+    value: Any  # what the owner gets back (a handle, or a group's (pg, workers))
+    actors: list[Any]  # the handles to ping before it is handed out
+    kill: Callable[[], None]
+
+
+_parked: dict[str, list[_Parked]] = {}
+_cluster: str | None = None  # the Ray node the parked actors belong to
+
+
+def key(*parts: Any) -> str:
+    """What must be equal for a parked actor to serve again (JSON: options and arguments)."""
+    return json.dumps(parts, sort_keys=True, default=repr)
+
+
+def folder_stamp(path: str) -> list[list[Any]]:
+    """Name, size and mtime of each file of a model folder: a model rewritten in place
+    (retrained, another checkpoint) does not reuse a replica that loaded the old one."""
+    root = Path(path)
+    if not root.is_dir():
+        return []  # a hub or registry name: the name is the key
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def _here() -> str | None:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _same_cluster() -> bool:
+    """Parked handles belong to one Ray: after a new `ray.init` they are forgotten."""
+    global _cluster
+    here = _here()
+    if here != _cluster:
+        _parked.clear()
+        _cluster = here
+    return here is not None
+
+
+def take(k: str) -> Any | None:
+    """A parked value with key `k` whose actors all answer, or None."""
+    if not _same_cluster():
+        return None
+    while _parked.get(k):
+        entry = _parked[k].pop()
+        try:
+            ray.get([a.__ray_ready__.remote() for a in entry.actors], timeout=PING_S)
+            return entry.value
+        except Exception:
+            _kill(entry)
+    return None
+
+
+def park(k: str, value: Any, actors: list[Any], kill: Callable[[], None]) -> None:
+    """Keep `value` for the next run in this Ray that asks for `k`."""
+    if _same_cluster():
+        _parked.setdefault(k, []).append(_Parked(value, actors, kill))
+    else:
+        kill()
+
+
+def release() -> int:
+    """Kill whatever is parked (called before a run places its own actors); how many."""
+    entries = [e for group in _parked.values() for e in group]
+    _parked.clear()
+    for entry in entries:
+        _kill(entry)
+    return len(entries)
+
+
+def _kill(entry: _Parked) -> None:
+    try:
+        entry.kill()
+    except Exception:  # its Ray is gone, or it died already
+        pass
