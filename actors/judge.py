@@ -180,6 +180,14 @@ class JudgeActor:
         self.add_bos = adds_bos(tok)
         self._hash = model_hash(self.model)
 
+    def park(self) -> bool:
+        """Kept for another run of the same driver: its per-run counts start again. False
+        when Ray restarted it."""
+        import ray
+
+        self.last_busy_s, self.failures = 0.0, 0
+        return not ray.get_runtime_context().was_current_actor_reconstructed
+
     def info(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -281,6 +281,12 @@ class RolloutEngine:
     def get_version(self) -> int:
         return self.version
 
+    def park(self) -> bool:
+        """Kept for another run of the same driver: it holds no version of it (its first
+        call loads one) and no counts of this one. False when Ray restarted it."""
+        self.version, self.receipt, self.round_s = -1, -1, 0.0
+        return not ray.get_runtime_context().was_current_actor_reconstructed
+
     def weight_transfer(self, call: str, arg: Any = None) -> None:
         """One call of vLLM's weight-transfer control plane, made by the ranks' push
         (`actors/vllm_transfer.py`) in this actor's `transfer` concurrency group."""

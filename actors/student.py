@@ -233,15 +233,13 @@ def free_port() -> int:
 
 
 class StudentWorker:
-    """A process that a run sets up (`setup`) and leaves (`shutdown`); the driver may set it
-    up again for its next run (orchestrator/warm.py), so everything a run owns is made in
-    `setup`."""
+    """A run sets it up and shuts it down; the next may set it up again (orchestrator/warm.py)."""
 
     def __init__(self, rank: int, world_size: int, threads: int) -> None:
         torch.set_num_threads(threads)
         self.rank, self.world_size = rank, world_size
         self.device = pick_device(want_gpu=True)
-        self.engine = None
+        self.engine = self.sender = None  # sender: GPU weight_sync (actors/vllm_transfer.py)
 
     def node(self) -> dict[str, Any]:
         """The Ray node this rank runs on, its process and the model folder it loaded there
@@ -256,7 +254,6 @@ class StudentWorker:
     def setup(self, master_addr: str, master_port: int, spec: WorkerSpec) -> dict[str, Any]:
         deepspeed = import_deepspeed(cpu=self.device.type == "cpu")
         self.spec = spec
-        self.sender: Any = None  # GPU weight_sync: vLLM's trainer engine (vllm_transfer.py)
         local_rank = 0 if self.device.type == "cpu" else int(os.environ.get("LOCAL_RANK", 0))
         os.environ.update(
             MASTER_ADDR=master_addr,
@@ -480,8 +477,7 @@ class StudentWorker:
         engine_state.export(self.engine, self.zero3, self.rank, path, tokenizer_from)
 
     def shutdown(self) -> None:
-        """Leave the process group and drop the run's engine (the process may serve again)."""
-        if torch.distributed.is_initialized():  # DeepSpeed's own: it forgets its groups too
+        if torch.distributed.is_initialized():  # DeepSpeed's: it forgets its groups too
             import_deepspeed(cpu=self.device.type == "cpu").comm.destroy_process_group()
         self.engine = self.reference = self.sender = None
         gc.collect()

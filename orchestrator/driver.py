@@ -75,7 +75,7 @@ class _Parts:
         (orchestrator/warm.py), unless the run failed."""
         keep = keep and status != "FAILED"
         if self.loop is not None:
-            self.loop.shutdown()
+            self.loop.shutdown(keep)
         if self.students is not None:
             self.students.shutdown(graceful=status != "FAILED", keep=keep)
         for pool in self.pools:
@@ -125,13 +125,13 @@ def _start(
     store: Any,
 ) -> tuple[type[TrainLoop], Dataset, dict[str, Any]]:
     """Teachers, students, data and the MLflow run; (loop class, dataset, identity)."""
+    mode = loop_class(recipe.distill.mode)
+    warm.release(keep=set(mode.warm_keys(recipe)))  # kept: what this run will take
     cached = {t.name: CachedTeacherPool(recipe, t) for t in cached_teachers(recipe)}
     for t in recipe.teachers:  # one by one: a failure leaves the started ones to kill
         parts.pools.append(cached.get(t.name) or live_pool(recipe, t))
-    mode = loop_class(recipe.distill.mode)
     # the ranks start (imports, engine setup) while the teachers load
     parts.students = StudentGroup(recipe, spec=mode.student_spec(recipe))
-    warm.release()  # what an earlier run parked and this one did not take
     infos = [p.info() for p in parts.pools]
     identity = run_identity(recipe, infos)
     if ledger is not None and ledger.get("identity"):  # older ledgers have none
@@ -173,6 +173,7 @@ def _train(
         parts.loop = mode(
             recipe, run_dir, parts.pools, parts.students, dataset, parts.tracker, identity
         )
+        warm.release()  # all taken: what is left (a twin of a taken one) holds resources
         try:
             return parts.loop.run(ledger, None if end is None else end - _step(ledger))
         except RuntimeFault as exc:

@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from actors.judge import JudgeActor
+from orchestrator import warm
 from orchestrator.balance import LeastOutstanding
 from orchestrator.faults import probe
 from orchestrator.ray_env import service_options
@@ -56,29 +57,11 @@ class JudgePool:
         self.cfg = cfg
         self.max_restarts = (cluster or ClusterConfig()).max_restarts
         self.restarts: dict[str, int] = {}  # by replica name: hung ones the pool restarted
-        # a dead replica comes back (as often as a hung one may); the pool itself re-issues
-        # a call that failed or timed out
-        options = {**service_options(cfg, self.max_restarts), "max_task_retries": 0}
-        if cfg.function:  # the function's module imports in the actor as on the driver
-            paths = [p for p in sys.path if p and os.path.isdir(p)]
-            options["runtime_env"]["env_vars"]["PYTHONPATH"] = os.pathsep.join(paths)
-        self._remote = ray.remote(JudgeActor).options(**options)
-        self._model = model
-        self.replicas = [self._start() for _ in range(cfg.replicas)]
+        options, args = _replica(cfg, model, self.max_restarts)
+        self.key = judge_key(cfg, model, cluster)
+        remote = ray.remote(JudgeActor).options(**options)
+        self.replicas = [warm.take(self.key) or remote.remote(**args) for _ in range(cfg.replicas)]
         self.balance = LeastOutstanding(cfg.replicas)
-
-    def _start(self) -> Any:
-        c = self.cfg
-        rubric = {f"{c.kind}_rubric" if c.kind != "score" else "rubric": c.rubric}
-        return self._remote.remote(
-            c.name,
-            self._model,
-            **rubric,
-            rating_tokens=list(c.rating_tokens),
-            min_mass=c.min_mass,
-            threads=c.threads,
-            function=c.function,
-        )
 
     @property
     def name(self) -> str:
@@ -164,9 +147,39 @@ class JudgePool:
         ray.kill(self.replicas[i], no_restart=False)
         return True
 
-    def shutdown(self) -> None:
+    def shutdown(self, keep: bool = False) -> None:
+        """Kill the replicas, or with `keep` park them for the next run in this Ray
+        (orchestrator/warm.py), unless the pool restarted one."""
         for actor in self.replicas:
-            ray.kill(actor)
+            warm.park_or_kill(self.key, actor, keep and not self.restarts)
+
+
+def _replica(
+    cfg: JudgeConfig, model: str | None, max_restarts: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Ray options, arguments) of each replica. A dead replica comes back (as often as a
+    hung one may); the pool itself re-issues a call that failed or timed out."""
+    options = {**service_options(cfg, max_restarts), "max_task_retries": 0}
+    if cfg.function:  # the function's module imports in the actor as on the driver
+        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        options["runtime_env"]["env_vars"]["PYTHONPATH"] = os.pathsep.join(paths)
+    rubric = {f"{cfg.kind}_rubric" if cfg.kind != "score" else "rubric": cfg.rubric}
+    args = {
+        "name": cfg.name,
+        "model": model,
+        **rubric,
+        "rating_tokens": list(cfg.rating_tokens),
+        "min_mass": cfg.min_mass,
+        "threads": cfg.threads,
+        "function": cfg.function,
+    }
+    return options, args
+
+
+def judge_key(cfg: JudgeConfig, model: str | None, cluster: ClusterConfig | None = None) -> str:
+    """The warm key of a judge's replicas (all alike), with its model's files."""
+    options, args = _replica(cfg, model, (cluster or ClusterConfig()).max_restarts)
+    return warm.key(JudgeActor, options, args, warm.folder_stamp(model or ""))
 
 
 def _usable(value: Any) -> float | None:

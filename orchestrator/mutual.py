@@ -24,7 +24,8 @@ from actors.specs import WorkerSpec
 from orchestrator.checkpoint import tag_for
 from orchestrator.faults import gather
 from orchestrator.recipe import Recipe
-from orchestrator.students import StudentGroup, worker_spec
+from orchestrator.step_metrics import pool_eval
+from orchestrator.students import StudentGroup, group_key, worker_spec
 from orchestrator.train_loop import InFlight, Queued, TrainLoop
 
 MAIN = "student"
@@ -97,9 +98,9 @@ class MutualLoop(TrainLoop):
 
     def _eval_result(self, refs: list[ray.ObjectRef]) -> dict[str, float]:
         parts = self._wait(refs, "evaluation", students=True)
-        out = self._pool_eval(parts[: self.world])
+        out = pool_eval(parts[: self.world])
         for g, group in enumerate(self.peers, start=1):
-            mine = self._pool_eval(parts[g * self.world : (g + 1) * self.world])
+            mine = pool_eval(parts[g * self.world : (g + 1) * self.world])
             out.update({f"{group.name}/{k}": v for k, v in mine.items()})
         return out
 
@@ -127,6 +128,10 @@ class MutualLoop(TrainLoop):
             summary[f"{group.name}_params"] = group.num_params
         return summary
 
-    def shutdown(self) -> None:
+    @classmethod
+    def warm_keys(cls, recipe: Recipe) -> list[str]:
+        return [*super().warm_keys(recipe), *(group_key(p) for p in recipe.mutual.peers)]
+
+    def shutdown(self, keep: bool = False) -> None:
         for group in self.peers:
-            group.shutdown()
+            group.shutdown(keep=keep)

@@ -29,7 +29,8 @@ import ray
 from actors.batch import TokenBatch
 from actors.rollout import request_seed
 from actors.weights import GPU_SYNC
-from orchestrator.rollouts import RolloutPool
+from orchestrator.recipe import Recipe
+from orchestrator.rollouts import RolloutPool, rollout_keys
 from orchestrator.train_loop import InFlight, Queued, TrainLoop
 
 _LAMBDA_STREAM = 0x6F6E  # keeps the lambda draws apart from other seeded streams
@@ -196,5 +197,9 @@ class OnPolicyLoop(TrainLoop):
         pq.write_table(table, tmp)
         os.replace(tmp, path)
 
-    def shutdown(self) -> None:
-        self.rollouts.shutdown()
+    @classmethod
+    def warm_keys(cls, recipe: Recipe) -> list[str]:
+        return [*super().warm_keys(recipe), *rollout_keys(recipe)]
+
+    def shutdown(self, keep: bool = False) -> None:
+        self.rollouts.shutdown(keep)

@@ -38,9 +38,9 @@ import ray
 from actors.chat import encode_chat
 from actors.rollout import request_seed, sampling_temperature
 from actors.specs import RLSpec, WorkerSpec
-from orchestrator.judges import JudgePool, Outcome
+from orchestrator.judges import JudgePool, Outcome, judge_key
 from orchestrator.on_policy import OnPolicyLoop, prompt_ids
-from orchestrator.recipe import Recipe
+from orchestrator.recipe import JudgeConfig, Recipe
 from orchestrator.students import worker_spec
 from orchestrator.train_loop import InFlight, Queued
 
@@ -66,11 +66,7 @@ class RlaifLoop(OnPolicyLoop):
         super().__init__(*args, **kwargs)
         self.lmbda = 1.0
         recipe = self.recipe
-        models = {t.name: t.model for t in recipe.teachers}
-        self.judges = [
-            JudgePool(j, j.model or (models[j.teacher] if j.teacher else None), recipe.cluster)
-            for j in recipe.judges
-        ]
+        self.judges = [JudgePool(j, judge_model(recipe, j), recipe.cluster) for j in recipe.judges]
         self.services += self.judges  # probed when a step runs past its bound
         self.tokenizer = None
         if recipe.data.source == "file":
@@ -302,10 +298,21 @@ class RlaifLoop(OnPolicyLoop):
             raise RuntimeError("the frozen reference model changed during training")
         return {**super()._finish(tokens_total, elapsed), "reference_hash": self._reference_hash}
 
-    def shutdown(self) -> None:
-        super().shutdown()
+    @classmethod
+    def warm_keys(cls, recipe: Recipe) -> list[str]:
+        keys = [judge_key(j, judge_model(recipe, j), recipe.cluster) for j in recipe.judges]
+        return [*super().warm_keys(recipe), *keys]
+
+    def shutdown(self, keep: bool = False) -> None:
+        super().shutdown(keep)
         for pool in self.judges:
-            pool.shutdown()
+            pool.shutdown(keep)
+
+
+def judge_model(recipe: Recipe, judge: JudgeConfig) -> str | None:
+    """The judge's own model, or the one of the teacher it names (None: a function)."""
+    models = {t.name: t.model for t in recipe.teachers}
+    return judge.model or (models[judge.teacher] if judge.teacher else None)
 
 
 def standardised(values: np.ndarray, group_size: int) -> np.ndarray:

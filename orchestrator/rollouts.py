@@ -9,6 +9,7 @@ import ray
 
 from actors.rollout import RolloutEngine
 from actors.weights import GPU_SYNC, TRANSFER_GROUP
+from orchestrator import warm
 from orchestrator.balance import LeastOutstanding
 from orchestrator.faults import restart_unresponsive
 from orchestrator.ray_env import service_options
@@ -69,9 +70,13 @@ class RolloutPool:
         engine = ray.remote(RolloutEngine)
         if r.weight_sync in GPU_SYNC:  # the ranks' pushes, while the engine's thread waits
             engine = ray.remote(concurrency_groups={TRANSFER_GROUP: 1})(RolloutEngine)
-        remote = engine.options(**service_options(r, recipe.cluster.max_restarts))
+        options = service_options(r, recipe.cluster.max_restarts)
+        remote = engine.options(**options)
         spec = engine_spec(recipe)
-        self.replicas = [remote.remote(spec) for _ in range(r.replicas)]
+        self.keys = rollout_keys(recipe, options, spec)
+        # GPU weight_sync engines hold the ranks' transfer groups: never kept between runs
+        self.warm = r.weight_sync not in GPU_SYNC
+        self.replicas = [(self.warm and warm.take(k)) or remote.remote(spec) for k in self.keys]
         self.balance = LeastOutstanding(r.replicas)
         self.max_restarts = recipe.cluster.max_restarts
         self.restarts: dict[str, int] = {}  # by engine name, the ones the driver did
@@ -135,6 +140,20 @@ class RolloutPool:
         restarted engine writes its calls in flight again (see __init__)."""
         return restart_unresponsive(self.actors(), self.restarts, self.max_restarts, timeout_s)
 
-    def shutdown(self) -> None:
-        for engine in self.replicas:
-            ray.kill(engine)
+    def shutdown(self, keep: bool = False) -> None:
+        """Kill the engines, or with `keep` park them for the next run in this Ray
+        (orchestrator/warm.py): each loads the next run's first snapshot before it writes."""
+        keep = keep and self.warm and not self.restarts
+        for k, engine in zip(self.keys, self.replicas, strict=True):
+            warm.park_or_kill(k, engine, keep)
+
+
+def rollout_keys(
+    recipe: Recipe, options: dict[str, Any] | None = None, spec: dict[str, Any] | None = None
+) -> list[str]:
+    """The warm key of each engine (all alike): its options, spec and student files."""
+    r = recipe.rollout
+    options = options or service_options(r, recipe.cluster.max_restarts)
+    spec = spec or engine_spec(recipe)
+    stamp = warm.folder_stamp(recipe.student.model)
+    return [warm.key(RolloutEngine, options, spec, stamp)] * r.replicas

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from orchestrator.teachers import TeacherPool
@@ -52,4 +54,21 @@ def step_metrics(
         lr=per_rank[0]["lr"],
         grad_norm=per_rank[0]["grad_norm"],
     )
+    return out
+
+
+def pool_eval(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Held-out KL(teacher||student) per teacher and perplexity on the gold tokens."""
+    tokens = sum(p["tokens"] for p in parts)
+    out: dict[str, float] = {}
+    for key in parts[0]:
+        if key == "ce":
+            out[key] = sum(p[key] for p in parts) / max(tokens, 1)
+        elif key.startswith("kl/"):  # per position the teacher covered
+            cover = sum(p.get("cover/" + key[3:], 0.0) for p in parts)
+            out[key] = sum(p.get(key, 0.0) for p in parts) / max(cover, 1)
+    out["ppl"] = math.exp(min(out["ce"], 50.0))
+    kls = [v for k, v in out.items() if k.startswith("kl/")]
+    if kls:
+        out["kl"] = float(np.mean(kls))
     return out

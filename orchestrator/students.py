@@ -62,6 +62,13 @@ def worker_spec(
     )
 
 
+def group_key(s: StudentConfig) -> str:
+    """A group's warm key: its ranks are set up again for each run, so only their number,
+    placement and Ray options must match."""
+    options = actor_options(s.num_cpus, s.num_gpus, s.threads, s.resources)
+    return warm.key(StudentWorker, s.world_size, s.placement, demand(s), options)
+
+
 class StudentGroup:
     """Construction places the ranks and starts them, and returns at once: their imports and
     engine setup overlap whatever starts next (the teachers' model loads, peer groups).
@@ -79,7 +86,7 @@ class StudentGroup:
         # setup, load, save and export: whole-model work, bounded by the setup bound
         self.wait = {"timeout_s": recipe.cluster.setup_timeout_s}
         options = actor_options(s.num_cpus, s.num_gpus, s.threads, s.resources)
-        self.key = warm.key("student", s.world_size, s.placement, demand(s), options)
+        self.key = group_key(s)
         self.workers: list[Any] = []
         self.num_params = 0
         self._setup: list[ray.ObjectRef] | None = None

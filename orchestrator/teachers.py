@@ -77,26 +77,11 @@ class LiveTeacherPool:
         self.step_timeout_s = cluster.step_timeout_s
         self.max_restarts = cluster.max_restarts
         self.restarts: dict[str, int] = {}  # by replica name, the ones the driver did
-        options = service_options(cfg, cluster.max_restarts)
+        options, args = _replicas(cfg, distill, max_model_len, student_tokenizer, cluster)
+        self.keys = _keys(actor_class, options, args)
         remote = ray.remote(actor_class).options(**options)
-        self.keys: list[str] = []
-        self.replicas = []
-        for i in range(cfg.replicas):
-            kwargs = {
-                "top_k": cfg.top_k or distill.top_k,
-                "temperature": cfg.temperature or distill.temperature,
-                "dtype": cfg.dtype,
-                "threads": cfg.threads,
-                "chunk_bytes": distill.chunk_mb * 2**20,
-                "backend": cfg.backend,
-                "max_model_len": max_model_len,
-                "replica": i,
-                "student_tokenizer": student_tokenizer if cfg.cross_tokenizer else None,
-            }
-            stamp = warm.folder_stamp(cfg.model)
-            self.keys.append(warm.key(actor_class, options, cfg.name, cfg.model, kwargs, stamp))
-            replica = warm.take(self.keys[-1])
-            self.replicas.append(replica or remote.remote(cfg.name, cfg.model, **kwargs))
+        pairs = zip(self.keys, args, strict=True)
+        self.replicas = [warm.take(k) or remote.remote(**a) for k, a in pairs]
         self.balance = LeastOutstanding(cfg.replicas)
         self._info: dict[str, Any] | None = None
 
@@ -187,31 +172,59 @@ class LiveTeacherPool:
 
     def shutdown(self, keep: bool = False) -> None:
         """Kill the replicas, or with `keep` park them for the next run in this Ray
-        (`orchestrator/warm.py`): not the ones Ray or the driver restarted."""
+        (`orchestrator/warm.py`), unless the driver restarted one."""
         for k, actor in zip(self.keys, self.replicas, strict=True):
-            if keep and not self.restarts and _parks(actor):
-                warm.park(k, actor, [actor], lambda a=actor: ray.kill(a))
-            else:
-                ray.kill(actor)
+            warm.park_or_kill(k, actor, keep and not self.restarts)
 
 
-def _parks(actor: Any) -> bool:
-    """The replica answered, reset its per-run counts and was never restarted."""
-    try:
-        return bool(ray.get(actor.park.remote(), timeout=warm.PING_S))
-    except Exception:
-        return False
+def _replicas(
+    cfg: TeacherConfig,
+    distill: DistillConfig,
+    max_model_len: int,
+    student_tokenizer: str | None,
+    cluster: ClusterConfig,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(Ray options, each replica's arguments), and so its warm key."""
+    common = {
+        "name": cfg.name,
+        "model": cfg.model,
+        "top_k": cfg.top_k or distill.top_k,
+        "temperature": cfg.temperature or distill.temperature,
+        "dtype": cfg.dtype,
+        "threads": cfg.threads,
+        "chunk_bytes": distill.chunk_mb * 2**20,
+        "backend": cfg.backend,
+        "max_model_len": max_model_len,
+        "student_tokenizer": student_tokenizer if cfg.cross_tokenizer else None,
+    }
+    options = service_options(cfg, cluster.max_restarts)
+    return options, [{**common, "replica": i} for i in range(cfg.replicas)]
+
+
+def _keys(actor_class: type, options: dict[str, Any], args: list[dict[str, Any]]) -> list[str]:
+    """Each replica's warm key: with its model's files (a folder rewritten in place is
+    another teacher)."""
+    return [warm.key(actor_class, options, a, warm.folder_stamp(a["model"])) for a in args]
 
 
 def live_pool(recipe: Recipe, cfg: TeacherConfig) -> LiveTeacherPool:
     """A teacher's live replicas, sized for what the recipe asks of them."""
-    return LiveTeacherPool(
-        cfg,
-        recipe.distill,
-        teacher_max_len(recipe),
-        student_tokenizer=recipe.student.model,
-        cluster=recipe.cluster,
-    )
+    return LiveTeacherPool(cfg, recipe.distill, **_live_args(recipe))
+
+
+def teacher_keys(recipe: Recipe, cfg: TeacherConfig) -> list[str]:
+    """The warm keys of `live_pool(recipe, cfg)`'s replicas."""
+    args = _live_args(recipe)
+    max_len, student, cluster = args["max_model_len"], args["student_tokenizer"], recipe.cluster
+    return _keys(TeacherActor, *_replicas(cfg, recipe.distill, max_len, student, cluster))
+
+
+def _live_args(recipe: Recipe) -> dict[str, Any]:
+    return {
+        "max_model_len": teacher_max_len(recipe),
+        "student_tokenizer": recipe.student.model,
+        "cluster": recipe.cluster,
+    }
 
 
 def teacher_max_len(recipe: Recipe) -> int:

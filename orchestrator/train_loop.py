@@ -8,7 +8,6 @@ students train on step t, and memory stays bounded however long the run.
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from collections import deque
@@ -34,9 +33,9 @@ from orchestrator.model_registry import log_student, model_tags
 from orchestrator.plots import plot_curves
 from orchestrator.progress import Progress
 from orchestrator.recipe import Recipe
-from orchestrator.step_metrics import step_metrics
-from orchestrator.students import StudentGroup, worker_spec
-from orchestrator.teachers import TeacherPool
+from orchestrator.step_metrics import pool_eval, step_metrics
+from orchestrator.students import StudentGroup, group_key, worker_spec
+from orchestrator.teachers import TeacherPool, teacher_keys
 from orchestrator.tracking import Tracker
 
 QUEUED_STEPS = 2  # train steps queued on the students: the next is ready when one ends
@@ -212,9 +211,15 @@ class TrainLoop:
         """A mode's own figures for the progress line, next to loss and kl."""
         return {}
 
-    def shutdown(self) -> None:
-        """Stop the actors a mode started for itself (teachers and students are the
-        driver's)."""
+    @classmethod
+    def warm_keys(cls, recipe: Recipe) -> list[str]:
+        """What a run of this mode may take from orchestrator/warm.py (modes add theirs)."""
+        live = [t for t in recipe.teachers if not recipe.from_cache(t)]
+        return [*(k for t in live for k in teacher_keys(recipe, t)), group_key(recipe.student)]
+
+    def shutdown(self, keep: bool = False) -> None:
+        """Stop (or with `keep`, park) the actors a mode started for itself (teachers and
+        students are the driver's)."""
 
     def _save_after(self, step: int) -> list[ray.ObjectRef]:
         """A checkpoint of the weights after `step`, queued behind it on every rank."""
@@ -225,25 +230,8 @@ class TrainLoop:
     def _submit_eval(self) -> list[ray.ObjectRef]:
         return self.students.evaluate(self._heldout.shards, self._heldout.signals)
 
-    @staticmethod
-    def _pool_eval(parts: list[dict[str, float]]) -> dict[str, float]:
-        """Held-out KL(teacher||student) per teacher and perplexity on the gold tokens."""
-        tokens = sum(p["tokens"] for p in parts)
-        out: dict[str, float] = {}
-        for key in parts[0]:
-            if key == "ce":
-                out[key] = sum(p[key] for p in parts) / max(tokens, 1)
-            elif key.startswith("kl/"):  # per position the teacher covered
-                cover = sum(p.get("cover/" + key[3:], 0.0) for p in parts)
-                out[key] = sum(p.get(key, 0.0) for p in parts) / max(cover, 1)
-        out["ppl"] = math.exp(min(out["ce"], 50.0))
-        kls = [v for k, v in out.items() if k.startswith("kl/")]
-        if kls:
-            out["kl"] = float(np.mean(kls))
-        return out
-
     def _eval_result(self, refs: list[ray.ObjectRef]) -> dict[str, float]:
-        return self._pool_eval(self._wait(refs, "evaluation", self.ranks, students=True))
+        return pool_eval(self._wait(refs, "evaluation", self.ranks, students=True))
 
     def evaluate(self) -> dict[str, float]:
         return self._eval_result(self._submit_eval())

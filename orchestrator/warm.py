@@ -22,7 +22,7 @@ from typing import Any
 
 import ray
 
-PING_S = 10.0  # a parked actor that does not answer within this is not taken
+PING_S = 2.0  # an idle actor answers a no-op at once: one that does not is killed
 
 
 @dataclass
@@ -87,10 +87,26 @@ def park(k: str, value: Any, actors: list[Any], kill: Callable[[], None]) -> Non
         kill()
 
 
-def release() -> int:
-    """Kill whatever is parked (called before a run places its own actors); how many."""
-    entries = [e for group in _parked.values() for e in group]
-    _parked.clear()
+def park_or_kill(k: str, actor: Any, keep: bool) -> None:
+    """A service actor (teacher replica, rollout engine, judge) at the end of a run: parked
+    when `keep` and its `park()` says it may serve again (it answered, reset its per-run
+    counts and was never restarted: a restart spends part of its budget); else killed."""
+    try:
+        keep = keep and bool(ray.get(actor.park.remote(), timeout=PING_S))
+    except Exception:
+        keep = False
+    if keep:
+        park(k, actor, [actor], lambda: ray.kill(actor))
+    else:
+        ray.kill(actor)
+
+
+def release(keep: set[str] | frozenset[str] = frozenset()) -> int:
+    """Kill whatever is parked under a key not in `keep` (a run, before it places its own
+    actors, keeps what it will take); how many were killed."""
+    entries = [e for k, group in _parked.items() if k not in keep for e in group]
+    for k in [k for k in _parked if k not in keep]:
+        del _parked[k]
     for entry in entries:
         _kill(entry)
     return len(entries)

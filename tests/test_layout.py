@@ -21,7 +21,7 @@ LEVEL_NOW = 10  # see test_orchestrator_is_at_most_six_import_levels_deep
 # Over the size limits when the rules arrived; each is split by the composed-loop work (issue 19).
 # An entry may only shrink: one that grows fails, one that fits fails until it is removed.
 OVERSIZE = {
-    "orchestrator.train_loop.TrainLoop": 306,
+    "orchestrator.train_loop.TrainLoop": 295,
 }
 
 

@@ -67,7 +67,7 @@ def _one_step(recipe: Recipe, batch: TokenBatch, teacher: TeacherActor, out_dir)
         metrics = ray.get(group.train_step(shard_refs, signals, batch.num_tokens))
         group.export(str(out_dir), recipe.student.model)
     finally:
-        group.shutdown()
+        group.shutdown(keep=True)  # the next group of this size sets these ranks up again
     tokens = sum(m["tokens"] for m in metrics)
     logged = sum(m["loss"] * m["tokens"] for m in metrics) / tokens
     return load_file(str(out_dir / "model.safetensors")), logged

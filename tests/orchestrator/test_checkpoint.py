@@ -349,7 +349,11 @@ def test_driver_side_identity_hashes_recipe_data_and_tokenizer(tmp_path, tiny_mo
 
 
 def _wait_for_free_cpus(ray, want: float, timeout: float = 60.0) -> None:
-    """The killed driver's actors are reclaimed by Ray (their owner died) shortly after."""
+    """The killed driver's actors are reclaimed by Ray (their owner died) shortly after;
+    the ones this process parked after its own runs (orchestrator/warm.py) are let go."""
+    from orchestrator import warm
+
+    warm.release()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ray.available_resources().get("CPU", 0) >= want:
