@@ -126,7 +126,8 @@ def _start(
 ) -> tuple[type[TrainLoop], Dataset, dict[str, Any]]:
     """Teachers, students, data and the MLflow run; (loop class, dataset, identity)."""
     mode = loop_class(recipe.distill.mode)
-    warm.release(keep=set(mode.warm_keys(recipe)))  # kept: what this run will take
+    if warm.parked():  # kept: what this run will take
+        warm.release(keep=set(mode.warm_keys(recipe)))
     cached = {t.name: CachedTeacherPool(recipe, t) for t in cached_teachers(recipe)}
     for t in recipe.teachers:  # one by one: a failure leaves the started ones to kill
         parts.pools.append(cached.get(t.name) or live_pool(recipe, t))

@@ -179,7 +179,7 @@ def _replica(
 def judge_key(cfg: JudgeConfig, model: str | None, cluster: ClusterConfig | None = None) -> str:
     """The warm key of a judge's replicas (all alike), with its model's files."""
     options, args = _replica(cfg, model, (cluster or ClusterConfig()).max_restarts)
-    return warm.key(JudgeActor, options, args, warm.folder_stamp(model or ""))
+    return warm.key(JudgeActor, options, args, warm.folder_stamp(model))
 
 
 def _usable(value: Any) -> float | None:

@@ -41,12 +41,12 @@ def key(*parts: Any) -> str:
     return json.dumps(parts, sort_keys=True, default=repr)
 
 
-def folder_stamp(path: str) -> list[list[Any]]:
+def folder_stamp(path: str | None) -> list[list[Any]]:
     """Name, size and mtime of each file of a model folder: a model rewritten in place
     (retrained, another checkpoint) does not reuse a replica that loaded the old one."""
-    root = Path(path)
-    if not root.is_dir():
-        return []  # a hub or registry name: the name is the key
+    root = Path(path or "")
+    if not path or not root.is_dir():
+        return []  # no model (a function judge), or a hub or registry name: the name is it
     files = sorted(p for p in root.rglob("*") if p.is_file())
     return [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
@@ -85,6 +85,11 @@ def park(k: str, value: Any, actors: list[Any], kill: Callable[[], None]) -> Non
         _parked.setdefault(k, []).append(_Parked(value, actors, kill))
     else:
         kill()
+
+
+def parked() -> bool:
+    """Whether anything is parked in this Ray (a run's keys are worked out only then)."""
+    return _same_cluster() and any(_parked.values())
 
 
 def park_or_kill(k: str, actor: Any, keep: bool) -> None:

@@ -78,3 +78,4 @@ def test_a_folder_stamp_changes_with_any_file(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"123")
     assert warm.folder_stamp(str(tmp_path)) != before
     assert warm.folder_stamp("HuggingFaceTB/SmolLM2-135M-Instruct") == []
+    assert warm.folder_stamp(None) == warm.folder_stamp("") == []  # not the working folder
