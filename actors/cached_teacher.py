@@ -29,6 +29,14 @@ class CachedTeacher:
 
         return {"node": ray.get_runtime_context().get_node_id(), "model": str(self.reader.root)}
 
+    def park(self) -> bool:
+        """Kept for another run of the same driver: its counts start again. False when Ray
+        restarted it."""
+        import ray
+
+        self.served = {"calls": 0, "rows": 0}
+        return not ray.get_runtime_context().was_current_actor_reconstructed
+
     def info(self) -> dict[str, Any]:
         """What it served (the rest of a teacher's info is in the manifest, on the driver)."""
         return {"name": self.name, "served": dict(self.served), "replica": 0}

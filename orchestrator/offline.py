@@ -36,11 +36,12 @@ from actors.signal_cache import (
     data_hash,
     verify,
 )
-from orchestrator import run_lock
+from orchestrator import run_lock, warm
 from orchestrator.balance import LeastOutstanding
 from orchestrator.faults import gather, restart_unresponsive
 from orchestrator.ray_env import service_options
 from orchestrator.recipe import Recipe, RecipeError, TeacherConfig
+from orchestrator.teachers import live_pool, teacher_keys
 
 
 @lru_cache(maxsize=16)
@@ -120,6 +121,7 @@ class CachedTeacherPool:
             "cache": str(self.root),
         }
         self.replicas: list[Any] = []
+        self.key = ""
         self.balance = LeastOutstanding(1)
         self.restarts: dict[str, int] = {}
 
@@ -137,12 +139,10 @@ class CachedTeacherPool:
             raise RecipeError(self.field, str(exc)) from exc
 
     def start(self) -> None:
-        d, cluster = self.recipe.distill, self.recipe.cluster
-        options = service_options(self.cfg, cluster.max_restarts)
-        options.update(num_cpus=min(self.cfg.num_cpus, 0.25), num_gpus=0)
-        actor = ray.remote(CachedTeacher).options(**options)
-        temperature = float(self.cfg.temperature or d.temperature)
-        self.replicas = [actor.remote(self.name, str(self.root), int(d.top_k), temperature)]
+        options, args = _reader(self.recipe, self.cfg)
+        self.key = reader_key(self.recipe, self.cfg)
+        actor = warm.take(self.key) or ray.remote(CachedTeacher).options(**options).remote(*args)
+        self.replicas = [actor]
 
     def score(
         self,
@@ -187,9 +187,30 @@ class CachedTeacherPool:
         return {}
 
     def shutdown(self, keep: bool = False) -> None:
-        """Readers are cheap to start again: `keep` parks nothing."""
+        """Kill the reader, or with `keep` park it for the next run (orchestrator/warm.py)."""
         for actor in self.replicas:
-            ray.kill(actor)
+            warm.park_or_kill(self.key, actor, keep and not self.restarts)
+
+
+def _reader(recipe: Recipe, cfg: TeacherConfig) -> tuple[dict[str, Any], tuple[Any, ...]]:
+    """(Ray options, arguments) of a cache reader: a little CPU, no GPU."""
+    d = recipe.distill
+    options = service_options(cfg, recipe.cluster.max_restarts)
+    options.update(num_cpus=min(cfg.num_cpus, 0.25), num_gpus=0)
+    temperature = float(cfg.temperature or d.temperature)
+    return options, (cfg.name, str(cache_path(recipe, cfg)), int(d.top_k), temperature)
+
+
+def reader_key(recipe: Recipe, cfg: TeacherConfig) -> str:
+    """A reader's warm key, with its cache's files (a cache built again is another)."""
+    options, args = _reader(recipe, cfg)
+    return warm.key(CachedTeacher, options, args, warm.folder_stamp(args[1]))
+
+
+def teacher_warm_keys(recipe: Recipe) -> list[str]:
+    """The warm keys of every teacher of the run: live replicas and cache readers."""
+    live = [k for t in recipe.teachers if not recipe.from_cache(t) for k in teacher_keys(recipe, t)]
+    return live + [reader_key(recipe, t) for t in cached_teachers(recipe)]
 
 
 def build(recipe: Recipe, pools: list[Any], dataset: Any, chunk_rows: int = 32) -> dict:
@@ -335,19 +356,21 @@ def _build_with(recipe: Recipe, wanted: list[TeacherConfig]) -> dict[str, Any]:
     from orchestrator.data import build_dataset
     from orchestrator.placement import check_resources
     from orchestrator.ray_env import ensure_ray
-    from orchestrator.teachers import live_pool
 
     started = ensure_ray(recipe.cluster)
     pools: list[Any] = []
+    built = False
     try:
         live = [t.model_copy(update={"cache": None}) for t in wanted]  # here they all run
         mode = recipe.distill.model_copy(update={"mode": "off_policy"})
         check_resources(recipe.model_copy(update={"teachers": live, "distill": mode}))
         pools = [live_pool(recipe, t) for t in wanted]
         dataset = build_dataset(recipe, pools)
-        return build(recipe, pools, dataset)
+        out = build(recipe, pools, dataset)
+        built = True
+        return out
     finally:
-        for pool in pools:
-            pool.shutdown()
+        for pool in pools:  # kept for a run in this Ray (orchestrator/warm.py)
+            pool.shutdown(keep=built and not started)
         if started:
             ray.shutdown()

@@ -134,6 +134,7 @@ def _elicit(
         pool: Any = JudgePool(judge_cfg, None if judge_cfg.function else model, recipe.cluster)
     else:
         pool = live_pool(recipe, cfg)
+    done = False
     try:
         if stage.kind == "expand":
             figures = elicit.expand(stage, pool, data, out, recipe.run.seed)
@@ -141,8 +142,9 @@ def _elicit(
             figures = elicit.label(stage, recipe, pool, data, out)
         else:
             figures = elicit.curate(stage, pool, data, out)
+        done = True
     finally:
-        pool.shutdown()
+        pool.shutdown(keep=done)  # a later stage may take it (orchestrator/warm.py)
     tracker = open_tracker(recipe.model_copy(deep=True), stage_dir, parent=parent)
     tracker.log_metrics(0, figures)
     tracker.log_artifact(out)

@@ -30,12 +30,13 @@ from orchestrator.checkpoint import (
 from orchestrator.data import Dataset
 from orchestrator.faults import RuntimeFault, gather
 from orchestrator.model_registry import log_student, model_tags
+from orchestrator.offline import teacher_warm_keys
 from orchestrator.plots import plot_curves
 from orchestrator.progress import Progress
 from orchestrator.recipe import Recipe
 from orchestrator.step_metrics import pool_eval, step_metrics
 from orchestrator.students import StudentGroup, group_key, worker_spec
-from orchestrator.teachers import TeacherPool, teacher_keys
+from orchestrator.teachers import TeacherPool
 from orchestrator.tracking import Tracker
 
 QUEUED_STEPS = 2  # train steps queued on the students: the next is ready when one ends
@@ -214,8 +215,7 @@ class TrainLoop:
     @classmethod
     def warm_keys(cls, recipe: Recipe) -> list[str]:
         """What a run of this mode may take from orchestrator/warm.py (modes add theirs)."""
-        live = [t for t in recipe.teachers if not recipe.from_cache(t)]
-        return [*(k for t in live for k in teacher_keys(recipe, t)), group_key(recipe.student)]
+        return [*teacher_warm_keys(recipe), group_key(recipe.student)]
 
     def shutdown(self, keep: bool = False) -> None:
         """Stop (or with `keep`, park) the actors a mode started for itself (teachers and

@@ -44,8 +44,12 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def _titles_during(run) -> tuple[int, set[str]]:
     """Run `run()` while sampling the titles of Ray's worker processes (once the actors of
-    earlier runs, killed asynchronously, are gone)."""
+    earlier runs, parked ones included, are killed and gone)."""
     import psutil
+
+    from orchestrator import warm
+
+    warm.release()
 
     def titles() -> set[str]:
         out = set()
