@@ -300,7 +300,11 @@ class RlaifLoop(OnPolicyLoop):
 
     @classmethod
     def warm_keys(cls, recipe: Recipe) -> list[str]:
-        keys = [judge_key(j, judge_model(recipe, j), recipe.cluster) for j in recipe.judges]
+        keys = [
+            judge_key(j, judge_model(recipe, j), recipe.cluster)
+            for j in recipe.judges
+            for _ in range(j.replicas)
+        ]
         return [*super().warm_keys(recipe), *keys]
 
     def shutdown(self, keep: bool = False) -> None:
