@@ -23,7 +23,7 @@ from orchestrator.data import Dataset, build_dataset
 from orchestrator.faults import RuntimeFault, finish_tracking
 from orchestrator.identity import check_identity, run_identity
 from orchestrator.offline import CachedTeacherPool, cached_teachers
-from orchestrator.placement import check_reachable, check_resources, record, total_demand
+from orchestrator.placement import check_reachable, check_resources, record
 from orchestrator.ray_env import ensure_ray
 from orchestrator.recipe import Recipe, RecipeError, to_yaml
 from orchestrator.students import StudentGroup
@@ -126,8 +126,8 @@ def _start(
 ) -> tuple[type[TrainLoop], Dataset, dict[str, Any]]:
     """Teachers, students, data and the MLflow run; (loop class, dataset, identity)."""
     mode = loop_class(recipe.distill.mode)
-    if warm.parked():  # kept: what this run will take; the rest if it needs the room
-        warm.release(keep=mode.warm_keys(recipe), need=total_demand(recipe))
+    if warm.parked():  # kept: what this run will take
+        warm.release(keep=set(mode.warm_keys(recipe)))
     cached = {t.name: CachedTeacherPool(recipe, t) for t in cached_teachers(recipe)}
     for t in recipe.teachers:  # one by one: a failure leaves the started ones to kill
         parts.pools.append(cached.get(t.name) or live_pool(recipe, t))
@@ -174,6 +174,7 @@ def _train(
         parts.loop = mode(
             recipe, run_dir, parts.pools, parts.students, dataset, parts.tracker, identity
         )
+        warm.release()  # all taken: what is left (a twin of a taken one) holds resources
         try:
             return parts.loop.run(ledger, None if end is None else end - _step(ledger))
         except RuntimeFault as exc:

@@ -58,7 +58,6 @@ class JudgePool:
         self.max_restarts = (cluster or ClusterConfig()).max_restarts
         self.restarts: dict[str, int] = {}  # by replica name: hung ones the pool restarted
         options, args = _replica(cfg, model, self.max_restarts)
-        self.options = options
         self.key = judge_key(cfg, model, cluster)
         remote = ray.remote(JudgeActor).options(**options)
         self.replicas = [warm.take(self.key) or remote.remote(**args) for _ in range(cfg.replicas)]
@@ -152,7 +151,7 @@ class JudgePool:
         """Kill the replicas, or with `keep` park them for the next run in this Ray
         (orchestrator/warm.py), unless the pool restarted one."""
         for actor in self.replicas:
-            warm.park_or_kill(self.key, actor, keep and not self.restarts, self.options)
+            warm.park_or_kill(self.key, actor, keep and not self.restarts)
 
 
 def _replica(

@@ -121,7 +121,7 @@ class CachedTeacherPool:
             "cache": str(self.root),
         }
         self.replicas: list[Any] = []
-        self.key, self.options = "", {}
+        self.key = ""
         self.balance = LeastOutstanding(1)
         self.restarts: dict[str, int] = {}
 
@@ -140,7 +140,6 @@ class CachedTeacherPool:
 
     def start(self) -> None:
         options, args = _reader(self.recipe, self.cfg)
-        self.options = options
         self.key = reader_key(self.recipe, self.cfg)
         actor = warm.take(self.key) or ray.remote(CachedTeacher).options(**options).remote(*args)
         self.replicas = [actor]
@@ -190,7 +189,7 @@ class CachedTeacherPool:
     def shutdown(self, keep: bool = False) -> None:
         """Kill the reader, or with `keep` park it for the next run (orchestrator/warm.py)."""
         for actor in self.replicas:
-            warm.park_or_kill(self.key, actor, keep and not self.restarts, self.options)
+            warm.park_or_kill(self.key, actor, keep and not self.restarts)
 
 
 def _reader(recipe: Recipe, cfg: TeacherConfig) -> tuple[dict[str, Any], tuple[Any, ...]]:

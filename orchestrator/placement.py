@@ -48,15 +48,6 @@ def requested(recipe: Recipe) -> list[tuple[str, int, Placed]]:
     return out
 
 
-def total_demand(recipe: Recipe) -> dict[str, float]:
-    """What all of the run's actors hold of the cluster at once."""
-    out: dict[str, float] = {}
-    for _, n, cfg in requested(recipe):
-        for r, amount in demand(cfg).items():
-            out[r] = out.get(r, 0.0) + n * amount
-    return out
-
-
 _UNITS = {"CPU": "CPUs", "GPU": "GPUs"}
 
 

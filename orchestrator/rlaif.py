@@ -300,11 +300,7 @@ class RlaifLoop(OnPolicyLoop):
 
     @classmethod
     def warm_keys(cls, recipe: Recipe) -> list[str]:
-        keys = [
-            judge_key(j, judge_model(recipe, j), recipe.cluster)
-            for j in recipe.judges
-            for _ in range(j.replicas)
-        ]
+        keys = [judge_key(j, judge_model(recipe, j), recipe.cluster) for j in recipe.judges]
         return [*super().warm_keys(recipe), *keys]
 
     def shutdown(self, keep: bool = False) -> None:

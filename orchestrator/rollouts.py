@@ -70,7 +70,7 @@ class RolloutPool:
         engine = ray.remote(RolloutEngine)
         if r.weight_sync in GPU_SYNC:  # the ranks' pushes, while the engine's thread waits
             engine = ray.remote(concurrency_groups={TRANSFER_GROUP: 1})(RolloutEngine)
-        options = self.options = service_options(r, recipe.cluster.max_restarts)
+        options = service_options(r, recipe.cluster.max_restarts)
         remote = engine.options(**options)
         spec = engine_spec(recipe)
         self.keys = rollout_keys(recipe, options, spec)
@@ -145,7 +145,7 @@ class RolloutPool:
         (orchestrator/warm.py): each loads the next run's first snapshot before it writes."""
         keep = keep and self.warm and not self.restarts
         for k, engine in zip(self.keys, self.replicas, strict=True):
-            warm.park_or_kill(k, engine, keep, self.options)
+            warm.park_or_kill(k, engine, keep)
 
 
 def rollout_keys(

@@ -86,7 +86,7 @@ class StudentGroup:
         # setup, load, save and export: whole-model work, bounded by the setup bound
         self.wait = {"timeout_s": recipe.cluster.setup_timeout_s}
         options = actor_options(s.num_cpus, s.num_gpus, s.threads, s.resources)
-        self.key, self.holds = group_key(s), warm.footprint(options, s.world_size)
+        self.key = group_key(s)
         self.workers: list[Any] = []
         self.num_params = 0
         self._setup: list[ray.ObjectRef] | None = None
@@ -194,8 +194,7 @@ class StudentGroup:
             else:
                 if keep and self._setup is None:
                     pg, workers = self.pg, self.workers
-                    kill = lambda: _kill(pg, workers)  # noqa: E731
-                    warm.park(self.key, (pg, workers), workers, kill, self.holds)
+                    warm.park(self.key, (pg, workers), workers, lambda: _kill(pg, workers))
                     return
         if hasattr(self, "pg"):
             _kill(self.pg, self.workers)

@@ -78,7 +78,6 @@ class LiveTeacherPool:
         self.max_restarts = cluster.max_restarts
         self.restarts: dict[str, int] = {}  # by replica name, the ones the driver did
         options, args = _replicas(cfg, distill, max_model_len, student_tokenizer, cluster)
-        self.options = options
         self.keys = _keys(actor_class, options, args)
         remote = ray.remote(actor_class).options(**options)
         pairs = zip(self.keys, args, strict=True)
@@ -175,7 +174,7 @@ class LiveTeacherPool:
         """Kill the replicas, or with `keep` park them for the next run in this Ray
         (`orchestrator/warm.py`), unless the driver restarted one."""
         for k, actor in zip(self.keys, self.replicas, strict=True):
-            warm.park_or_kill(k, actor, keep and not self.restarts, self.options)
+            warm.park_or_kill(k, actor, keep and not self.restarts)
 
 
 def _replicas(
