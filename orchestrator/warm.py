@@ -3,13 +3,14 @@ notebook, a test session).
 
 Starting an actor costs its process 6-7 s of CPU (torch, transformers and DeepSpeed imports)
 plus its model load, often more than the run itself. A run that ends cleanly parks its
-teacher replicas and student ranks here, and the next run in the same Ray cluster takes
-those whose key matches exactly: a teacher's class, Ray options, arguments and model files
-(a folder rewritten in place does not match); a student group's size, placement and
-options (its ranks are set up again from the new run's spec). What a run does not take is
-killed before its own actors are placed, so parked actors never hold resources a run needs.
-A run that failed, a replica that Ray restarted (its restart budget is partly spent) and a
-driver that started Ray itself (Ray ends with it) park nothing.
+teacher replicas, cache readers, student groups, rollout engines and judges here, and the
+next run in the same Ray cluster takes those whose key matches exactly: a service actor's
+class, Ray options, arguments and model or cache files (a folder rewritten in place does
+not match); a student group's size, placement and options (its ranks are set up again from
+the new run's spec). What a run will not take is killed before it places its own actors,
+so parked actors never hold resources a run needs. A run that failed, a replica that Ray or
+the driver restarted (its restart budget is partly spent) and a driver that started Ray
+itself (Ray ends with it) park nothing.
 """
 
 from __future__ import annotations
@@ -106,15 +107,14 @@ def park_or_kill(k: str, actor: Any, keep: bool) -> None:
         ray.kill(actor)
 
 
-def release(keep: set[str] | frozenset[str] = frozenset()) -> int:
+def release(keep: set[str] | frozenset[str] = frozenset()) -> None:
     """Kill whatever is parked under a key not in `keep` (a run, before it places its own
-    actors, keeps what it will take); how many were killed."""
+    actors, keeps what it will take)."""
     entries = [e for k, group in _parked.items() if k not in keep for e in group]
     for k in [k for k in _parked if k not in keep]:
         del _parked[k]
     for entry in entries:
         _kill(entry)
-    return len(entries)
 
 
 def _kill(entry: _Parked) -> None:
