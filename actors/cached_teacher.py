@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from actors.batch import TokenBatch
+from actors.priority import nice, set_nice
 from actors.signal import TeacherSignal
 from actors.signal_cache import CacheReader
 
@@ -35,7 +36,14 @@ class CachedTeacher:
         import ray
 
         self.served = {"calls": 0, "rows": 0}
-        return not ray.get_runtime_context().was_current_actor_reconstructed
+        fresh = not ray.get_runtime_context().was_current_actor_reconstructed
+        return fresh and set_nice(0)  # a run that did not lower its priority may take it
+
+    def yield_cpu(self, level: int) -> int:
+        """Take the cores the student ranks leave (they are this run's critical path); the
+        nice value this process now has."""
+        set_nice(level)
+        return nice()
 
     def info(self) -> dict[str, Any]:
         """What it served (the rest of a teacher's info is in the manifest, on the driver)."""

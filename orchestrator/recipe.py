@@ -230,6 +230,13 @@ class DistillConfig(_Strict):
         None, description="route: the data field naming each example's teacher"
     )
     prefetch_depth: int = Field(2, ge=1, description="batches teachers work ahead")
+    teacher_nice: int = Field(
+        19,
+        ge=0,
+        le=19,
+        description="when the students never wait for a signal in the first steps, the "
+        "teachers' processes take this nice value, so the ranks get shared cores first; 0: never",
+    )
     chunk_mb: int = Field(
         256, ge=1, description="memory for [positions, vocab] buffers in teacher and student"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import psutil
 
 from orchestrator.teachers import TeacherPool
 
@@ -14,7 +15,6 @@ def step_metrics(
     pools: list[TeacherPool],
     wall: float,
     depth: int,
-    rss_mb: float,
 ) -> dict[str, float]:
     """Token-weighted loss terms; busy times per stage. A teacher's busy time is spread
     over its replicas and the slowest teacher is the critical path; `*_cpu_s` is CPU
@@ -50,7 +50,7 @@ def step_metrics(
         bytes_moved=sum(m["signal_bytes"] + m["batch_bytes"] for m in per_rank),
         signal_bytes_per_token=sum(m["signal_bytes"] for m in per_rank) / max(tokens, 1),
         inflight_depth=float(depth),
-        driver_rss_mb=rss_mb,
+        driver_rss_mb=psutil.Process().memory_info().rss / 2**20,
         lr=per_rank[0]["lr"],
         grad_norm=per_rank[0]["grad_norm"],
     )

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import ray
 
 from actors.batch import TokenBatch
@@ -27,6 +26,7 @@ from orchestrator.checkpoint import (
     tag_for,
     write_json,
 )
+from orchestrator.critical_path import TeacherPriority
 from orchestrator.data import Dataset
 from orchestrator.faults import RuntimeFault, gather
 from orchestrator.model_registry import log_student, model_tags
@@ -118,7 +118,7 @@ class TrainLoop:
         self.students, self.dataset, self.tracker = students, dataset, tracker
         self.world = len(students)
         self.identity = identity  # recorded in every ledger, checked on resume
-        self._process = psutil.Process()
+        self._priority = TeacherPriority(pools, recipe.distill.teacher_nice)
         self._heldout = self._put_heldout(dataset.heldout)
         # actors the ranks wait on: probed when a step runs past its bound (modes add theirs)
         self.services: list[Any] = list(pools)
@@ -313,6 +313,7 @@ class TrainLoop:
                 now = time.perf_counter()
                 metrics = self._aggregate(per_rank, now - last, len(self._window))
                 metrics["driver_cpu_s"] = time.process_time() - last_cpu  # incl. its threads
+                self._priority.observe(metrics)
                 self._step_metrics(item, metrics)
                 last, last_cpu, step = now, time.process_time(), item.step + 1
                 tokens_total += metrics["tokens"]
@@ -348,8 +349,7 @@ class TrainLoop:
         return start, dict(ledger.get("summary", {}))
 
     def _aggregate(self, per_rank: list[dict[str, float]], wall: float, depth: int) -> dict:
-        rss_mb = self._process.memory_info().rss / 2**20
-        return step_metrics(per_rank, self.pools, wall, depth, rss_mb)
+        return step_metrics(per_rank, self.pools, wall, depth)
 
     def _checkpoint(self, step: int, summary: dict[str, Any], saved: list[ray.ObjectRef]) -> None:
         """Shards (fsynced and hashed by the ranks that wrote them), then the ledger with

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import statistics
 from pathlib import Path
 
 import torch
@@ -12,6 +14,7 @@ from safetensors.torch import load_file
 
 from orchestrator.checkpoint import read_ledger, tag_for, write_json
 from orchestrator.cli import main
+from orchestrator.critical_path import WAIT_SHARE
 from orchestrator.tracking import Tracker, prepare_store
 
 
@@ -62,9 +65,7 @@ def test_resume_matches_uninterrupted_run(ray_session, tiny_models, tmp_path, ca
 
     # both runs logged every step exactly once
     client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
-    run_ids = [
-        __import__("json").loads((d / "state.json").read_text())["run_id"] for d in (full, stopped)
-    ]
+    run_ids = [json.loads((d / "state.json").read_text())["run_id"] for d in (full, stopped)]
     for run_id in run_ids:
         steps = [m.step for m in client.get_metric_history(run_id, "loss")]
         assert sorted(steps) == list(range(1, 13))
@@ -114,6 +115,22 @@ def test_mlflow_run_params_metrics_and_student(ray_session, tiny_models, tmp_pat
     assert {"recipe.yaml", "student", "summary.json", "curves.png"} <= artifacts
     student = {a.path for a in client.list_artifacts(run.info.run_id, "student")}
     assert "student/config.json" in student
+
+    # the tiny ranks never wait for the teacher: it yields shared cores from step 5 on
+    # (its answer arrives behind the scoring it has queued), and is back at 0 when parked
+    def history(key: str) -> list[float]:
+        rows = client.get_metric_history(run.info.run_id, key)
+        return [m.value for m in sorted(rows, key=lambda m: m.step)]
+
+    waits, walls = history("signal_wait_s"), history("step_time_s")
+    shares = [w / t for w, t in zip(waits, walls, strict=True)]
+    assert statistics.median(shares[1:5]) <= WAIT_SHARE, shares
+    nice = history("teacher_nice")
+    assert nice[:4] == [0.0] * 4 and set(nice[7:]) == {19.0}, nice
+    (run_dir,) = _run_dirs(tmp_path / "runs")
+    (replica,) = json.loads((run_dir / "placement.json").read_text())["teacher tiny"]
+    stats = Path(f"/proc/{replica['pid']}/task").glob("*/stat")
+    assert {int(p.read_text().rsplit(")", 1)[1].split()[16]) for p in stats} == {0}
 
 
 def test_tracker_replays_a_checkpoints_rows_once(tmp_path):

@@ -1,0 +1,61 @@
+"""Teachers yield shared cores once the student ranks are found to be the critical path
+(orchestrator/critical_path.py). The real processes' nice values are checked on a run in
+test_resume_and_tracking.py; here, the rule."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from orchestrator.critical_path import WATCHED_STEPS, TeacherPriority
+
+
+class _Replica:
+    """Answers `yield_cpu` as a teacher does: with the nice value it now has."""
+
+    def __init__(self, ray) -> None:
+        self.asked: list[int] = []
+        self.yield_cpu = SimpleNamespace(remote=lambda level: self._ask(ray, level))
+
+    def _ask(self, ray, level: int):
+        self.asked.append(level)
+        return ray.put(level)
+
+
+class _Pool:
+    def __init__(self, ray, replicas: int) -> None:
+        self.replicas = [_Replica(ray) for _ in range(replicas)]
+
+    def actors(self) -> dict[str, _Replica]:
+        return {f"r{i}": r for i, r in enumerate(self.replicas)}
+
+
+def _series(priority: TeacherPriority, waits: list[float]) -> list[float]:
+    out = []
+    for wait in waits:
+        metrics = {"signal_wait_s": wait, "step_time_s": 1.0}
+        priority.observe(metrics)
+        out.append(metrics["teacher_nice"])
+    return out
+
+
+def test_ranks_that_never_wait_make_every_teacher_yield_once(ray_session):
+    pools = [_Pool(ray_session, 2), _Pool(ray_session, 1)]
+    priority = TeacherPriority(pools, 19)
+    waits = [3.0] + [0.01] * (WATCHED_STEPS + 3)  # a slow first step does not count
+    decided = WATCHED_STEPS + 1
+    assert _series(priority, waits) == [0.0] * (decided - 1) + [19.0] * (len(waits) - decided + 1)
+    assert [r.asked for p in pools for r in p.replicas] == [[19], [19], [19]]
+    assert priority.waited() == 0.01
+
+
+def test_ranks_waiting_for_signals_leave_the_teachers_alone(ray_session):
+    pools = [_Pool(ray_session, 1)]
+    priority = TeacherPriority(pools, 19)
+    assert _series(priority, [0.0, 0.2, 0.0, 0.3, 0.2, 0.0, 0.0]) == [0.0] * 7
+    assert priority.waited() == 0.2 and pools[0].replicas[0].asked == []
+
+
+def test_nice_zero_never_asks(ray_session):
+    pools = [_Pool(ray_session, 1)]
+    assert _series(TeacherPriority(pools, 0), [0.0] * 8) == [0.0] * 8
+    assert pools[0].replicas[0].asked == []
