@@ -39,6 +39,7 @@ from actors.chat import LENGTH, STOP
 from actors.model_store import local_model
 from actors.models import build_student, pick_device, pick_dtype
 from actors.objective import chunk_positions, label_logprobs
+from actors.specs import EngineSpec
 from actors.weights import GPU_SYNC, WeightSnapshot
 
 
@@ -159,39 +160,36 @@ class HFSampler:
 
 
 class RolloutEngine:
-    """One rollout replica. `spec`: model, layers, backend, dtype, threads, stop_ids, pad,
-    weight_sync, num_gpus."""
+    """One rollout replica."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
-        torch.set_num_threads(int(spec.get("threads", 1)))
-        spec = {**spec, "model": local_model(spec["model"])}  # this node's copy of a known name
-        self.spec = spec
+    def __init__(self, spec: EngineSpec) -> None:
+        torch.set_num_threads(spec.threads)
+        model = local_model(spec.model)  # this node's copy of a known name
         self.version = -1  # no snapshot loaded yet: the first call loads one
-        self.stop_ids = [int(i) for i in spec.get("stop_ids", [])]
-        self.pad = int(spec.get("pad", 0))
-        self.weight_sync = str(spec.get("weight_sync", "auto"))
+        self.stop_ids = list(spec.stop_ids)
+        self.pad = spec.pad
+        self.weight_sync = spec.weight_sync
         self.lock = threading.Lock()  # sampling, or a pushed round of weights: never both
         self.receiver: Any = None  # vLLM's control plane, for the ranks' pushes
         self.round_s = 0.0  # the last pushed round, start to finish
         self.receipt = -1  # the last pushed version whose sync this engine reported
         device = pick_device(want_gpu=True)
-        dtype = pick_dtype(spec.get("dtype", "auto"), device)
+        dtype = pick_dtype(spec.dtype, device)
         self.sampler: HFSampler | Any
-        if spec.get("backend", "hf") == "vllm":
+        if spec.backend == "vllm":
             from actors.vllm_backend import VLLMEngine, student_folder
 
-            folder = student_folder(spec["model"], spec.get("layers"))
             self.sampler = VLLMEngine(
-                folder,
+                student_folder(model, spec.layers),
                 dtype=dtype,
-                max_model_len=int(spec.get("max_model_len", 512)),
-                seed=int(spec.get("seed", 0)),
+                max_model_len=spec.max_model_len,
+                seed=spec.seed,
                 weight_sync=self.weight_sync,
-                gpu_share=float(spec.get("num_gpus", 0.0)),
+                gpu_share=spec.num_gpus,
             )
         else:
-            model = build_student(spec["model"], spec.get("layers"))
-            self.sampler = HFSampler(model.to(device=device, dtype=dtype).eval(), device)
+            built = build_student(model, spec.layers)
+            self.sampler = HFSampler(built.to(device=device, dtype=dtype).eval(), device)
 
     def _sync(self, version: int, snapshot_ref: list[ray.ObjectRef]) -> dict[str, float]:
         """Load the snapshot of `version` unless this engine already holds it (then nothing

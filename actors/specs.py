@@ -1,6 +1,7 @@
-"""What a student rank is told at construction: typed and frozen, so a misspelt setting fails
-where the spec is built, and no default is repeated inside the actor. Actors know nothing
-of recipes; `orchestrator/students.py` builds these from one."""
+"""What a student rank or a rollout engine is told at construction: typed and frozen, so a
+misspelt setting fails where the spec is built, and no default is repeated inside the actor.
+Actors know nothing of recipes; `orchestrator/students.py` and `orchestrator/rollouts.py`
+build these from one."""
 
 from __future__ import annotations
 
@@ -54,3 +55,20 @@ class WorkerSpec:
     grad_accum: int
     chunk_bytes: int
     rl: RLSpec | None = None
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """A rollout engine: the student's weights (then synced from the ranks), sampling only."""
+
+    model: str  # a folder or known name; each engine resolves it on its node
+    layers: list[int] | None
+    backend: str  # hf | vllm
+    dtype: str
+    threads: int
+    weight_sync: str  # how the ranks' weights reach it (actors/weights.py)
+    num_gpus: float
+    stop_ids: list[int]  # tokens that end a sample
+    pad: int
+    seed: int
+    max_model_len: int  # prompt + new tokens

@@ -39,17 +39,22 @@ def prompts(model: str, n: int) -> list[np.ndarray]:
 
 def measure(backend: str, model: str, batch: list[np.ndarray], args, stops: list[int]) -> dict:
     from actors.rollout import RolloutEngine
+    from actors.specs import EngineSpec
     from orchestrator.ray_env import actor_options
 
-    spec = {
-        "model": model,
-        "layers": LAYERS,
-        "backend": backend,
-        "threads": args.threads,
-        "stop_ids": stops,
-        "pad": stops[0] if stops else 0,
-        "max_model_len": 512,
-    }
+    spec = EngineSpec(
+        model=model,
+        layers=LAYERS,
+        backend=backend,
+        dtype="auto",
+        threads=args.threads,
+        weight_sync="auto",
+        num_gpus=0.0,
+        stop_ids=stops,
+        pad=stops[0] if stops else 0,
+        seed=0,
+        max_model_len=512,
+    )
     engine = ray.remote(RolloutEngine).options(**actor_options(args.threads, 0, args.threads))
     engine = engine.remote(spec)
     sampling = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": args.max_new_tokens}

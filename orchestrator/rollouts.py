@@ -8,6 +8,7 @@ import numpy as np
 import ray
 
 from actors.rollout import RolloutEngine
+from actors.specs import EngineSpec
 from actors.weights import GPU_SYNC, TRANSFER_GROUP
 from orchestrator import warm
 from orchestrator.balance import LeastOutstanding
@@ -44,22 +45,22 @@ def stop_and_pad(recipe: Recipe) -> tuple[list[int], int]:
     return stops, int(pad if pad is not None else (stops or [0])[0])
 
 
-def engine_spec(recipe: Recipe) -> dict[str, Any]:
+def engine_spec(recipe: Recipe) -> EngineSpec:
     r, s = recipe.rollout, recipe.student
     stops, pad = stop_and_pad(recipe)
-    return {
-        "model": s.model,
-        "layers": s.layers,
-        "backend": r.backend,
-        "dtype": r.dtype,
-        "threads": r.threads,
-        "weight_sync": r.weight_sync,
-        "num_gpus": r.num_gpus,
-        "stop_ids": stops,
-        "pad": pad,
-        "seed": recipe.run.seed,
-        "max_model_len": recipe.data.seq_len + r.max_new_tokens,
-    }
+    return EngineSpec(
+        model=s.model,
+        layers=s.layers,
+        backend=r.backend,
+        dtype=r.dtype,
+        threads=r.threads,
+        weight_sync=r.weight_sync,
+        num_gpus=r.num_gpus,
+        stop_ids=stops,
+        pad=pad,
+        seed=recipe.run.seed,
+        max_model_len=recipe.data.seq_len + r.max_new_tokens,
+    )
 
 
 class RolloutPool:
@@ -149,7 +150,7 @@ class RolloutPool:
 
 
 def rollout_keys(
-    recipe: Recipe, options: dict[str, Any] | None = None, spec: dict[str, Any] | None = None
+    recipe: Recipe, options: dict[str, Any] | None = None, spec: EngineSpec | None = None
 ) -> list[str]:
     """The warm key of each engine (all alike): its options, spec and student files."""
     r = recipe.rollout

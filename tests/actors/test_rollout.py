@@ -19,6 +19,7 @@ from actors.batch import Sample, TokenBatch
 from actors.chat import LENGTH, STOP
 from actors.models import build_student
 from actors.rollout import HFSampler, RolloutEngine, _top_p_filter, assemble, request_seed
+from actors.specs import EngineSpec
 from actors.teacher import TeacherActor
 from orchestrator.recipe import Recipe
 from orchestrator.students import StudentGroup
@@ -124,6 +125,22 @@ def _fixed_text() -> TokenBatch:
     return TokenBatch(ids, attn, loss)
 
 
+def _spec(model: str) -> EngineSpec:
+    return EngineSpec(
+        model=model,
+        layers=None,
+        backend="hf",
+        dtype="auto",
+        threads=1,
+        weight_sync="auto",
+        num_gpus=0.0,
+        stop_ids=[],
+        pad=0,
+        seed=0,
+        max_model_len=512,
+    )
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_sync_gives_the_engine_the_ranks_weights(ray_session, tiny_models, tmp_path, stage):
     raw = base_recipe(
@@ -134,11 +151,7 @@ def test_sync_gives_the_engine_the_ranks_weights(ray_session, tiny_models, tmp_p
     )
     recipe = Recipe.model_validate(raw)
     teacher = TeacherActor("tiny", tiny_models["teacher"], top_k=16, temperature=1.0)
-    engine = (
-        ray.remote(RolloutEngine)
-        .options(num_cpus=0.25)
-        .remote({"model": tiny_models["student"], "layers": None, "stop_ids": [], "pad": 0})
-    )
+    engine = ray.remote(RolloutEngine).options(num_cpus=0.25).remote(_spec(tiny_models["student"]))
     group = StudentGroup(recipe).ready()
     try:
         text = ray.put(_fixed_text())
@@ -170,7 +183,7 @@ def test_a_restarted_engine_resyncs_before_it_serves(ray_session, tiny_models):
     engine = (
         ray.remote(RolloutEngine)
         .options(num_cpus=0.25, max_restarts=1, max_task_retries=1)
-        .remote({"model": tiny_models["student"], "layers": None, "stop_ids": [], "pad": 0})
+        .remote(_spec(tiny_models["student"]))
     )
     model = build_student(tiny_models["student"], None)
     with torch.no_grad():
