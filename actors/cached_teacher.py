@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from actors.batch import TokenBatch
-from actors.priority import nice, set_nice
+from actors.process import reusable, yield_cpu
 from actors.signal import TeacherSignal
 from actors.signal_cache import CacheReader
 
@@ -33,17 +33,11 @@ class CachedTeacher:
     def park(self) -> bool:
         """Kept for another run of the same driver: its counts start again. False when Ray
         restarted it."""
-        import ray
-
         self.served = {"calls": 0, "rows": 0}
-        fresh = not ray.get_runtime_context().was_current_actor_reconstructed
-        return fresh and set_nice(0)  # a run that did not lower its priority may take it
+        return reusable()
 
     def yield_cpu(self, level: int) -> int:
-        """Take the cores the student ranks leave (they are this run's critical path); the
-        nice value this process now has."""
-        set_nice(level)
-        return nice()
+        return yield_cpu(level)
 
     def info(self) -> dict[str, Any]:
         """What it served (the rest of a teacher's info is in the manifest, on the driver)."""

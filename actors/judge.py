@@ -31,6 +31,7 @@ from actors.batch import left_pad
 from actors.chat import adds_bos, render_prompt, render_prompt_ids, split_finish, stop_token_ids
 from actors.model_store import local_model
 from actors.models import backbone, load_causal_lm, model_hash, output_head, pick_device, pick_dtype
+from actors.process import reusable
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +184,8 @@ class JudgeActor:
     def park(self) -> bool:
         """Kept for another run of the same driver: its per-run counts start again. False
         when Ray restarted it."""
-        import ray
-
         self.last_busy_s, self.failures = 0.0, 0
-        return not ray.get_runtime_context().was_current_actor_reconstructed
+        return reusable()
 
     def info(self) -> dict[str, Any]:
         return {

@@ -39,6 +39,7 @@ from actors.chat import LENGTH, STOP
 from actors.model_store import local_model
 from actors.models import build_student, pick_device, pick_dtype
 from actors.objective import chunk_positions, label_logprobs
+from actors.process import reusable
 from actors.specs import EngineSpec
 from actors.weights import GPU_SYNC, WeightSnapshot
 
@@ -283,7 +284,7 @@ class RolloutEngine:
         """Kept for another run of the same driver: it holds no version of it (its first
         call loads one) and no counts of this one. False when Ray restarted it."""
         self.version, self.receipt, self.round_s = -1, -1, 0.0
-        return not ray.get_runtime_context().was_current_actor_reconstructed
+        return reusable()
 
     def weight_transfer(self, call: str, arg: Any = None) -> None:
         """One call of vLLM's weight-transfer control plane, made by the ranks' push

@@ -29,7 +29,7 @@ from actors.models import (
     tokenizer_hash,
 )
 from actors.objective import DEFAULT_CHUNK_BYTES, chunk_positions
-from actors.priority import nice, set_nice
+from actors.process import reusable, yield_cpu
 from actors.signal import HiddenStates, TeacherSignal, id_dtype, topk_signal
 from actors.xtok import TokenAligner, aligned_signal
 
@@ -132,17 +132,11 @@ class TeacherActor:
     def park(self) -> bool:
         """Kept for another run of the same driver: its per-run counts start again. False
         when Ray restarted this replica (the driver then kills it: its budget is spent)."""
-        import ray
-
         self.served = {"calls": 0, "rows": 0}
-        fresh = not ray.get_runtime_context().was_current_actor_reconstructed
-        return fresh and set_nice(0)  # a run that did not lower its priority may take it
+        return reusable()
 
     def yield_cpu(self, level: int) -> int:
-        """Take the cores the student ranks leave (they are this run's critical path); the
-        nice value this process now has."""
-        set_nice(level)
-        return nice()
+        return yield_cpu(level)
 
     def score(self, batch: TokenBatch, rows: list[int] | None = None) -> TeacherSignal:
         """Top-k log-probs (and chosen hidden states) at the loss positions of the shard, or

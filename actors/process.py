@@ -1,8 +1,9 @@
-"""The CPU priority (Linux nice value) of an actor's process, every thread of it.
+"""An actor's own process: its CPU priority (the Linux nice value of every thread), and
+whether it may serve another run of the same driver (orchestrator/warm.py).
 
-Raised for actors whose work runs ahead of the student ranks (teachers with a prefetch
-window) once the ranks are found to be the critical path: on a node they share, the ranks
-then get the cores first and the teachers the rest (see orchestrator/critical_path.py).
+The priority is lowered for actors whose work runs ahead of the student ranks (teachers
+with a prefetch window) once the ranks are found to be the critical path: on a node they
+share, the ranks then get the cores first (see orchestrator/critical_path.py).
 """
 
 from __future__ import annotations
@@ -36,8 +37,23 @@ def set_nice(level: int) -> bool:
         for tid in _threads():
             try:
                 os.setpriority(os.PRIO_PROCESS, tid, level)
-            except ProcessLookupError:  # a thread that ended meanwhile
+            except ProcessLookupError:
                 pass
     except PermissionError:
         return False
     return True
+
+
+def yield_cpu(level: int) -> int:
+    """Take the cores the student ranks leave (they are the run's critical path); the nice
+    value this process now has."""
+    set_nice(level)
+    return nice()
+
+
+def reusable() -> bool:
+    """Whether this actor may serve the driver's next run: not restarted by Ray (that spent
+    part of its restart budget), and back at the priority a run starts with."""
+    import ray
+
+    return not ray.get_runtime_context().was_current_actor_reconstructed and set_nice(0)
