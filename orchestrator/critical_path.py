@@ -16,7 +16,7 @@ from typing import Any
 import ray
 
 WATCHED_STEPS = 4  # steps looked at, after the run's first (start-up) step
-WAIT_SHARE = 0.05  # the ranks waiting this share of a step or less: they are the critical path
+WAIT_SHARE = 0.05  # the ranks waiting this share of the steps or less: they are the critical path
 
 
 class TeacherPriority:
@@ -42,5 +42,6 @@ class TeacherPriority:
         metrics["teacher_nice"] = float(self.nice)
 
     def waited(self) -> float:
-        """The median share of a watched step the ranks spent waiting for signals."""
-        return statistics.median(self._shares[1:])
+        """The share of the watched steps the ranks spent waiting for signals: a mean, since
+        on-policy steps can alternate between waiting and not."""
+        return statistics.mean(self._shares[1:])

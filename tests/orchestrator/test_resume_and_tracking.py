@@ -124,7 +124,7 @@ def test_mlflow_run_params_metrics_and_student(ray_session, tiny_models, tmp_pat
 
     waits, walls = history("signal_wait_s"), history("step_time_s")
     shares = [w / t for w, t in zip(waits, walls, strict=True)]
-    assert statistics.median(shares[1:5]) <= WAIT_SHARE, shares
+    assert statistics.mean(shares[1:5]) <= WAIT_SHARE, shares
     nice = history("teacher_nice")
     assert nice[:4] == [0.0] * 4 and set(nice[7:]) == {19.0}, nice
     (run_dir,) = _run_dirs(tmp_path / "runs")
