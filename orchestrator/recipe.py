@@ -234,8 +234,8 @@ class DistillConfig(_Strict):
         19,
         ge=0,
         le=19,
-        description="when the students never wait for a signal in the first steps, the "
-        "teachers' processes take this nice value, so the ranks get shared cores first; 0: never",
+        description="when the ranks wait for signals 5% of steps 2-5 or less, the teachers' "
+        "processes take this nice value, so the ranks get shared cores first; 0: never",
     )
     chunk_mb: int = Field(
         256, ge=1, description="memory for [positions, vocab] buffers in teacher and student"
