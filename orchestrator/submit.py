@@ -29,7 +29,10 @@ _PASSED_ON = (
     "RAYDISTILL_MODELS",
     "RAYDISTILL_CACHE",
 )
-_EXCLUDES = [".git", ".venv", "runs", "mlruns", "**/__pycache__", "*.egg-info", ".ci/cache"]
+# Ray's own default excludes among them: with those turned off (below), Ray no longer warns,
+# once per folder, that it now skips them, which a user could do nothing about
+_EXCLUDES = [".git", ".venv", "venv", "runs", "mlruns", "**/__pycache__", "*.egg-info", ".ci/cache"]
+_RAY_DEFAULT_EXCLUDES = "RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES"
 _DONE = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -124,10 +127,17 @@ def submit(recipe_path: str, overrides: list[str], address: str, follow: bool = 
     entrypoint = shlex.join(["python", "-m", "orchestrator.cli", "run", str(relative), *overrides])
     env = {k: os.environ[k] for k in _PASSED_ON if k in os.environ}
     client = _client(address)
-    job = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env={"working_dir": str(root), "excludes": _EXCLUDES, "env_vars": env},
-    )
+    own = _RAY_DEFAULT_EXCLUDES not in os.environ
+    if own:
+        os.environ[_RAY_DEFAULT_EXCLUDES] = ""
+    try:
+        job = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env={"working_dir": str(root), "excludes": _EXCLUDES, "env_vars": env},
+        )
+    finally:
+        if own:
+            del os.environ[_RAY_DEFAULT_EXCLUDES]
     shown = redact(address)
     print(
         f"submitted job {job} to {shown}; stop it with: raydistill submit --stop {job} "
