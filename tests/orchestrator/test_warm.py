@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import base_recipe, write_recipe
 from safetensors.torch import load_file
@@ -24,6 +26,13 @@ def _pids(result) -> dict[str, list[int]]:
     run_dir = Path(result.summary["student_dir"]).parent
     placement = json.loads((run_dir / "placement.json").read_text())
     return {k: [a["pid"] for a in v] for k, v in placement.items()}
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _weights(result) -> dict:
@@ -68,6 +77,12 @@ def test_the_next_run_reuses_the_processes_and_trains_the_same(
     with pytest.raises(RuntimeError, match="boom"):
         execute(recipe, new_run_dir(recipe))
     assert not warm.parked()
+    deadline = time.monotonic() + 30
+    alive = set(sum(pids.values(), []))
+    while alive and time.monotonic() < deadline:
+        alive = {p for p in alive if _running(p)}
+        time.sleep(0.2)
+    assert not alive  # the processes it took are gone, not merely forgotten
 
 
 def test_a_folder_stamp_changes_with_any_file(tmp_path):
