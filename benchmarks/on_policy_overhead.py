@@ -97,7 +97,7 @@ def load_both_ways(student: str, repeats: int = 3) -> dict[str, float]:
 
     from actors.vllm_backend import VLLMEngine
     from actors.weights import WeightSnapshot
-    from orchestrator.ray_env import actor_options
+    from orchestrator.actor_env import actor_options
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:

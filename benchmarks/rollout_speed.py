@@ -40,7 +40,7 @@ def prompts(model: str, n: int) -> list[np.ndarray]:
 def measure(backend: str, model: str, batch: list[np.ndarray], args, stops: list[int]) -> dict:
     from actors.rollout import RolloutEngine
     from actors.specs import EngineSpec
-    from orchestrator.ray_env import actor_options
+    from orchestrator.actor_env import actor_options
 
     spec = EngineSpec(
         model=model,

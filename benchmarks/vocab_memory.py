@@ -33,7 +33,7 @@ from actors.signal import TeacherSignal, id_dtype, topk_signal
 from actors.specs import WorkerSpec
 from actors.student import StudentWorker
 from actors.teacher import TeacherActor
-from orchestrator.ray_env import actor_options
+from orchestrator.actor_env import actor_options
 from orchestrator.recipe import Recipe
 from orchestrator.students import worker_spec
 

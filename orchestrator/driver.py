@@ -12,7 +12,8 @@ from typing import Any
 
 import ray
 
-from orchestrator import warm
+from orchestrator import logit_kd, mutual, rlaif, warm
+from orchestrator.cached_teachers import CachedTeacherPool, cached_teachers, teacher_warm_keys
 from orchestrator.checkpoint import (
     prune_uncommitted,
     read_ledger,
@@ -22,31 +23,17 @@ from orchestrator.checkpoint import (
 from orchestrator.data import Dataset, build_dataset
 from orchestrator.faults import RuntimeFault, finish_tracking
 from orchestrator.identity import check_identity, run_identity
-from orchestrator.offline import CachedTeacherPool, cached_teachers
+from orchestrator.parts import Mode, RunResult
 from orchestrator.placement import check_reachable, check_resources, record
 from orchestrator.ray_env import ensure_ray
 from orchestrator.recipe import Recipe, RecipeError, to_yaml
 from orchestrator.students import StudentGroup
 from orchestrator.teachers import live_pool
 from orchestrator.tracking import Tracker, default_tracking_uri, flatten, prepare_store
-from orchestrator.train_loop import RunResult, TrainLoop
+from orchestrator.train_loop import TrainLoop
 
-
-def loop_class(mode: str) -> type[TrainLoop]:
-    """Each mode is its own module; the driver only picks one."""
-    if mode == "on_policy":
-        from orchestrator.on_policy import OnPolicyLoop
-
-        return OnPolicyLoop
-    if mode == "mutual":
-        from orchestrator.mutual import MutualLoop
-
-        return MutualLoop
-    if mode == "rlaif":
-        from orchestrator.rlaif import RlaifLoop
-
-        return RlaifLoop
-    return TrainLoop
+# every mode by name: a short assembly of parts in its own module
+MODES = {m.name: m for m in (*logit_kd.MODES, mutual.MODE, rlaif.MODE)}
 
 
 def new_run_dir(recipe: Recipe, at: str | Path | None = None) -> Path:
@@ -123,11 +110,11 @@ def _start(
     ledger: dict[str, Any] | None,
     parent: str | None,
     store: Any,
-) -> tuple[type[TrainLoop], Dataset, dict[str, Any]]:
-    """Teachers, students, data and the MLflow run; (loop class, dataset, identity)."""
-    mode = loop_class(recipe.distill.mode)
+) -> tuple[Mode, Dataset, dict[str, Any]]:
+    """Teachers, students, data and the MLflow run; (mode, dataset, identity)."""
+    mode = MODES[recipe.distill.mode]
     if warm.parked():  # kept: what this run will take
-        warm.release(keep=set(mode.warm_keys(recipe)))
+        warm.release(keep={*teacher_warm_keys(recipe), *mode.warm_keys(recipe)})
     cached = {t.name: CachedTeacherPool(recipe, t) for t in cached_teachers(recipe)}
     for t in recipe.teachers:  # one by one: a failure leaves the started ones to kill
         parts.pools.append(cached.get(t.name) or live_pool(recipe, t))
@@ -155,7 +142,7 @@ def _train(
     recipe: Recipe,
     run_dir: Path,
     parts: _Parts,
-    mode: type[TrainLoop],
+    mode: Mode,
     dataset: Dataset,
     identity: dict[str, Any],
     ledger: dict[str, Any] | None,
@@ -171,8 +158,9 @@ def _train(
         parts.students.ready()
         record(run_dir, parts.pools, parts.students)
         parts.tracker.log_params({"student.num_params": str(parts.students.num_params)})
-        parts.loop = mode(
-            recipe, run_dir, parts.pools, parts.students, dataset, parts.tracker, identity
+        assembly = mode.assemble(recipe, parts.pools, parts.students, dataset)
+        parts.loop = TrainLoop(
+            recipe, run_dir, parts.pools, parts.students, dataset, parts.tracker, identity, assembly
         )
         warm.release()  # all taken: what is left (a twin of a taken one) holds resources
         try:

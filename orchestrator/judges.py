@@ -22,9 +22,9 @@ import ray
 
 from actors.judge import JudgeActor
 from orchestrator import warm
+from orchestrator.actor_env import service_options
 from orchestrator.balance import LeastOutstanding
 from orchestrator.faults import probe
-from orchestrator.ray_env import service_options
 from orchestrator.recipe import ClusterConfig, JudgeConfig
 
 

@@ -15,17 +15,10 @@ from typing import Any
 
 import ray
 
+from orchestrator.actor_env import demand
 from orchestrator.checkpoint import write_json
 from orchestrator.faults import RuntimeFault, gather
 from orchestrator.recipe import Placed, Recipe, RecipeError
-
-
-def demand(cfg: Placed) -> dict[str, float]:
-    """What one actor of this kind reserves from Ray (a placement-group bundle)."""
-    out = {"CPU": cfg.num_cpus, **cfg.resources}
-    if cfg.num_gpus:
-        out["GPU"] = cfg.num_gpus
-    return out
 
 
 def requested(recipe: Recipe) -> list[tuple[str, int, Placed]]:

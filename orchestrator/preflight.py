@@ -10,8 +10,8 @@ from transformers import AutoConfig
 
 from actors.model_store import KNOWN_MODELS, ModelNotFetchedError, local_model, resolve_model
 from actors.weights import GPU_SYNC
+from orchestrator.actor_env import cuda_available
 from orchestrator.data import read_records, routes_of
-from orchestrator.ray_env import cuda_available
 from orchestrator.recipe import Recipe, RecipeError
 from orchestrator.tokenizer_identity import tokenizer_difference
 

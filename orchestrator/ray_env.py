@@ -4,68 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
-from typing import Any
 
 import ray
 
-from orchestrator.recipe import ClusterConfig, Placed, RecipeError
-
-
-def actor_env(threads: int) -> dict[str, str]:
-    """Env vars for actor processes: CPU DeepSpeed, a persistent extension cache (DeepSpeed
-    JIT-compiles its comm op in every init_distributed), no MLflow URI leaking in."""
-    cache = Path(os.environ.get("RAYDISTILL_CACHE", Path.home() / ".cache" / "raydistill"))
-    env = {
-        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
-        "OMP_NUM_THREADS": str(threads),
-        "TOKENIZERS_PARALLELISM": "false",
-        "MLFLOW_TRACKING_URI": "",
-        "PYTHONWARNINGS": "ignore",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        # vLLM (backend: vllm): its engine in the actor's process, caches under ours
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # Ray already gives each actor its CPUs
-        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "VLLM_CACHE_ROOT": str(cache / "vllm"),
-        "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor"),
-        "VLLM_LOGGING_LEVEL": "ERROR",
-    }
-    if not cuda_available():
-        env["DS_ACCELERATOR"] = "cpu"
-        # nothing of ours is compiled; vLLM compiles two small sampler helpers with
-        # inductor even when eager, ~30 s of C++ per new machine or pod on CPU
-        env["TORCH_COMPILE_DISABLE"] = "1"
-    return env
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def actor_options(
-    num_cpus: float, num_gpus: float, threads: int, resources: dict[str, float] | None = None
-) -> dict[str, Any]:
-    return {
-        "num_cpus": num_cpus,
-        "num_gpus": num_gpus,
-        "resources": dict(resources or {}),
-        "runtime_env": {"env_vars": actor_env(threads)},
-    }
-
-
-def service_options(cfg: Placed, max_restarts: int) -> dict[str, Any]:
-    """Teacher, rollout and judge replicas: spread over the nodes that have what they ask
-    for, restarted when they die, their calls in flight retried (each is idempotent)."""
-    return {
-        **actor_options(cfg.num_cpus, cfg.num_gpus, cfg.threads, cfg.resources),
-        "scheduling_strategy": "SPREAD",
-        "max_restarts": max_restarts,
-        "max_task_retries": max_restarts,
-    }
+from orchestrator.recipe import ClusterConfig, RecipeError
 
 
 class _RayChoseTokenAuth(logging.Filter):

@@ -198,12 +198,14 @@ class DistillConfig(_Strict):
         "its signal cache (raydistill cache build); on_policy: the student's own samples (GKD); "
         "mutual: students distill from each other; rlaif: judges' feedback on its samples",
     )
-    lmbda: float = Field(
-        1.0,
+    lmbda: float | None = Field(
+        None,
         ge=0,
         le=1,
         alias="lambda",
-        description="on_policy: probability that a step's batch is the student's own samples",
+        description="probability that a step's batch is the student's own samples (GKD); "
+        "default 1 in modes on_policy and rlaif, 0 in the others (mutual: > 0 makes the "
+        "students learn on the first student's samples)",
     )
     loss: Annotated[str, registered(LOSSES)] = Field(
         "forward_kl", description=f"the divergence to the teachers: one of {LOSSES.names()}"
@@ -525,12 +527,24 @@ class Recipe(_Strict):
                         f"student.world_size={self.student.world_size}; peers train on the "
                         f"same shards"
                     )
+        if self.distill.mode in ("off_policy", "offline") and self.rolls_out:
+            raise ValueError(
+                f"distill.lambda: {self.distill.lmbda} makes mode {mode!r} sample the student "
+                f"(use distill.mode: on_policy)"
+            )
         if mode == "rlaif":
+            if self.on_policy_share < 1:
+                raise ValueError(
+                    f"distill.lambda: {self.distill.lmbda}; judges judge the student's own "
+                    f"samples, every step of mode 'rlaif' is on-policy (remove it)"
+                )
             self._check_rlaif()
             if "loss" not in self.distill.model_fields_set:
                 self.distill.loss = "reverse_kl"  # KD on the student's own samples
-        if not self.rolls_out:
-            return
+        if self.rolls_out:
+            self._check_rollout()
+
+    def _check_rollout(self) -> None:
         r = self.rollout
         if r.weight_sync != "auto" and r.backend != "vllm":
             raise ValueError(
@@ -616,9 +630,16 @@ class Recipe(_Strict):
         return bool(teacher.cache) or self.distill.mode == "offline"
 
     @property
+    def on_policy_share(self) -> float:
+        """`distill.lambda`, or the mode's default: 1 where the student writes its samples."""
+        if self.distill.lmbda is not None:
+            return self.distill.lmbda
+        return 1.0 if self.distill.mode in ROLLOUT_MODES else 0.0
+
+    @property
     def rolls_out(self) -> bool:
-        """Whether the run starts rollout engines (the student samples its own rows)."""
-        return self.distill.mode in ROLLOUT_MODES
+        """Whether the run starts rollout engines (the student samples some of its rows)."""
+        return self.on_policy_share > 0
 
     @property
     def grad_accum(self) -> int:

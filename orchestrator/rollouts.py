@@ -11,10 +11,12 @@ from actors.rollout import RolloutEngine
 from actors.specs import EngineSpec
 from actors.weights import GPU_SYNC, TRANSFER_GROUP
 from orchestrator import warm
+from orchestrator.actor_env import service_options
 from orchestrator.balance import LeastOutstanding
 from orchestrator.faults import restart_unresponsive
-from orchestrator.ray_env import service_options
+from orchestrator.parts import Source
 from orchestrator.recipe import Recipe
+from orchestrator.sources import DataSource, RolloutSource
 
 
 def stop_token_ids_of(path: str) -> list[int]:
@@ -158,3 +160,16 @@ def rollout_keys(
     spec = spec or engine_spec(recipe)
     stamp = warm.folder_stamp(recipe.student.model)
     return [warm.key(RolloutEngine, options, spec, stamp)] * r.replicas
+
+
+def sample_source(recipe: Recipe, dataset: Any) -> Source:
+    """The run's samples: the student's own on a share `distill.lambda` of the steps
+    (rollout engines started here), the data's rows on the rest."""
+    if recipe.rolls_out:
+        return RolloutSource(recipe, dataset, RolloutPool(recipe))
+    return DataSource(dataset, recipe.train.batch_size)
+
+
+def sample_keys(recipe: Recipe) -> list[str]:
+    """The warm keys of what `sample_source` starts."""
+    return rollout_keys(recipe) if recipe.rolls_out else []

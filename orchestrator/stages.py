@@ -21,8 +21,8 @@ import ray
 
 from orchestrator.checkpoint import write_json
 from orchestrator.faults import finish_tracking
+from orchestrator.parts import RunResult
 from orchestrator.recipe import Recipe, StageConfig, apply_overrides, to_yaml
-from orchestrator.train_loop import RunResult
 
 
 def stage_recipe(recipe: Recipe, stage: StageConfig, data: str | None, student: dict) -> Recipe:
@@ -49,8 +49,9 @@ def _has_responses(path: str) -> bool:
 
 
 def run_stages(recipe: Recipe, run_dir: Path, stop_after: int | None = None) -> RunResult:
+    from orchestrator.cached_teachers import cached_teachers
     from orchestrator.driver import execute, open_tracker
-    from orchestrator.offline import build_command, cached_teachers
+    from orchestrator.offline import build_command
     from orchestrator.preflight import preflight
     from orchestrator.ray_env import ensure_ray
 
@@ -106,7 +107,7 @@ def run_stages(recipe: Recipe, run_dir: Path, stop_after: int | None = None) -> 
 
 
 def _built(recipe: Recipe) -> bool:
-    from orchestrator.offline import cache_path, cached_teachers
+    from orchestrator.cached_teachers import cache_path, cached_teachers
 
     return all(
         (cache_path(recipe, t) / "manifest.json").is_file()

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import psutil
 
-from orchestrator.teachers import TeacherPool
+from orchestrator.parts import TeacherPool
 
 
 def step_metrics(
@@ -54,6 +54,22 @@ def step_metrics(
         lr=per_rank[0]["lr"],
         grad_norm=per_rank[0]["grad_norm"],
     )
+    out.update(_rl_metrics(per_rank))
+    return out
+
+
+def _rl_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """The RL objective's figures (`rl/*`, judged runs): sums over the ranks, then per
+    response token or per DPO pair where they are means."""
+    out = {k: float(sum(m[k] for m in per_rank)) for k in per_rank[0] if k.startswith("rl/")}
+    tokens = max(out.get("rl/tokens", 0.0), 1.0)
+    pairs = max(out.get("rl/pairs", 0.0), 1.0)
+    for key in ("rl/kl_ref", "rl/clip_frac", "rl/ratio_mean"):
+        if key in out:
+            out[key] /= tokens
+    for key in ("rl/margin", "rl/accuracy"):
+        if key in out:
+            out[key] /= pairs
     return out
 
 

@@ -12,9 +12,8 @@ from actors.objective import LossSpec
 from actors.specs import RLSpec, WorkerSpec
 from actors.student import StudentWorker
 from orchestrator import warm
+from orchestrator.actor_env import actor_options, demand
 from orchestrator.faults import gather
-from orchestrator.placement import demand
-from orchestrator.ray_env import actor_options
 from orchestrator.recipe import Recipe, StudentConfig
 
 

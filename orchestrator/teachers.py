@@ -1,59 +1,20 @@
-"""Teacher pools: what the loop asks of a teacher, whatever serves it (TeacherPool), and the
-live implementation: the replicas of one teacher behind one handle that spreads work over
-them. The cached implementation reads a signal cache (orchestrator/offline.py)."""
+"""The live TeacherPool (orchestrator/parts.py): the replicas of one teacher behind one
+handle that spreads work over them. The cached one reads a signal cache
+(orchestrator/cached_teachers.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import ray
 
 from actors.teacher import TeacherActor
 from orchestrator import warm
+from orchestrator.actor_env import service_options
 from orchestrator.balance import LeastOutstanding
 from orchestrator.faults import gather, restart_unresponsive
-from orchestrator.ray_env import service_options
 from orchestrator.recipe import ClusterConfig, DistillConfig, Recipe, TeacherConfig
-
-
-class TeacherPool(Protocol):
-    """One teacher as the loop sees it: signals for shards, responses for prompts, and the
-    actors behind it by name (for faults and restarts)."""
-
-    replicas: list[Any]
-
-    @property
-    def name(self) -> str: ...
-
-    def info(self) -> dict[str, Any]: ...
-
-    def score(
-        self,
-        shard_ref: ray.ObjectRef,
-        rows: list[int] | None = None,
-        examples: list[int] | None = None,
-    ) -> ray.ObjectRef: ...
-
-    def generate(
-        self,
-        prompts: list[str],
-        sampling: dict[str, Any],
-        chunk: int,
-        on_chunk: Callable[[int], None],
-    ) -> list[dict[str, str]]: ...
-
-    def holder(self, ref: ray.ObjectRef) -> str: ...
-
-    def actors(self) -> dict[str, Any]: ...
-
-    def restart_unresponsive(self, timeout_s: float) -> list[str]: ...
-
-    def served(self) -> dict[str, int]: ...
-
-    def queue_metrics(self) -> dict[str, float]: ...
-
-    def shutdown(self, keep: bool = False) -> None: ...
 
 
 class LiveTeacherPool:

@@ -21,7 +21,7 @@ from actors.models import build_student, save_tiny_llama
 from actors.rollout import HFSampler, assemble
 from actors.teacher import TeacherActor
 from actors.vllm_backend import VLLMEngine
-from orchestrator.ray_env import actor_options
+from orchestrator.actor_env import actor_options
 from orchestrator.recipe import Recipe
 from orchestrator.students import StudentGroup
 

@@ -276,8 +276,9 @@ def test_live_and_cached_pools_are_both_teacher_pools():
     the same parameters."""
     import inspect
 
-    from orchestrator.offline import CachedTeacherPool
-    from orchestrator.teachers import LiveTeacherPool, TeacherPool
+    from orchestrator.cached_teachers import CachedTeacherPool
+    from orchestrator.parts import TeacherPool
+    from orchestrator.teachers import LiveTeacherPool
 
     wanted = [n for n in vars(TeacherPool) if not n.startswith("_")]
     assert {"score", "generate", "actors", "restart_unresponsive", "shutdown"} <= set(wanted)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from orchestrator.checkpoint import read_ledger
 from orchestrator.cli import main
-from orchestrator.on_policy import is_on_policy_step
+from orchestrator.sources import is_on_policy_step
 from orchestrator.students import StudentGroup
 
 STEPS = 6

@@ -118,12 +118,12 @@ def test_critique_rows_train_with_cross_entropy(ray_session, tiny_models, tmp_pa
     from actors.batch import Sample
     from actors.rollout import assemble
     from orchestrator.recipe import Recipe
-    from orchestrator.rlaif import RlaifLoop
+    from orchestrator.rlaif import student_spec
     from orchestrator.students import StudentGroup
 
     raw = _raw(tmp_path, tiny_models, train={"batch_size": 8, "micro_batch_size": 4, "lr": 0.05})
     recipe = Recipe.model_validate(raw)
-    group = StudentGroup(recipe, spec=RlaifLoop.student_spec(recipe)).ready()
+    group = StudentGroup(recipe, spec=student_spec(recipe)).ready()
     try:
         prompts = [np.array([1, 2, 3], np.int32)] * 8
         batch = assemble(prompts, [Sample([5, 6, 7, 8], [-4.0] * 4, "length")] * 8, 0)
@@ -144,7 +144,7 @@ def test_judges_on_different_scales_are_standardised_per_group():
     sample, which the check finds correct. Mixed raw, that sample gets the lowest reward of
     the group although only it and the first are correct; standardised per judge within
     the group, both correct samples rank above both wrong ones."""
-    from orchestrator.rlaif import combine_rewards
+    from orchestrator.judging import combine_rewards
 
     rating = np.array([9.0, 5.0, 3.0, np.nan])
     check = np.array([1.0, 0.0, 0.0, 1.0])
@@ -165,7 +165,7 @@ def test_judges_on_different_scales_are_standardised_per_group():
 
 def test_one_judge_reaches_the_advantage_raw():
     """With a single judge nothing is rescaled: its rewards are the samples' rewards."""
-    from orchestrator.rlaif import combine_rewards
+    from orchestrator.judging import combine_rewards
 
     rating = np.array([9.0, 5.0, np.nan, 3.0, 2.0, 2.0, 8.0, 1.0])
     np.testing.assert_array_equal(combine_rewards([(2.0, rating)], 8, 4), rating)
