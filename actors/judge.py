@@ -106,6 +106,14 @@ def rating_values(tokens: Sequence[str]) -> list[float]:
     return values
 
 
+def judge_kwargs(
+    kind: str, rubric: str | None, rating_tokens: list[str], min_mass: float
+) -> dict[str, Any]:
+    """The JudgeActor arguments of a judge of `kind` with its rubric (None: the default)."""
+    key = {"score": "rubric", "pairwise": "pairwise_rubric", "critique": "critique_rubric"}[kind]
+    return {key: rubric, "rating_tokens": list(rating_tokens), "min_mass": min_mass}
+
+
 def load_function(spec: str) -> Callable[..., Any]:
     """The callable named by "module:function" (dots allowed after the colon)."""
     module_name, sep, attr = spec.partition(":")
@@ -137,8 +145,12 @@ class JudgeActor:
         threads: int = 1,
         function: str | None = None,
         batch_size: int = 16,
+        host: Any = None,
     ) -> None:
-        torch.set_num_threads(threads)
+        """`host`: a TeacherActor whose loaded model and tokenizer this judge uses (one copy
+        of the weights serves both roles); `model` is then unused."""
+        if host is None:
+            torch.set_num_threads(threads)
         self.name = name
         self.rating_tokens = list(DEFAULT_RATING_TOKENS if rating_tokens is None else rating_tokens)
         self.values = rating_values(self.rating_tokens)
@@ -161,13 +173,7 @@ class JudgeActor:
             self.fn = load_function(function)
             self._hash = function
             return
-        self.device = pick_device(want_gpu=True)
-        model = local_model(model)  # a known name: this node's copy, fetched if missing
-        self.model = load_causal_lm(model, pick_dtype(dtype, self.device), self.device).eval()
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"judge {name}: {model} has no tokenizer, it cannot judge") from err
+        self._load(name, model, dtype, host)
         tok = self.tokenizer
         context = render_prompt(tok, "x")  # answers come right after the generation prompt
         self.rating_ids = rating_token_ids(tok, self.rating_tokens, context)
@@ -179,7 +185,27 @@ class JudgeActor:
         self.stops = stop_token_ids(self.model.generation_config.eos_token_id, tok)
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (self.stops or [0])[0]
         self.add_bos = adds_bos(tok)
-        self._hash = model_hash(self.model)
+        self._hash = host.info()["model_hash"] if host is not None else model_hash(self.model)
+
+    def _load(self, name: str, model: str | None, dtype: str, host: Any) -> None:
+        """The model and tokenizer: the host teacher's, or loaded here."""
+        if host is not None:
+            self.device, self.model, self.tokenizer = host.device, host.model, host.tokenizer
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"judge {name}: teacher {host.name} has no tokenizer, it cannot judge"
+                )
+        else:
+            self.device = pick_device(want_gpu=True)
+            model = local_model(model)  # a known name: this node's copy, fetched if missing
+            dtype_ = pick_dtype(dtype, self.device)
+            self.model = load_causal_lm(model, dtype_, self.device).eval()
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(model)
+            except (OSError, ValueError) as err:
+                raise ValueError(
+                    f"judge {name}: {model} has no tokenizer, it cannot judge"
+                ) from err
 
     def park(self) -> bool:
         """Kept for another run of the same driver: its per-run counts start again. False

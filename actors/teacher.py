@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from actors.batch import TokenBatch, left_pad
 from actors.chat import adds_bos, render_prompt_ids, split_finish, stop_token_ids
+from actors.judge import JudgeActor
 from actors.model_store import local_model
 from actors.models import (
     backbone,
@@ -50,16 +51,19 @@ class TeacherActor:
         max_model_len: int = 2048,
         replica: int = 0,
         student_tokenizer: str | None = None,
+        judges: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """`student_tokenizer`: set for a teacher whose tokenizer differs from the student's
-        (cross-tokenizer, see `actors/xtok.py`); its signals come in the student's vocab."""
+        (cross-tokenizer, see `actors/xtok.py`); its signals come in the student's vocab.
+        `judges`: the judges this replica also serves with its own weights, by name
+        (JudgeActor arguments), made here so a restarted replica serves them again."""
         torch.set_num_threads(threads)
         model = self.model_path = local_model(model)  # a known name: this node's copy
         if student_tokenizer is not None:
             student_tokenizer = local_model(student_tokenizer)
         self.name = name
         self.replica = replica
-        self.served = {"calls": 0, "rows": 0}  # shards scored that had rows in them
+        self.served = {"calls": 0, "rows": 0, "judgments": 0}  # shards scored that had rows in them
         self.top_k = top_k
         self.temperature = temperature
         self.hidden_layers = tuple(hidden_layers)
@@ -88,9 +92,20 @@ class TeacherActor:
             "backend": backend,
             "cross_tokenizer": student_tokenizer is not None,
         }
+        self.judges = self._serve_judges(judges or {}, backend)
         self.vllm = None
         if backend == "vllm":
             self._serve_with_vllm(torch_dtype, max_model_len)
+
+    def _serve_judges(
+        self, judges: dict[str, dict[str, Any]], backend: str
+    ) -> dict[str, JudgeActor]:
+        """The judges this replica serves with its own model and tokenizer, by name."""
+        weights = self.model.parameters()
+        self._info["param_bytes"] = sum(p.numel() * p.element_size() for p in weights)
+        if judges and backend != "hf":
+            raise ValueError(f"teacher {self.name}: judges are served by the hf backend only")
+        return {j: JudgeActor(j, None, host=self, **kw) for j, kw in judges.items()}
 
     def _align_to(self, student_tokenizer: str, backend: str, max_model_len: int) -> None:
         """Cross-tokenizer: score in the teacher's tokens, send in the student's."""
@@ -132,11 +147,18 @@ class TeacherActor:
     def park(self) -> bool:
         """Kept for another run of the same driver: its per-run counts start again. False
         when Ray restarted this replica (the driver then kills it: its budget is spent)."""
-        self.served = {"calls": 0, "rows": 0}
+        self.served = {"calls": 0, "rows": 0, "judgments": 0}
+        for judge in self.judges.values():
+            judge.last_busy_s, judge.failures = 0.0, 0
         return reusable()
 
     def yield_cpu(self, level: int) -> int:
         return yield_cpu(level)
+
+    def judge(self, name: str, method: str, *args: Any) -> list[Any]:
+        """A judgment by judge `name`, which this replica serves (JudgeActor's methods)."""
+        self.served["judgments"] += len(args[0])
+        return getattr(self.judges[name], method)(*args)
 
     def score(self, batch: TokenBatch, rows: list[int] | None = None) -> TeacherSignal:
         """Top-k log-probs (and chosen hidden states) at the loss positions of the shard, or
@@ -210,7 +232,6 @@ class TeacherActor:
         signal.cpu_s = time.process_time() - cpu_start
         return signal
 
-    @torch.inference_mode()
     def generate(self, prompts: list[str], sampling: dict[str, Any]) -> list[dict[str, str]]:
         """Responses written by the teacher, each with why it ended: "stop" (an end-of-turn
         or EOS id was generated) or "length" (max_new_tokens was hit), so the data stream
@@ -226,24 +247,11 @@ class TeacherActor:
         add = adds_bos(tok)
         rows = [render_prompt_ids(tok, p, add) for p in prompts]
         if self.vllm is not None:
-            return self._generate_vllm(rows, sampling, stops)
-        ids, attn = left_pad(rows, pad, self.device)
-        width = ids.shape[1]
-        torch.manual_seed(int(sampling.get("seed", 0)))
-        temperature = float(sampling.get("temperature", 0.0))
-        out = self.model.generate(
-            input_ids=ids,
-            attention_mask=attn,
-            max_new_tokens=int(sampling.get("max_new_tokens", 64)),
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=float(sampling.get("top_p", 1.0)) if temperature > 0 else None,
-            top_k=None,
-            pad_token_id=pad,
-            eos_token_id=stops or None,
-        )
+            written = self._generate_vllm(rows, sampling, stops)
+        else:
+            written = _generate_hf(self.model, rows, sampling, stops, pad, self.device)
         results = []
-        for row in out[:, width:].tolist():
+        for row in written:
             kept, reason = split_finish(row, stops)
             text = tok.decode(kept, skip_special_tokens=True).strip()
             results.append({"response": text, "finish_reason": reason})
@@ -251,10 +259,10 @@ class TeacherActor:
 
     def _generate_vllm(
         self, rows: list[list[int]], sampling: dict[str, Any], stops: list[int]
-    ) -> list[dict[str, str]]:
+    ) -> list[list[int]]:
         """The same as the transformers path, with vLLM sampling at T = 1 scale (the
         scoring temperature is taken off while writing) and one seed per prompt."""
-        assert self.vllm is not None and self.tokenizer is not None
+        assert self.vllm is not None
         scoring_t = self.vllm.temperature
         self.vllm.set_temperature(1.0)
         try:
@@ -271,9 +279,31 @@ class TeacherActor:
             )
         finally:
             self.vllm.set_temperature(scoring_t)
-        results = []
-        for sample in samples:
-            kept, reason = split_finish(sample.response, stops)
-            text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-            results.append({"response": text, "finish_reason": reason})
-        return results
+        return [list(sample.response) for sample in samples]
+
+
+@torch.inference_mode()
+def _generate_hf(
+    model: Any,
+    rows: list[list[int]],
+    sampling: dict[str, Any],
+    stops: list[int],
+    pad: int,
+    device: torch.device,
+) -> list[list[int]]:
+    """The new ids of each prompt row, written by transformers' generate (seeded)."""
+    ids, attn = left_pad(rows, pad, device)
+    torch.manual_seed(int(sampling.get("seed", 0)))
+    temperature = float(sampling.get("temperature", 0.0))
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=attn,
+        max_new_tokens=int(sampling.get("max_new_tokens", 64)),
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_p=float(sampling.get("top_p", 1.0)) if temperature > 0 else None,
+        top_k=None,
+        pad_token_id=pad,
+        eos_token_id=stops or None,
+    )
+    return out[:, ids.shape[1] :].tolist()

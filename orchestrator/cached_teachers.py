@@ -70,7 +70,8 @@ def provenance(recipe: Recipe, cfg: TeacherConfig, dataset: Any) -> dict[str, An
 
 
 def cache_path(recipe: Recipe, cfg: TeacherConfig) -> Path:
-    return Path(cfg.cache or Path(recipe.run.output_dir) / "signal_cache" / cfg.name).resolve()
+    folder = getattr(cfg.source, "path", None)
+    return Path(folder or Path(recipe.run.output_dir) / "signal_cache" / cfg.name).resolve()
 
 
 def cached_teachers(recipe: Recipe) -> list[TeacherConfig]:
@@ -86,7 +87,7 @@ class CachedTeacherPool:
 
     def __init__(self, recipe: Recipe, cfg: TeacherConfig) -> None:
         self.recipe, self.cfg = recipe, cfg
-        self.field = f"teachers[{recipe.teachers.index(cfg)}].cache"
+        self.field = f"teachers[{recipe.teachers.index(cfg)}].source"
         self.root = cache_path(recipe, cfg)
         if not (self.root / "manifest.json").is_file():
             raise RecipeError(
@@ -195,5 +196,73 @@ def reader_key(recipe: Recipe, cfg: TeacherConfig) -> str:
 
 def teacher_warm_keys(recipe: Recipe) -> list[str]:
     """The warm keys of every teacher of the run: live replicas and cache readers."""
-    live = [k for t in recipe.teachers if not recipe.from_cache(t) for k in teacher_keys(recipe, t)]
+    live = [k for t in recipe.teachers if recipe.runs_live(t) for k in teacher_keys(recipe, t)]
     return live + [reader_key(recipe, t) for t in cached_teachers(recipe)]
+
+
+class CacheThenLive:
+    """The TeacherPool of a cached teacher in a run that samples the student
+    (`source.fresh: live`): the data's rows (those with a cache row) are read from its
+    cache, the student's own samples are scored by live replicas of the same teacher."""
+
+    def __init__(self, cached: CachedTeacherPool, live: Any) -> None:
+        self.cached, self.live = cached, live
+
+    @property
+    def name(self) -> str:
+        return self.live.name
+
+    @property
+    def replicas(self) -> list[Any]:
+        return [*self.live.replicas, *self.cached.replicas]
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        return {**self.live.restarts, **self.cached.restarts}
+
+    def info(self) -> dict[str, Any]:
+        return self.live.info()
+
+    def score(
+        self,
+        shard_ref: ray.ObjectRef,
+        rows: list[int] | None = None,
+        examples: list[int] | None = None,
+    ) -> ray.ObjectRef:
+        if examples is None:  # a fresh sample: in no cache
+            return self.live.score(shard_ref, rows)
+        return self.cached.score(shard_ref, rows, examples)
+
+    def generate(
+        self,
+        prompts: list[str],
+        sampling: dict[str, Any],
+        chunk: int,
+        on_chunk: Callable[[int], None],
+    ) -> list[dict[str, str]]:
+        return self.live.generate(prompts, sampling, chunk, on_chunk)
+
+    def holder(self, ref: ray.ObjectRef) -> str:
+        return self.live.holder(ref)
+
+    def actors(self) -> dict[str, Any]:
+        return {**self.live.actors(), **self.cached.actors()}
+
+    def restart_unresponsive(self, timeout_s: float) -> list[str]:
+        return [
+            *self.live.restart_unresponsive(timeout_s),
+            *self.cached.restart_unresponsive(timeout_s),
+        ]
+
+    def served(self) -> dict[str, int]:
+        """What each side served: `calls`/`rows` summed, and the cache's alone."""
+        live, cached = self.live.served(), self.cached.served()
+        out = {k: live.get(k, 0) + cached.get(k, 0) for k in {*live, *cached}}
+        return {**out, "cache_calls": cached["calls"], "cache_rows": cached["rows"]}
+
+    def queue_metrics(self) -> dict[str, float]:
+        return self.live.queue_metrics()
+
+    def shutdown(self, keep: bool = False) -> None:
+        self.live.shutdown(keep)
+        self.cached.shutdown(keep)

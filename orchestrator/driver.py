@@ -13,7 +13,12 @@ from typing import Any
 import ray
 
 from orchestrator import logit_kd, mutual, rlaif, warm
-from orchestrator.cached_teachers import CachedTeacherPool, cached_teachers, teacher_warm_keys
+from orchestrator.cached_teachers import (
+    CachedTeacherPool,
+    CacheThenLive,
+    cached_teachers,
+    teacher_warm_keys,
+)
 from orchestrator.checkpoint import (
     prune_uncommitted,
     read_ledger,
@@ -117,7 +122,12 @@ def _start(
         warm.release(keep={*teacher_warm_keys(recipe), *mode.warm_keys(recipe)})
     cached = {t.name: CachedTeacherPool(recipe, t) for t in cached_teachers(recipe)}
     for t in recipe.teachers:  # one by one: a failure leaves the started ones to kill
-        parts.pools.append(cached.get(t.name) or live_pool(recipe, t))
+        pool = cached.get(t.name)
+        if pool is None:
+            pool = live_pool(recipe, t)
+        elif recipe.runs_live(t):  # a cached one that scores the student's samples live
+            pool = CacheThenLive(pool, live_pool(recipe, t))
+        parts.pools.append(pool)
     # the ranks start (imports, engine setup) while the teachers load
     parts.students = StudentGroup(recipe, spec=mode.student_spec(recipe))
     infos = [p.info() for p in parts.pools]

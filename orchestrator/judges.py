@@ -20,7 +20,7 @@ from typing import Any
 
 import ray
 
-from actors.judge import JudgeActor
+from actors.judge import JudgeActor, judge_kwargs
 from orchestrator import warm
 from orchestrator.actor_env import service_options
 from orchestrator.balance import LeastOutstanding
@@ -52,16 +52,28 @@ class Outcome:
 
 class JudgePool:
     def __init__(
-        self, cfg: JudgeConfig, model: str | None, cluster: ClusterConfig | None = None
+        self,
+        cfg: JudgeConfig,
+        model: str | None,
+        cluster: ClusterConfig | None = None,
+        host: Any = None,
     ) -> None:
-        self.cfg = cfg
+        """`host`: the live pool of the teacher whose replicas serve this judge (their own
+        weights, `judges[i].teacher`); the judge then starts no actor of its own, and its
+        restarts are the teacher's (one count per actor, whichever role found it hung)."""
+        self.cfg, self.host = cfg, host
         self.max_restarts = (cluster or ClusterConfig()).max_restarts
         self.restarts: dict[str, int] = {}  # by replica name: hung ones the pool restarted
-        options, args = _replica(cfg, model, self.max_restarts)
-        self.key = judge_key(cfg, model, cluster)
-        remote = ray.remote(JudgeActor).options(**options)
-        self.replicas = [warm.take(self.key) or remote.remote(**args) for _ in range(cfg.replicas)]
-        self.balance = LeastOutstanding(cfg.replicas)
+        if host is not None:
+            self.replicas, self.restarts, self.key = host.replicas, host.restarts, ""
+        else:
+            options, args = _replica(cfg, model, self.max_restarts)
+            self.key = judge_key(cfg, model, cluster)
+            remote = ray.remote(JudgeActor).options(**options)
+            self.replicas = [
+                warm.take(self.key) or remote.remote(**args) for _ in range(cfg.replicas)
+            ]
+        self.balance = LeastOutstanding(len(self.replicas))
 
     @property
     def name(self) -> str:
@@ -70,7 +82,11 @@ class JudgePool:
     def submit(self, method: str, *args: Any, avoid: int | None = None) -> Call:
         """Send `method(*args)` to the least-loaded replica (other than `avoid`)."""
         pick = self.balance.pick(avoid)
-        ref = getattr(self.replicas[pick], method).remote(*args)
+        replica = self.replicas[pick]
+        if self.host is not None:
+            ref = replica.judge.remote(self.name, method, *args)
+        else:
+            ref = getattr(replica, method).remote(*args)
         self.balance.track(pick, ref)
         depth = sum(len(rs) for rs in self.balance.outstanding)
         return Call(method, args, len(args[0]), pick, ref, time.perf_counter(), depth=depth)
@@ -114,6 +130,8 @@ class JudgePool:
         return [_usable(v) for v in values], None
 
     def replica_name(self, i: int) -> str:
+        if self.host is not None:
+            return self.host.replica_name(i)
         return f"judge {self.name} replica {i}"
 
     def actors(self) -> dict[str, Any]:
@@ -123,6 +141,8 @@ class JudgePool:
     def restart_unresponsive(self, timeout_s: float) -> list[str]:
         """Restart the replicas that do not answer within `timeout_s`; the names of those
         restarted (not of those past their restarts, stopped for good)."""
+        if self.host is not None:
+            return []  # the teacher's pool probes and restarts its replicas
         silent = probe(self.actors(), timeout_s)
         names = list(self.actors())
         return [name for name in silent if self._restart(names.index(name))]
@@ -135,6 +155,8 @@ class JudgePool:
         self.balance.reset(i)
         if done > self.max_restarts:  # stopped already
             return False
+        if self.host is not None and done >= self.max_restarts:
+            return False  # a teacher's replica is never stopped by its judge role
         self.restarts[name] = done + 1
         if done == self.max_restarts:
             ray.kill(self.replicas[i], no_restart=True)
@@ -150,6 +172,8 @@ class JudgePool:
     def shutdown(self, keep: bool = False) -> None:
         """Kill the replicas, or with `keep` park them for the next run in this Ray
         (orchestrator/warm.py), unless the pool restarted one."""
+        if self.host is not None:
+            return  # the teacher's replicas: its pool stops or parks them
         for actor in self.replicas:
             warm.park_or_kill(self.key, actor, keep and not self.restarts)
 
@@ -163,13 +187,10 @@ def _replica(
     if cfg.function:  # the function's module imports in the actor as on the driver
         paths = [p for p in sys.path if p and os.path.isdir(p)]
         options["runtime_env"]["env_vars"]["PYTHONPATH"] = os.pathsep.join(paths)
-    rubric = {f"{cfg.kind}_rubric" if cfg.kind != "score" else "rubric": cfg.rubric}
     args = {
         "name": cfg.name,
         "model": model,
-        **rubric,
-        "rating_tokens": list(cfg.rating_tokens),
-        "min_mass": cfg.min_mass,
+        **judge_kwargs(cfg.kind, cfg.rubric, cfg.rating_tokens, cfg.min_mass),
         "threads": cfg.threads,
         "function": cfg.function,
     }

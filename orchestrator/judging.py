@@ -66,6 +66,23 @@ class JudgeRewards(Part):
 
     def started(self, start: int, loop: Loop) -> None:
         self._reference_hash = loop.students.reference_hash()
+        for pool in self.judges:
+            if pool.host is not None:
+                info, n = pool.host.info(), len(pool.replicas)
+                print(
+                    f"judge {pool.name}: served by teacher {pool.host.name}'s {n} replica(s), "
+                    f"{n * info['param_bytes'] / 2**20:.0f} MiB of weights not loaded again",
+                    flush=True,
+                )
+
+    def shared_weights_mib(self) -> dict[str, float]:
+        """Per judge served by a teacher's replicas: the weights a judge of its own would
+        have loaded again."""
+        return {
+            pool.name: len(pool.replicas) * pool.host.info()["param_bytes"] / 2**20
+            for pool in self.judges
+            if pool.host is not None
+        }
 
     def before_train(self, item: InFlight, loop: Loop) -> None:
         """Judge the step's samples (the driver waits here, bounded, while the previous
@@ -166,6 +183,7 @@ class JudgeRewards(Part):
         if loop.students.reference_hash() != self._reference_hash:
             raise RuntimeError("the frozen reference model changed during training")
         summary["reference_hash"] = self._reference_hash
+        summary["judge_shared_weights_mib"] = self.shared_weights_mib()
 
     def shutdown(self, keep: bool) -> None:
         for pool in self.judges:

@@ -1,6 +1,6 @@
 """Offline distillation: teacher signals computed once into a provenance-checked Parquet
 cache (`raydistill cache build`), then served to any number of student runs with no teacher
-model loaded (`distill.mode: offline`, or `teachers[i].cache` for one teacher of a run).
+model loaded (`distill.mode: offline`, or `teachers[i].source: cache` for one teacher).
 
 A cache is used only when what its signals were computed from matches the recipe exactly:
 teacher weights (a hash of the weight files), tokenizer, k (a cache of k serves any k' <= k,
@@ -34,7 +34,7 @@ from actors.signal_cache import (
 from orchestrator import run_lock
 from orchestrator.cached_teachers import cache_path, cached_teachers, provenance
 from orchestrator.faults import gather
-from orchestrator.recipe import Recipe, RecipeError, TeacherConfig
+from orchestrator.recipe import LiveSource, Recipe, RecipeError, TeacherConfig
 from orchestrator.teachers import live_pool
 
 
@@ -61,10 +61,11 @@ def build(recipe: Recipe, pools: list[Any], dataset: Any, chunk_rows: int = 32) 
             writer = CacheWriter(root, prov, num_rows=total)
         except CacheMismatch as exc:
             i = recipe.teachers.index(cfg)
-            raise RecipeError(f"teachers[{i}].cache", f"{root} holds another cache: {exc}") from exc
+            why = f"{root} holds another cache: {exc}"
+            raise RecipeError(f"teachers[{i}].source.path", why) from exc
         except CacheCorrupt as exc:
             i = recipe.teachers.index(cfg)
-            raise RecipeError(f"teachers[{i}].cache", f"{root}: {exc}") from exc
+            raise RecipeError(f"teachers[{i}].source.path", f"{root}: {exc}") from exc
         bound = recipe.cluster.step_timeout_s
         report[cfg.name] = _fill(pool, writer, dataset, chunk_rows, bound)
         report[cfg.name].update(bytes_per_position=bytes_per_position(root), path=str(root))
@@ -143,7 +144,8 @@ def build_command(recipe: Recipe) -> int:
     names = {t.name for t in cached_teachers(recipe)}
     if not names:
         raise RecipeError(
-            "teachers", "no teacher to cache: set teachers[i].cache or distill.mode: offline"
+            "teachers",
+            "no teacher to cache: set teachers[i].source: cache or distill.mode: offline",
         )
     writer = recipe.teachers[0] if recipe.data.responses == "teacher" else None
     wanted = [t for t in recipe.teachers if t.name in names or t is writer]
@@ -186,7 +188,7 @@ def _build_with(recipe: Recipe, wanted: list[TeacherConfig]) -> dict[str, Any]:
     pools: list[Any] = []
     built = False
     try:
-        live = [t.model_copy(update={"cache": None}) for t in wanted]  # here they all run
+        live = [t.model_copy(update={"source": LiveSource()}) for t in wanted]  # all run here
         mode = recipe.distill.model_copy(update={"mode": "off_policy"})
         check_resources(recipe.model_copy(update={"teachers": live, "distill": mode}))
         pools = [live_pool(recipe, t) for t in wanted]

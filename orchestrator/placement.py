@@ -26,9 +26,9 @@ def requested(recipe: Recipe) -> list[tuple[str, int, Placed]]:
     out: list[tuple[str, int, Placed]] = []
     for i, t in enumerate(recipe.teachers):
         if recipe.from_cache(t):  # one reader actor, no model
-            t = t.model_copy(update={"num_cpus": min(t.num_cpus, 0.25), "num_gpus": 0.0})
-            out.append((f"teachers.{i}", 1, t))
-        else:
+            reader = t.model_copy(update={"num_cpus": min(t.num_cpus, 0.25), "num_gpus": 0.0})
+            out.append((f"teachers.{i}", 1, reader))
+        if recipe.runs_live(t):
             out.append((f"teachers.{i}", t.replicas, t))
     out.append(("student", recipe.student.world_size, recipe.student))
     mode = recipe.distill.mode
@@ -37,7 +37,9 @@ def requested(recipe: Recipe) -> list[tuple[str, int, Placed]]:
     if recipe.rolls_out:
         out.append(("rollout", recipe.rollout.replicas, recipe.rollout))
     if mode == "rlaif":
-        out += [(f"judges.{i}", j.replicas, j) for i, j in enumerate(recipe.judges)]
+        out += [
+            (f"judges.{i}", j.replicas, j) for i, j in enumerate(recipe.judges) if not j.teacher
+        ]
     return out
 
 

@@ -111,6 +111,31 @@ class Placed(_Strict):
         return v
 
 
+class LiveSource(_Strict):
+    """The teacher's replicas load its model and score what they are sent."""
+
+    kind: Literal["live"] = "live"
+
+
+class CacheSource(_Strict):
+    """The teacher's signals are read from its signal cache (raydistill cache build); the
+    data's rows only: the student's own samples are not in any cache."""
+
+    kind: Literal["cache"] = "cache"
+    path: str | None = Field(
+        None, description="the cache folder; default <output_dir>/signal_cache/<name>"
+    )
+    fresh: Literal["refuse", "live"] = Field(
+        "refuse",
+        description="the student's own samples (distill.lambda > 0): refuse the recipe, or "
+        "score them with live replicas of the teacher while the data's rows come from the "
+        "cache",
+    )
+
+
+TeacherSource = Annotated[LiveSource | CacheSource, Field(discriminator="kind")]
+
+
 class TeacherConfig(Placed):
     name: Name
     model: str = Field(description="local HF folder, known model name, or hub name")
@@ -127,11 +152,29 @@ class TeacherConfig(Placed):
         description="a teacher whose tokenizer differs from the student's: span_map scores "
         "its own tokenization of the text and maps its top-k onto the student's pieces",
     )
-    cache: str | None = Field(
-        None,
-        description="its signal cache folder (raydistill cache build): the run reads its top-k "
-        "there and loads no model; default in mode offline: <output_dir>/signal_cache/<name>",
+    source: TeacherSource = Field(
+        default_factory=lambda: LiveSource(),
+        description="live (replicas load the model) or cache (its signals read from a signal "
+        "cache, raydistill cache build); default in mode offline: cache",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_shorthands(cls, raw: Any) -> Any:
+        """`source: live | cache` for the default settings, and recipes written before
+        `source` existed (`cache: FOLDER`)."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        if isinstance(raw.get("source"), str):
+            raw["source"] = {"kind": raw["source"]}
+        if "cache" in raw:
+            folder = raw.pop("cache")
+            if folder is not None:
+                if "source" in raw:
+                    raise ValueError("give `source` or the older `cache`, not both")
+                raw["source"] = {"kind": "cache", "path": folder}
+        return raw
 
 
 class StudentConfig(Placed):
@@ -285,7 +328,11 @@ class JudgeConfig(Placed):
     name: Name
     kind: Literal["score", "pairwise", "critique"] = "score"
     model: str | None = Field(None, description="a model folder, known name or hub name")
-    teacher: str | None = Field(None, description="use this teacher's model")
+    teacher: str | None = Field(
+        None,
+        description="served by this teacher's own replicas: one copy of the weights gives "
+        "logit targets and judgments (its replicas, CPUs and threads, not this judge's)",
+    )
     function: str | None = Field(None, description="module:function (sample, prompt) -> float")
     rubric: str | None = Field(None, description="format string with {prompt} and {response}")
     rating_tokens: list[str] = Field(default_factory=lambda: [str(i) for i in range(1, 10)])
@@ -507,13 +554,23 @@ class Recipe(_Strict):
         if not self.teachers and self.data.responses == "teacher":
             raise ValueError("data.responses: 'teacher' needs a teacher in `teachers`")
         for i, t in enumerate(self.teachers):
-            if self.from_cache(t) and self.rolls_out:
+            if mode == "offline" and t.source.kind == "live":
+                if "source" in t.model_fields_set:
+                    raise ValueError(
+                        f"teachers.{i}.source: live, but distill.mode 'offline' reads every "
+                        f"teacher from its cache (use mode off_policy to mix)"
+                    )
+                t.source = CacheSource()
+            if not self.from_cache(t):
+                continue
+            if self.rolls_out and t.source.fresh == "refuse":
                 raise ValueError(
-                    f"teachers.{i}.cache: a cached teacher cannot score the student's own "
-                    f"samples (distill.mode {mode})"
+                    f"teachers.{i}.source: a cached teacher cannot score the student's own "
+                    f"samples (distill.lambda {self.on_policy_share:g}); set source.fresh: live "
+                    f"to have live replicas score them"
                 )
-            if t.cache and t.cross_tokenizer:
-                raise ValueError(f"teachers.{i}.cache: not with cross_tokenizer (yet)")
+            if t.cross_tokenizer:
+                raise ValueError(f"teachers.{i}.source: cache, not with cross_tokenizer (yet)")
         if mode == "mutual":
             if not peers:
                 raise ValueError("mutual.peers: distill.mode 'mutual' needs at least one peer")
@@ -603,6 +660,13 @@ class Recipe(_Strict):
         for i, j in enumerate(self.judges):
             if j.teacher and j.teacher not in names:
                 raise ValueError(f"judges.{i}.teacher: no teacher named {j.teacher!r} in {names}")
+            host = next((t for t in self.teachers if t.name == j.teacher), None)
+            if host is not None and (self.from_cache(host) or host.backend != "hf"):
+                raise ValueError(
+                    f"judges.{i}.teacher: teacher {host.name!r} is served by "
+                    f"{'its cache' if self.from_cache(host) else host.backend}; a judge is "
+                    f"served by live hf replicas (or give the judge its own `model`)"
+                )
         k = self.rollout.samples_per_prompt
         need = ALGORITHMS[self.rlaif.algorithm].min_group
         if k < need and self.rlaif.rl_weight:
@@ -625,9 +689,14 @@ class Recipe(_Strict):
             )
 
     def from_cache(self, teacher: TeacherConfig) -> bool:
-        """Whether a teacher is served from its signal cache (its own `cache`, or every
-        teacher of an offline run) rather than by live replicas."""
-        return bool(teacher.cache) or self.distill.mode == "offline"
+        """Whether a teacher's signals on the data's rows come from its signal cache (every
+        teacher of an offline run is)."""
+        return teacher.source.kind == "cache"
+
+    def runs_live(self, teacher: TeacherConfig) -> bool:
+        """Whether a teacher has live replicas: a live one, or a cached one that scores the
+        student's own samples live (`source.fresh: live`)."""
+        return not self.from_cache(teacher) or (self.rolls_out and teacher.source.fresh == "live")
 
     @property
     def on_policy_share(self) -> float:
@@ -712,8 +781,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         if candidate.exists() or not Path(recipe.data.path).exists():
             recipe.data.path = str(candidate.resolve())
     for t in recipe.teachers:  # like output_dir: relative to where the run starts
-        if t.cache:
-            t.cache = str(Path(t.cache).expanduser().resolve())
+        if isinstance(t.source, CacheSource) and t.source.path:
+            t.source.path = str(Path(t.source.path).expanduser().resolve())
     for model_holder in [*recipe.teachers, recipe.student, *recipe.mutual.peers]:
         spec = model_holder.model
         if spec.startswith(("./", "../")) and (base / spec).exists():

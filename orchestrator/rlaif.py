@@ -44,7 +44,8 @@ def student_spec(recipe: Recipe) -> WorkerSpec:
 
 
 def warm_keys(recipe: Recipe) -> list[str]:
-    judges = [judge_key(j, judge_model(recipe, j), recipe.cluster) for j in recipe.judges]
+    own = [j for j in recipe.judges if not j.teacher]  # the others are the teachers' actors
+    judges = [judge_key(j, judge_model(recipe, j), recipe.cluster) for j in own]
     return [group_key(recipe.student), *sample_keys(recipe), *judges]
 
 
@@ -52,8 +53,10 @@ def assemble(recipe: Recipe, pools: list[TeacherPool], students: Any, dataset: A
     source = sample_source(recipe, dataset)
     judges: list[JudgePool] = []
     try:
-        for j in recipe.judges:
-            judges.append(JudgePool(j, judge_model(recipe, j), recipe.cluster))
+        hosts = {p.name: p for p in pools}
+        for j in recipe.judges:  # a judge naming a teacher: served by the teacher's replicas
+            host = hosts[j.teacher] if j.teacher else None
+            judges.append(JudgePool(j, judge_model(recipe, j), recipe.cluster, host))
         texts = Texts(recipe)
     except BaseException:
         source.shutdown(keep=False)

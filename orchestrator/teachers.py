@@ -9,6 +9,7 @@ from typing import Any
 
 import ray
 
+from actors.judge import judge_kwargs
 from actors.teacher import TeacherActor
 from orchestrator import warm
 from orchestrator.actor_env import service_options
@@ -26,6 +27,7 @@ class LiveTeacherPool:
         actor_class: type = TeacherActor,
         student_tokenizer: str | None = None,
         cluster: ClusterConfig | None = None,
+        judges: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """`student_tokenizer`: the student's, for a teacher with `cross_tokenizer` set. A
         replica that dies is restarted (`cluster.max_restarts`) and the calls it had in
@@ -38,7 +40,7 @@ class LiveTeacherPool:
         self.step_timeout_s = cluster.step_timeout_s
         self.max_restarts = cluster.max_restarts
         self.restarts: dict[str, int] = {}  # by replica name, the ones the driver did
-        options, args = _replicas(cfg, distill, max_model_len, student_tokenizer, cluster)
+        options, args = _replicas(cfg, distill, max_model_len, student_tokenizer, cluster, judges)
         self.keys = _keys(actor_class, options, args)
         remote = ray.remote(actor_class).options(**options)
         pairs = zip(self.keys, args, strict=True)
@@ -90,14 +92,15 @@ class LiveTeacherPool:
         return ref
 
     def served(self) -> dict[str, int]:
-        """Shards and rows the replicas scored so far (their own counts), summed."""
+        """Shards and rows the replicas scored so far, and judgments they gave as a judge
+        (their own counts), summed."""
         infos = gather(
             [r.info.remote() for r in self.replicas],
             f"teacher {self.name}",
             who=list(self.actors()),
             **self.setup,
         )
-        return {k: sum(int(i["served"][k]) for i in infos) for k in ("calls", "rows")}
+        return {k: sum(int(i["served"][k]) for i in infos) for k in infos[0]["served"]}
 
     def queue_metrics(self) -> dict[str, float]:
         """Queue depth and requests served per replica, for MLflow."""
@@ -144,6 +147,7 @@ def _replicas(
     max_model_len: int,
     student_tokenizer: str | None,
     cluster: ClusterConfig,
+    judges: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(Ray options, each replica's arguments), and so its warm key."""
     common = {
@@ -157,6 +161,7 @@ def _replicas(
         "backend": cfg.backend,
         "max_model_len": max_model_len,
         "student_tokenizer": student_tokenizer if cfg.cross_tokenizer else None,
+        **({"judges": judges} if judges else {}),
     }
     options = service_options(cfg, cluster.max_restarts)
     return options, [{**common, "replica": i} for i in range(cfg.replicas)]
@@ -170,21 +175,35 @@ def _keys(actor_class: type, options: dict[str, Any], args: list[dict[str, Any]]
 
 def live_pool(recipe: Recipe, cfg: TeacherConfig) -> LiveTeacherPool:
     """A teacher's live replicas, sized for what the recipe asks of them."""
-    return LiveTeacherPool(cfg, recipe.distill, **_live_args(recipe))
+    return LiveTeacherPool(cfg, recipe.distill, **_live_args(recipe, cfg))
 
 
 def teacher_keys(recipe: Recipe, cfg: TeacherConfig) -> list[str]:
     """The warm keys of `live_pool(recipe, cfg)`'s replicas."""
-    args = _live_args(recipe)
-    max_len, student, cluster = args["max_model_len"], args["student_tokenizer"], recipe.cluster
-    return _keys(TeacherActor, *_replicas(cfg, recipe.distill, max_len, student, cluster))
+    a = _live_args(recipe, cfg)
+    replicas = _replicas(
+        cfg, recipe.distill, a["max_model_len"], a["student_tokenizer"], a["cluster"], a["judges"]
+    )
+    return _keys(TeacherActor, *replicas)
 
 
-def _live_args(recipe: Recipe) -> dict[str, Any]:
+def _live_args(recipe: Recipe, cfg: TeacherConfig) -> dict[str, Any]:
     return {
         "max_model_len": teacher_max_len(recipe),
         "student_tokenizer": recipe.student.model,
         "cluster": recipe.cluster,
+        "judges": hosted_judges(recipe, cfg),
+    }
+
+
+def hosted_judges(recipe: Recipe, cfg: TeacherConfig) -> dict[str, dict[str, Any]]:
+    """The judges of an RLAIF run that name this teacher: its replicas serve them."""
+    if recipe.distill.mode != "rlaif":
+        return {}
+    return {
+        j.name: judge_kwargs(j.kind, j.rubric, j.rating_tokens, j.min_mass)
+        for j in recipe.judges
+        if j.teacher == cfg.name
     }
 
 

@@ -182,9 +182,8 @@ class TrainLoop:
                 if not queued:
                     break
                 item = queued.popleft()
-                metrics = self._step_metrics(item, time.perf_counter() - last)
-                metrics["driver_cpu_s"] = time.process_time() - last_cpu  # incl. its threads
-                last, last_cpu, step = time.perf_counter(), time.process_time(), item.step + 1
+                metrics, now = self._step_metrics(item, last, last_cpu)
+                last, last_cpu, step = now, time.process_time(), item.step + 1
                 tokens_total += metrics["tokens"]
                 self.tracker.log_metrics(step, metrics)  # written when a checkpoint commits
                 headline = {k: v for p in self.parts for k, v in p.headline(metrics).items()}
@@ -204,11 +203,17 @@ class TrainLoop:
             self.tracker.log_artifact(self.run_dir / "summary.json")
         return RunResult(self.run_dir, step, finished, summary)
 
-    def _step_metrics(self, item: Queued, wall: float) -> dict[str, float]:
-        """A finished step's figures: the first group's, its peers', every part's."""
+    def _step_metrics(
+        self, item: Queued, last: float, last_cpu: float
+    ) -> tuple[dict[str, float], float]:
+        """A finished step's figures (the first group's, its peers', every part's), and
+        when the step ended: its wall time runs from the end of the one before."""
         what = f"train step {item.step + 1}"
         per_rank = self.wait(item.metrics[0], what, self.ranks, students=True)
+        now = time.perf_counter()
+        wall = now - last
         metrics = step_metrics(per_rank, self.pools, wall, len(self._window))
+        metrics["driver_cpu_s"] = time.process_time() - last_cpu  # incl. its threads
         if self.cohort.peers:
             peers = self.cohort.peer_metrics(item.step, item.metrics[1:], self.pools, wall)
             metrics["actors_cpu_s"] += peers.pop("actors_cpu_s")
@@ -217,7 +222,7 @@ class TrainLoop:
         for part in self.parts:
             part.step_metrics(item, metrics, self)
         self._metas.pop(item.step, None)
-        return metrics
+        return metrics, now
 
     def _resume(self, ledger: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
         """(first step, summary so far): the checkpoint's, loaded on the ranks, and its

@@ -143,3 +143,44 @@ def run_multinode(raw: dict[str, Any], tmp_path: Path, *flags: str) -> tuple[dic
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT_JSON ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(lines[0].removeprefix("RESULT_JSON ")), proc.stdout
+
+
+def titles_during(gone: set[str], run: Any) -> tuple[Any, set[str]]:
+    """Run `run()` while sampling the titles of Ray's worker processes (`ray::TeacherActor`),
+    once the actors of earlier runs, parked ones included, are killed and processes with
+    the titles in `gone` have exited."""
+    import threading
+    import time
+
+    import psutil
+
+    from orchestrator import warm
+
+    warm.release()
+
+    def titles() -> set[str]:
+        out = set()
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if cmd.startswith("ray::"):
+                out.add(cmd.split()[0].split(".")[0])
+        return out
+
+    deadline = time.monotonic() + 60
+    while gone & titles() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.update(titles())
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        return run(), seen
+    finally:
+        stop.set()
+        thread.join()

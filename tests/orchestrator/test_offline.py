@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import base_recipe, write_recipe
+from conftest import base_recipe, titles_during, write_recipe
 from safetensors.torch import load_file
 
 from actors.models import save_tiny_llama
 from actors.signal_cache import CacheReader
 from orchestrator.cli import main
+
+RUN_TITLES = {"ray::TeacherActor", "ray::CachedTeacher"}  # gone before a sampled run
 
 
 def _raw(tmp_path: Path, models: dict[str, str], name: str, **teacher) -> dict:
@@ -40,43 +40,6 @@ def _run_dir(tmp_path: Path, name: str) -> Path:
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "student" / "model.safetensors")
-
-
-def _titles_during(run) -> tuple[int, set[str]]:
-    """Run `run()` while sampling the titles of Ray's worker processes (once the actors of
-    earlier runs, parked ones included, are killed and gone)."""
-    import psutil
-
-    from orchestrator import warm
-
-    warm.release()
-
-    def titles() -> set[str]:
-        out = set()
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if cmd.startswith("ray::"):
-                out.add(cmd.split()[0].split(".")[0])
-        return out
-
-    deadline = time.monotonic() + 60
-    while {"ray::TeacherActor", "ray::CachedTeacher"} & titles() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    seen: set[str] = set()
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            seen.update(titles())
-            time.sleep(0.1)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    try:
-        return run(), seen
-    finally:
-        stop.set()
-        thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +78,7 @@ def test_cache_holds_the_live_teachers_signals_bit_for_bit(built, tiny_models):
 
 def test_offline_run_starts_no_teacher_and_equals_the_live_run(built, capsys):
     capsys.readouterr()
-    code, titles = _titles_during(lambda: main(["run", str(built["path"])]))
+    code, titles = titles_during(RUN_TITLES, lambda: main(["run", str(built["path"])]))
     assert code == 0
     assert "ray::CachedTeacher" in titles and "ray::TeacherActor" not in titles
     tmp = built["tmp"]
@@ -135,7 +98,7 @@ def _refused(tmp_path: Path, raw: dict, capsys) -> str:
 
 def test_each_provenance_mismatch_is_refused_in_one_line(built, tiny_models, tmp_path, capsys):
     raw = json.loads(json.dumps(built["raw"]))
-    raw["teachers"][0]["cache"] = str(built["cache"])
+    raw["teachers"][0]["cache"] = str(built["cache"])  # the form before `source` still loads
     raw["run"]["output_dir"] = str(tmp_path / "runs")
     other = save_tiny_llama(str(tmp_path / "other"), seed=7, hidden=48, layers=2)
     with_tok = tmp_path / "with_tokenizer"
@@ -155,7 +118,7 @@ def test_each_provenance_mismatch_is_refused_in_one_line(built, tiny_models, tmp
         target = bad["teachers"][0] if section == "teachers" else bad[section]
         target.update(change)
         line = _refused(tmp_path, bad, capsys)
-        assert line.startswith(f"raydistill: error: teachers[0].cache: {field}: the cache has ")
+        assert line.startswith(f"raydistill: error: teachers[0].source: {field}: the cache has ")
         assert ", the recipe wants " in line
     assert not list((tmp_path / "runs").glob("offline-*"))
     ok = json.loads(json.dumps(raw))
@@ -204,10 +167,12 @@ def test_one_cached_and_one_live_teacher_in_one_run(built, tiny_models, tmp_path
     raw = json.loads(json.dumps(built["raw"]))
     raw["distill"]["mode"] = "off_policy"
     raw["run"]["output_dir"] = str(tmp_path / "runs")
-    raw["teachers"][0]["cache"] = str(built["cache"])
+    raw["teachers"][0]["source"] = {"kind": "cache", "path": str(built["cache"])}
     raw["teachers"].append({"name": "live", "model": tiny_models["teacher"], "num_cpus": 0.25})
     raw["distill"]["aggregate"] = "weighted"
-    code, titles = _titles_during(lambda: main(["run", str(write_recipe(tmp_path, raw))]))
+    code, titles = titles_during(
+        RUN_TITLES, lambda: main(["run", str(write_recipe(tmp_path, raw))])
+    )
     assert code == 0 and {"ray::CachedTeacher", "ray::TeacherActor"} <= titles
     run_dir = next((tmp_path / "runs").glob("offline-*"))
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -289,3 +254,31 @@ def test_live_and_cached_pools_are_both_teacher_pools():
             if callable(proto):
                 want = list(inspect.signature(proto).parameters)
                 assert list(inspect.signature(impl).parameters) == want, (cls, name)
+
+
+def test_a_cached_teacher_serves_the_off_policy_steps_of_an_on_policy_run(built, tmp_path, capsys):
+    """distill.lambda 0.5: the data's steps read the teacher's cache, the student's own
+    samples are scored by its live replica (`source.fresh: live`); without that setting the
+    recipe is refused in one line, before anything starts."""
+    from orchestrator.sources import is_on_policy_step
+
+    raw = json.loads(json.dumps(built["raw"]))
+    raw["run"]["output_dir"] = str(tmp_path / "runs")
+    raw["distill"].update(mode="on_policy", **{"lambda": 0.5})
+    raw["teachers"][0]["source"] = {"kind": "cache", "path": str(built["cache"])}
+    line = _refused(tmp_path, raw, capsys)
+    assert "bad.yaml: teachers.0.source: a cached teacher cannot score the student" in line
+    raw["teachers"][0]["source"]["fresh"] = "live"
+    code, titles = titles_during(
+        RUN_TITLES, lambda: main(["run", str(write_recipe(tmp_path, raw))])
+    )
+    assert code == 0 and {"ray::CachedTeacher", "ray::TeacherActor"} <= titles
+    summary = json.loads((_run_dir(tmp_path, "offline") / "summary.json").read_text())
+    served = summary["teacher_served"]["tiny"]
+    steps = raw["train"]["steps"]
+    on_policy = sum(is_on_policy_step(raw["run"]["seed"], s, 0.5) for s in range(steps))
+    assert 0 < on_policy < steps  # both kinds of step happened
+    world = raw["student"]["world_size"]
+    # the cache: the off-policy steps' shards and the held-out shards (scored once)
+    assert served["cache_calls"] == (steps - on_policy + 1) * world
+    assert served["calls"] - served["cache_calls"] == on_policy * world  # live: the samples

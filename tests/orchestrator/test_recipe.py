@@ -76,6 +76,31 @@ CASES = {
         "mutual.peers: distill.mode 'mutual' needs at least one peer",
     ),
     "no teacher": (lambda r: r.update(teachers=[]), "teachers: at least one teacher is needed"),
+    "a live teacher in mode offline": (
+        lambda r: (r["distill"].update(mode="offline"), r["teachers"][0].update(source="live")),
+        "teachers.0.source: live, but distill.mode 'offline' reads every teacher from its cache",
+    ),
+    "a cached teacher on the student's samples": (
+        lambda r: (r["distill"].update(mode="on_policy"), r["teachers"][0].update(source="cache")),
+        "teachers.0.source: a cached teacher cannot score the student's own samples "
+        "(distill.lambda 1); set source.fresh: live",
+    ),
+    "cache and source both": (
+        lambda r: r["teachers"][0].update(source="cache", cache="/c"),
+        "give `source` or the older `cache`, not both",
+    ),
+    "off_policy sampling the student": (
+        lambda r: r["distill"].update(**{"lambda": 0.5}),
+        "distill.lambda: 0.5 makes mode 'off_policy' sample the student",
+    ),
+    "a judge served by a cached teacher": (
+        lambda r: (
+            r["distill"].update(mode="rlaif"),
+            r["teachers"][0].update(source={"kind": "cache", "fresh": "live"}),
+            r.update(judges=[{"name": "j", "teacher": "tiny"}], rollout={"samples_per_prompt": 2}),
+        ),
+        "judges.0.teacher: teacher 'tiny' is served by its cache",
+    ),
     "mixture at a teacher's own temperature": (
         lambda r: (r["distill"].update(aggregate="mean"), r["teachers"][0].update(temperature=2)),
         "teachers.0.temperature: 2.0 differs from distill.temperature=1.0",
@@ -367,3 +392,21 @@ def test_a_run_name_with_a_path_in_it_leaves_no_folder_anywhere(tmp_path, tiny_m
     assert main(["run", str(write_recipe(tmp_path, raw))]) == 2
     assert "run.name: must be 1-100 letters, digits" in _one_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_teacher_sources_old_and_new_forms(tmp_path, tiny_models):
+    """`teachers[i].source` is a discriminated union; `source: cache` is its short form, a
+    recipe written before it (`cache: FOLDER`) still loads, and mode offline makes every
+    teacher cached."""
+    from orchestrator.recipe import CacheSource, LiveSource
+
+    raw = base_recipe(tmp_path, tiny_models)
+    path = write_recipe(tmp_path, raw)
+    assert load_recipe(path).teachers[0].source == LiveSource()
+    got = load_recipe(path, ["teachers.0.cache=/old/cache"]).teachers[0].source
+    assert got == CacheSource(path="/old/cache", fresh="refuse")
+    assert load_recipe(path, ["teachers.0.source=cache"]).teachers[0].source == CacheSource()
+    offline = load_recipe(path, ["distill.mode=offline"])
+    assert offline.teachers[0].source == CacheSource() and offline.from_cache(offline.teachers[0])
+    again = load_recipe(write_recipe(tmp_path, offline.model_dump(by_alias=True), "again.yaml"))
+    assert again.teachers[0].source == CacheSource()

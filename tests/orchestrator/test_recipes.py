@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from chat_tokenizers import build_tokenizer
+from conftest import titles_during
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
@@ -59,3 +60,53 @@ def test_on_policy_multi_blends_a_cross_tokenizer_teacher_on_the_students_sample
     assert _history(run_dir, "cover/smollm2") == [1.0] * 3
     assert 0 < min(_history(run_dir, "cover/gemma"))  # positions mapped from its pieces
     assert any((run_dir / "rollouts").iterdir())  # the steps were the student's own samples
+
+
+def test_mutual_on_policy_students_learn_on_the_first_ones_samples(
+    ray_session, chat_models, tmp_path
+):
+    """recipes/mutual_on_policy.yaml: two students, the teacher and each other as targets, on
+    the samples the first student writes; each has its own figures and export."""
+    overrides = [
+        *_tiny(tmp_path, chat_models),
+        f"teachers.0.model={chat_models['teacher']}",
+        f"mutual.peers.0.model={chat_models['student']}",
+        "mutual.peers.0.layers=null",
+        "mutual.peers.0.num_cpus=0.25",
+    ]
+    assert main(["run", str(RECIPES / "mutual_on_policy.yaml"), *overrides]) == 0
+    (run_dir,) = (tmp_path / "runs").glob("mutual_on_policy-*")
+    for key in ("kl/smollm2", "kl/peer10", "peer10/kl/smollm2", "peer10/kl/student"):
+        kl = _history(run_dir, key)
+        assert len(kl) == 3 and all(0 <= v < 50 for v in kl), (key, kl)
+    assert _history(run_dir, "on_policy") == [1.0] * 3
+    assert len(list((run_dir / "rollouts").glob("step_*.parquet"))) == 3
+    assert (run_dir / "student" / "config.json").is_file()
+    assert (run_dir / "peer10" / "config.json").is_file()
+
+
+def test_kd_rlaif_one_teacher_actor_gives_targets_and_judgments(ray_session, chat_models, tmp_path):
+    """recipes/kd_rlaif.yaml: KD and a judge's GRPO reward in one backward, the judge served
+    by the teacher's own replica: no judge process starts, the teacher's replica counts the
+    judgments it gave, and what that saved is reported."""
+    overrides = [
+        *_tiny(tmp_path, chat_models),
+        f"teachers.0.model={chat_models['teacher']}",
+        "judges.0.min_mass=0.0",  # a random tiny judge puts little mass on the digits
+        "rlaif.win_rate_prompts=2",
+    ]
+    path = str(RECIPES / "kd_rlaif.yaml")
+    code, titles = titles_during(
+        {"ray::TeacherActor", "ray::JudgeActor"}, lambda: main(["run", path, *overrides])
+    )
+    assert code == 0
+    assert "ray::TeacherActor" in titles and "ray::JudgeActor" not in titles
+    (run_dir,) = (tmp_path / "runs").glob("kd_rlaif-*")
+    assert len(_history(run_dir, "kd")) == 3 and min(_history(run_dir, "kd")) > 0
+    rewards = _history(run_dir, "reward/rater")
+    assert len(rewards) == 3 and all(1 <= r <= 9 for r in rewards)  # expected ratings
+    assert _history(run_dir, "dropped_samples") == [0.0] * 3
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # 3 steps x 8 samples, and the win-rate comparisons (2 prompts, both orders: 1 call each)
+    assert summary["teacher_served"]["smollm2"]["judgments"] >= 3 * 8
+    assert summary["judge_shared_weights_mib"]["rater"] > 0
