@@ -42,13 +42,28 @@ class SparseTarget:
     report: bool = True
 
 
+CE = "ce"  # the hard-label term's name among a spec's `terms`
+
+
 @dataclass(frozen=True)
 class LossSpec:
+    """The objective's terms: `kind` with weight 1 - alpha and CE with weight alpha, or, when
+    `terms` is given, those (name, weight) pairs: divergences from LOSSES (each to the same
+    teacher targets) and `ce`."""
+
     kind: str
     temperature: float
     alpha: float  # weight of hard-label CE; KD gets 1 - alpha
     beta: float = 0.5
     skew: float = 0.1
+    terms: tuple[tuple[str, float], ...] = ()
+
+    def weights(self) -> tuple[float, list[tuple[str, float]]]:
+        """(CE's weight, [(divergence, weight)])."""
+        if not self.terms:
+            return self.alpha, [(self.kind, 1.0 - self.alpha)]
+        ce = sum(w for name, w in self.terms if name == CE)
+        return ce, [(name, w) for name, w in self.terms if name != CE]
 
 
 def chunk_positions(vocab: int, teachers: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -79,38 +94,59 @@ def _chunk_objective(
     arguments alone, so activation checkpointing can run it again in backward."""
     logits = head(f)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # >= fp32
-    with torch.set_grad_enabled(grad and (spec.alpha > 0 or want_logp)):
+    ce_weight, kinds = spec.weights()
+    kd_weight = sum(w for _, w in kinds)
+    with torch.set_grad_enabled(grad and (ce_weight > 0 or want_logp)):
         token_ce = F.cross_entropy(logits, y, reduction="none")
         ce = token_ce.sum()
     kd = logits.new_zeros(())
     kls, covers = [], []
-    with torch.set_grad_enabled(grad and spec.alpha < 1):
+    with torch.set_grad_enabled(grad and kd_weight > 0):
         for t, ids, lp, w in zip(targets, tgt[0::3], tgt[1::3], tgt[2::3], strict=True):
             temp = t.temperature or spec.temperature
             log_p, log_q = collapsed(logits, ids, lp, temp)
             d = None
             cov = covered(lp)
             if t.train:
-                d = divergence(log_p, log_q, kind=spec.kind, beta=spec.beta, skew=spec.skew)
+                d = _divergences(log_p, log_q, spec, kinds, kd_weight)
                 kd = kd + temp**2 * torch.where(cov, w.to(d.dtype) * d, 0.0).sum()
             if not t.report:
                 continue
-            if d is None or spec.kind != "forward_kl":
+            if d is None or [k for k, _ in kinds] != ["forward_kl"]:
                 d = divergence(log_p.detach(), log_q.detach(), kind="forward_kl")
             kls.append(torch.where(cov, d.detach(), 0.0).sum())
             covers.append(cov.sum().to(kls[-1].dtype))
-    if spec.alpha >= 1:
-        loss = ce
-    elif spec.alpha <= 0:
-        loss = kd
+    if kd_weight <= 0:
+        loss = ce_weight * ce if ce_weight != 1 else ce
+    elif ce_weight <= 0:
+        loss = kd_weight * kd if kd_weight != 1 else kd
     else:
-        loss = spec.alpha * ce + (1 - spec.alpha) * kd
+        loss = ce_weight * ce + kd_weight * kd
     stats = torch.stack([loss.detach(), ce.detach(), kd.detach(), *kls, *covers])
     logp = -token_ce
     if want_logp and logp_temperature != 1.0:
         with torch.set_grad_enabled(grad):
             logp = -F.cross_entropy(logits / logp_temperature, y, reduction="none")
     return loss, stats, logp
+
+
+def _divergences(
+    log_p: torch.Tensor,
+    log_q: torch.Tensor,
+    spec: LossSpec,
+    kinds: list[tuple[str, float]],
+    total: float,
+) -> torch.Tensor:
+    """[N] the divergence terms' weighted mean (their weights sum to `total`): the one
+    divergence itself when there is one."""
+    if len(kinds) == 1:
+        return divergence(log_p, log_q, kind=kinds[0][0], beta=spec.beta, skew=spec.skew)
+    parts = [
+        (w / total) * divergence(log_p, log_q, kind=k, beta=spec.beta, skew=spec.skew)
+        for k, w in kinds
+        if w > 0
+    ]
+    return torch.stack(parts).sum(0)
 
 
 def objective_sums(
@@ -124,9 +160,11 @@ def objective_sums(
     logp_out: list[torch.Tensor] | None = None,
     logp_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sum over positions of alpha * CE + (1 - alpha) * sum_t T_t^2 w_t D_t, and the sums of
-    each term (detached): `loss`, `ce`, `kd`, and per reported target `kl/<name>` (forward
-    KL at its T over the positions it covers) and `cover/<name>` (how many it covers).
+    """Sum over positions of alpha * CE + (1 - alpha) * sum_t T_t^2 w_t D_t (with `terms`:
+    w_ce * CE + W * sum_t T_t^2 w_t D_t, D the divergences' weighted mean and W the sum of
+    their weights), and the sums of each part (detached): `loss`, `ce`, `kd` (the
+    divergence part before W), and per reported target `kl/<name>` (forward KL at its T over
+    the positions it covers) and `cover/<name>` (how many it covers).
 
     features: [P, H] hidden states at the loss positions (or logits with an identity head);
     head: maps [c, H] -> [c, V] logits; labels: [P] gold next tokens. Where a target sent

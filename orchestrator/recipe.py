@@ -26,6 +26,7 @@ from pydantic import (
 
 from actors.aggregate import AGGREGATIONS
 from actors.losses import LOSSES
+from actors.objective import CE
 from actors.registry import Registry
 from actors.rl_losses import KL_ESTIMATORS
 from actors.rl_objective import ALGORITHMS
@@ -232,6 +233,20 @@ MODES = ("off_policy", "offline", "on_policy", "mutual", "rlaif")
 ROLLOUT_MODES = ("on_policy", "rlaif")
 
 
+def _term_name(name: str) -> str:
+    if name != CE:
+        LOSSES[name]  # noqa: B018 - raises naming the registered ones
+    return name
+
+
+class LossTerm(_Strict):
+    """One term of the objective: a registered divergence to the teachers' targets, or `ce`
+    (hard-label cross-entropy), with its weight."""
+
+    loss: Annotated[str, AfterValidator(_term_name)]
+    weight: float = Field(gt=0)
+
+
 class DistillConfig(_Strict):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
@@ -254,6 +269,13 @@ class DistillConfig(_Strict):
         "forward_kl", description=f"the divergence to the teachers: one of {LOSSES.names()}"
     )
     alpha: float = Field(0.0, ge=0, le=1, description="weight of hard-label CE")
+    terms: list[LossTerm] | None = Field(
+        None,
+        description="instead of loss and alpha: the objective's terms with their weights, "
+        f"e.g. [{{loss: reverse_kl, weight: 0.7}}, {{loss: forward_kl, weight: 0.3}}, "
+        f"{{loss: ce, weight: 0.1}}]; one of {LOSSES.names()} or ce",
+    )
+
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(64, ge=1)
     beta: float = Field(
@@ -503,8 +525,15 @@ class Recipe(_Strict):
                 f"{self.student.world_size} student ranks no held-out example"
             )
         d = self.distill
-        if d.loss in ("skew_kl", "skew_reverse_kl") and d.skew >= 1:  # a loss that is always 0
-            raise ValueError(f"distill.skew: 1 makes {d.loss} zero whatever the student does")
+        if d.terms is not None:
+            if d.model_fields_set & {"loss", "alpha"}:
+                raise ValueError("distill.terms: give terms, or loss and alpha, not both")
+            names = [t.loss for t in d.terms]
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"distill.terms: one or more distinct terms, got {names}")
+        for loss in [t.loss for t in d.terms] if d.terms else [d.loss]:
+            if loss in ("skew_kl", "skew_reverse_kl") and d.skew >= 1:  # always 0
+                raise ValueError(f"distill.skew: 1 makes {loss} zero whatever the student does")
         per_rank, rem = divmod(self.train.batch_size, self.student.world_size)
         if rem:
             raise ValueError(
@@ -596,7 +625,7 @@ class Recipe(_Strict):
                     f"samples, every step of mode 'rlaif' is on-policy (remove it)"
                 )
             self._check_rlaif()
-            if "loss" not in self.distill.model_fields_set:
+            if not self.distill.model_fields_set & {"loss", "terms"}:
                 self.distill.loss = "reverse_kl"  # KD on the student's own samples
         if self.rolls_out:
             self._check_rollout()

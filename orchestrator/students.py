@@ -30,7 +30,8 @@ def worker_spec(
     if target_weights is None:
         total = sum(x.weight for x in recipe.teachers)
         target_weights = [x.weight / total for x in recipe.teachers]
-    loss = LossSpec(d.loss, d.temperature, d.alpha, d.beta, d.skew)
+    terms = tuple((t.loss, t.weight) for t in d.terms or [])
+    loss = LossSpec(d.loss, d.temperature, d.alpha, d.beta, d.skew, terms)
     return WorkerSpec(
         name=name,
         model=s.model,

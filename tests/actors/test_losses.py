@@ -125,6 +125,33 @@ def test_objective_sums_ce_kd_blend_and_metrics(chunk):
         torch.testing.assert_close(g, g_ref)
 
 
+def test_weighted_terms_are_the_weighted_sum_of_each_term():
+    """`terms`: each registered divergence to the same targets and CE, with its weight; the
+    loss/alpha form is the same objective bit for bit."""
+    student, _, ids, lp = _setup(1.0)
+    labels = torch.arange(N) % V
+    targets = [SparseTarget("a", ids, lp, 1.0)]
+    ce = torch.nn.functional.cross_entropy(student, labels, reduction="sum")
+    rkl = per_position_divergence(student, ids, lp, kind="reverse_kl", temperature=2.0).sum()
+    fkl = per_position_divergence(student, ids, lp, kind="forward_kl", temperature=2.0).sum()
+    terms = (("reverse_kl", 0.7), ("forward_kl", 0.3), ("ce", 0.1))
+    spec = LossSpec(kind="jsd", temperature=2.0, alpha=0.0, terms=terms)
+    total, parts = objective_sums(student, lambda x: x, labels, targets, spec, chunk=4)
+    want = 0.1 * ce + 4.0 * (0.7 * rkl + 0.3 * fkl)  # T^2 = 4
+    torch.testing.assert_close(total, want)
+    torch.testing.assert_close(parts["kd"], (4.0 * (0.7 * rkl + 0.3 * fkl)).detach().double())
+    (g,) = torch.autograd.grad(total, student)
+    (g_ref,) = torch.autograd.grad(want, student)
+    torch.testing.assert_close(g, g_ref)
+    old = LossSpec(kind="reverse_kl", temperature=2.0, alpha=0.25)
+    new = LossSpec(
+        kind="jsd", temperature=2.0, alpha=0.0, terms=(("reverse_kl", 0.75), ("ce", 0.25))
+    )
+    a, _ = objective_sums(student, lambda x: x, labels, targets, old, chunk=4)
+    b, _ = objective_sums(student, lambda x: x, labels, targets, new, chunk=4)
+    assert torch.equal(a, b)
+
+
 def test_chunked_head_gets_the_same_gradient():
     torch.manual_seed(0)
     feats = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)

@@ -76,6 +76,21 @@ CASES = {
         "mutual.peers: distill.mode 'mutual' needs at least one peer",
     ),
     "no teacher": (lambda r: r.update(teachers=[]), "teachers: at least one teacher is needed"),
+    "loss terms and loss both": (
+        lambda r: r["distill"].update(loss="jsd", terms=[{"loss": "ce", "weight": 1}]),
+        "distill.terms: give terms, or loss and alpha, not both",
+    ),
+    "an unregistered loss term": (
+        lambda r: r["distill"].update(terms=[{"loss": "kl_fancy", "weight": 1}]),
+        "distill.terms.0.loss:",
+    ),
+    "a loss term twice": (
+        lambda r: (
+            r["distill"].pop("loss"),
+            r["distill"].update(terms=[{"loss": "ce", "weight": 1}, {"loss": "ce", "weight": 2}]),
+        ),
+        "distill.terms: one or more distinct terms, got ['ce', 'ce']",
+    ),
     "a live teacher in mode offline": (
         lambda r: (r["distill"].update(mode="offline"), r["teachers"][0].update(source="live")),
         "teachers.0.source: live, but distill.mode 'offline' reads every teacher from its cache",
@@ -410,3 +425,20 @@ def test_teacher_sources_old_and_new_forms(tmp_path, tiny_models):
     assert offline.teachers[0].source == CacheSource() and offline.from_cache(offline.teachers[0])
     again = load_recipe(write_recipe(tmp_path, offline.model_dump(by_alias=True), "again.yaml"))
     assert again.teachers[0].source == CacheSource()
+
+
+def test_loss_terms_reach_the_ranks(tmp_path, tiny_models):
+    """`distill.terms` is what a rank's objective weighs: divergences and CE, by weight."""
+    from orchestrator.students import worker_spec
+
+    raw = base_recipe(tmp_path, tiny_models)
+    del raw["distill"]["loss"]
+    raw["distill"]["terms"] = [
+        {"loss": "reverse_kl", "weight": 0.7},
+        {"loss": "forward_kl", "weight": 0.3},
+        {"loss": "ce", "weight": 0.1},
+    ]
+    spec = worker_spec(load_recipe(write_recipe(tmp_path, raw))).loss
+    assert spec.weights() == (0.1, [("reverse_kl", 0.7), ("forward_kl", 0.3)])
+    plain = worker_spec(load_recipe(write_recipe(tmp_path, base_recipe(tmp_path, tiny_models))))
+    assert plain.loss.weights() == (0.0, [("forward_kl", 1.0)])
