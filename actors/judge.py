@@ -35,6 +35,9 @@ from actors.process import reusable
 
 log = logging.getLogger(__name__)
 
+# the concurrency group of a teacher's judge calls: a thread of their own beside scoring, so
+# a judgment never queues behind the scoring sent steps ahead (one copy of the weights)
+JUDGE_GROUP = "judge"
 DEFAULT_RATING_TOKENS = ["1", "2", "3", "4", "5", "6", "7", "8", "9"]
 PAIR_TOKENS = ["A", "B"]  # the answer tokens of a pairwise judgment: option A, option B
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import ray
 
-from actors.judge import JudgeActor, judge_kwargs
+from actors.judge import JUDGE_GROUP, JudgeActor, judge_kwargs
 from orchestrator import warm
 from orchestrator.actor_env import service_options
 from orchestrator.balance import LeastOutstanding
@@ -83,8 +83,10 @@ class JudgePool:
         """Send `method(*args)` to the least-loaded replica (other than `avoid`)."""
         pick = self.balance.pick(avoid)
         replica = self.replicas[pick]
-        if self.host is not None:
-            ref = replica.judge.remote(self.name, method, *args)
+        if self.host is not None:  # beside the replica's scoring, not queued behind it
+            ref = replica.judge.options(concurrency_group=JUDGE_GROUP).remote(
+                self.name, method, *args
+            )
         else:
             ref = getattr(replica, method).remote(*args)
         self.balance.track(pick, ref)

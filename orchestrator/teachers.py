@@ -9,7 +9,7 @@ from typing import Any
 
 import ray
 
-from actors.judge import judge_kwargs
+from actors.judge import JUDGE_GROUP, judge_kwargs
 from actors.teacher import TeacherActor
 from orchestrator import warm
 from orchestrator.actor_env import service_options
@@ -42,7 +42,11 @@ class LiveTeacherPool:
         self.restarts: dict[str, int] = {}  # by replica name, the ones the driver did
         options, args = _replicas(cfg, distill, max_model_len, student_tokenizer, cluster, judges)
         self.keys = _keys(actor_class, options, args)
-        remote = ray.remote(actor_class).options(**options)
+        if judges:  # judge calls in a thread of their own (actors/judge.py JUDGE_GROUP)
+            remote = ray.remote(concurrency_groups={JUDGE_GROUP: 1})(actor_class)
+        else:
+            remote = ray.remote(actor_class)
+        remote = remote.options(**options)
         pairs = zip(self.keys, args, strict=True)
         self.replicas = [warm.take(k) or remote.remote(**a) for k, a in pairs]
         self.balance = LeastOutstanding(cfg.replicas)
