@@ -583,12 +583,7 @@ class Recipe(_Strict):
         if not self.teachers and self.data.responses == "teacher":
             raise ValueError("data.responses: 'teacher' needs a teacher in `teachers`")
         for i, t in enumerate(self.teachers):
-            if mode == "offline" and t.source.kind == "live":
-                if "source" in t.model_fields_set:
-                    raise ValueError(
-                        f"teachers.{i}.source: live, but distill.mode 'offline' reads every "
-                        f"teacher from its cache (use mode off_policy to mix)"
-                    )
+            if mode == "offline" and t.source.kind == "live":  # every teacher: its cache
                 t.source = CacheSource()
             if not self.from_cache(t):
                 continue

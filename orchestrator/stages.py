@@ -79,7 +79,7 @@ def run_stages(recipe: Recipe, run_dir: Path, stop_after: int | None = None) -> 
             if stage.kind == "train":
                 sub = preflight(stage_recipe(recipe, stage, data, student))
                 for t in cached_teachers(sub):  # an offline stage: its own cache, its data
-                    t.cache = t.cache or str(stage_dir / "signal_cache" / t.name)
+                    t.source.path = t.source.path or str(stage_dir / "signal_cache" / t.name)
                 if not (stage_dir / "recipe.yaml").exists():
                     (stage_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
                     (stage_dir / "recipe.yaml").write_text(to_yaml(sub))

@@ -91,10 +91,6 @@ CASES = {
         ),
         "distill.terms: one or more distinct terms, got ['ce', 'ce']",
     ),
-    "a live teacher in mode offline": (
-        lambda r: (r["distill"].update(mode="offline"), r["teachers"][0].update(source="live")),
-        "teachers.0.source: live, but distill.mode 'offline' reads every teacher from its cache",
-    ),
     "a cached teacher on the student's samples": (
         lambda r: (r["distill"].update(mode="on_policy"), r["teachers"][0].update(source="cache")),
         "teachers.0.source: a cached teacher cannot score the student's own samples "
