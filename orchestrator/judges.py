@@ -107,8 +107,14 @@ class JudgePool:
                 values = [None] * call.size
                 break
             retried += 1
-            if error == "timeout":
-                self._restart(call.replica)  # restarted (or stopped), never queued behind
+            if error == "timeout" and self._restart(call.replica):  # never queued behind
+                name = self.replica_name(call.replica)
+                print(
+                    f"{name} did not answer judge {self.name}'s call within "
+                    f"{self.cfg.timeout_s:g}s: restarted it ({self.restarts[name]}/"
+                    f"{self.max_restarts}), its calls run again",
+                    flush=True,
+                )
             retry = self.submit(call.method, *call.args, avoid=call.replica)
             retry.tries = call.tries + 1
             retry.start, retry.depth = call.start, call.depth

@@ -139,6 +139,7 @@ class JudgeRewards(Part):
             stats[f"judge/{name}/queue_depth"] = float(out.depth)
             stats[f"judge/{name}/dropped"] = float(out.dropped)
             stats[f"judge/{name}/retried"] = float(out.retried)
+            stats[f"judge/{name}/restarts"] = float(sum(pool.restarts.values()))
             if pool.cfg.kind == "critique":
                 sft = [v if isinstance(v, str) and v else None for v in out.values]
                 continue

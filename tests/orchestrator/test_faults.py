@@ -6,6 +6,7 @@ with the uninterrupted weights; an unreachable Ray or MLflow address is one line
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -365,6 +366,77 @@ def test_a_judge_that_hangs_is_restarted_at_most_max_restarts_times(ray_session,
         assert pool.restarts == {"judge hangs replica 0": 2}  # one restart, then the stop
     finally:
         pool.shutdown()
+
+
+def _freeze_when(title: str, frozen: list[int], stop: threading.Event) -> None:
+    """SIGSTOP the first actor process whose title turns to `title` (polled every 2 ms, so a
+    call of a fraction of a second is caught while it runs)."""
+    import psutil
+
+    while not frozen and not stop.is_set():
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if " ".join(proc.info["cmdline"] or []).startswith("ray::TeacherActor"):
+                with contextlib.suppress(psutil.Error):
+                    if " ".join(proc.cmdline()).startswith(title):
+                        os.kill(proc.pid, signal.SIGSTOP)
+                        frozen.append(proc.pid)
+                        return
+        time.sleep(0.002)
+
+
+def test_a_teacher_frozen_inside_a_judgment_serves_both_roles_again(
+    ray_session, chat_models, tmp_path, capsys
+):
+    """recipes/kd_rlaif.yaml (the judge served by the teacher's replica), the replica
+    SIGSTOPped while it judges: the judge's bounded wait restarts it (one restart, counted
+    on the teacher's replica), the judgment is asked again and the teacher's scoring calls
+    run again on the restarted replica: every step trains, no sample is dropped."""
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
+    overrides = [
+        f"teachers.0.model={chat_models['teacher']}",
+        f"student.model={chat_models['student']}",
+        "student.layers=null",
+        f"run.output_dir={tmp_path / 'runs'}",
+        "train.steps=3",
+        "train.warmup_steps=0",
+        "checkpoint.every=0",
+        "data.seq_len=160",
+        "data.heldout=4",
+        "rollout.max_new_tokens=8",
+        "judges.0.min_mass=0.0",
+        "judges.0.timeout_s=15",
+        "rlaif.win_rate_prompts=2",
+    ]
+    frozen: list[int] = []
+    stop = threading.Event()
+    watcher = threading.Thread(
+        target=_freeze_when, args=("ray::TeacherActor.judge", frozen, stop)
+    )
+    capsys.readouterr()
+    watcher.start()
+    try:
+        code = main(["run", str(recipes / "kd_rlaif.yaml"), *overrides])
+    finally:
+        stop.set()
+        watcher.join()
+    out = capsys.readouterr().out
+    assert code == 0 and len(frozen) == 1, out[-2000:]
+    assert (
+        "teacher smollm2 replica 0 did not answer judge rater's call within 15s: "
+        "restarted it (1/5), its calls run again" in out
+    ), out[-2000:]
+    assert "bringing the student group back" not in out
+    (run_dir,) = (tmp_path / "runs").glob("kd_rlaif-*")
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}")
+    run_id = json.loads((run_dir / "state.json").read_text())["run_id"]
+    history = {
+        key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        for key in ("loss", "dropped_samples", "judge/rater/restarts", "judge/rater/retried")
+    }
+    assert len(history["loss"]) == 3, history
+    assert history["dropped_samples"] == [0.0] * 3, history
+    assert history["judge/rater/restarts"][-1] == 1.0, history  # one count, one actor
+    assert sum(history["judge/rater/retried"]) == 1.0, history
 
 
 @pytest.mark.parametrize(
