@@ -409,9 +409,7 @@ def test_a_teacher_frozen_inside_a_judgment_serves_both_roles_again(
     ]
     frozen: list[int] = []
     stop = threading.Event()
-    watcher = threading.Thread(
-        target=_freeze_when, args=("ray::TeacherActor.judge", frozen, stop)
-    )
+    watcher = threading.Thread(target=_freeze_when, args=("ray::TeacherActor.judge", frozen, stop))
     capsys.readouterr()
     watcher.start()
     try:
