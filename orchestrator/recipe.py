@@ -301,8 +301,9 @@ class DistillConfig(_Strict):
         19,
         ge=0,
         le=19,
-        description="when the ranks wait for signals 5% of steps 2-5 or less, the teachers' "
-        "processes take this nice value, so the ranks get shared cores first; 0: never",
+        description="when the ranks wait for signals 5% or less of the 4 steps after the "
+        "prefetch window (steps prefetch_depth + 2 on), the teachers' processes take this "
+        "nice value, so the ranks get shared cores first; 0: never",
     )
     chunk_mb: int = Field(
         256, ge=1, description="memory for [positions, vocab] buffers in teacher and student"

@@ -82,7 +82,9 @@ class TrainLoop:
         self.identity = identity  # recorded in every ledger, checked on resume
         self.source, self.parts = assembly.source, assembly.parts
         self.cohort = Cohort(students, assembly.peers, recipe.cluster.step_timeout_s)
-        self._priority = TeacherPriority(pools, recipe.distill.teacher_nice)
+        self._priority = TeacherPriority(
+            pools, recipe.distill.teacher_nice, recipe.distill.prefetch_depth
+        )
         self._heldout = self._put_heldout()
         # actors the ranks wait on: probed when a step runs past its bound
         services = [*pools, *(s for p in self.parts for s in p.services)]

@@ -40,9 +40,10 @@ def _series(priority: TeacherPriority, waits: list[float]) -> list[float]:
 
 def test_ranks_that_never_wait_make_every_teacher_yield_once(ray_session):
     pools = [_Pool(ray_session, 2), _Pool(ray_session, 1)]
-    priority = TeacherPriority(pools, 19)
-    waits = [3.0] + [0.01] * (WATCHED_STEPS + 3)  # a slow first step does not count
-    decided = WATCHED_STEPS + 1
+    priority = TeacherPriority(pools, 19, prefetch_depth=2)
+    # a slow first step and the 2 the prefetch window covers do not count
+    waits = [3.0, 0.5, 0.5] + [0.01] * (WATCHED_STEPS + 3)
+    decided = 3 + WATCHED_STEPS
     assert _series(priority, waits) == [0.0] * (decided - 1) + [19.0] * (len(waits) - decided + 1)
     assert [r.asked for p in pools for r in p.replicas] == [[19], [19], [19]]
     assert priority.waited() == 0.01
@@ -50,13 +51,23 @@ def test_ranks_that_never_wait_make_every_teacher_yield_once(ray_session):
 
 def test_ranks_waiting_for_signals_leave_the_teachers_alone(ray_session):
     pools = [_Pool(ray_session, 1)]
-    priority = TeacherPriority(pools, 19)
+    priority = TeacherPriority(pools, 19, prefetch_depth=1)
     # every other step waits (as on-policy steps can): a median would call them idle
-    assert _series(priority, [0.0, 0.0, 0.3, 0.0, 0.3, 0.0, 0.0]) == [0.0] * 7
+    assert _series(priority, [0.0, 0.0, 0.3, 0.0, 0.3, 0.0, 0.0, 0.0]) == [0.0] * 8
     assert priority.waited() == 0.15 and pools[0].replicas[0].asked == []
+
+
+def test_the_prefetch_window_hides_slow_teachers_and_is_not_watched(ray_session):
+    """Teachers slower than the ranks: the first steps take signals written during start-up
+    (no wait), then every step waits. Watching those first steps would nice them."""
+    pools = [_Pool(ray_session, 1)]
+    priority = TeacherPriority(pools, 19, prefetch_depth=3)
+    waits = [2.0, 0.0, 0.0, 0.0] + [0.3] * (WATCHED_STEPS + 2)
+    assert _series(priority, waits) == [0.0] * len(waits)
+    assert priority.waited() == 0.3 and pools[0].replicas[0].asked == []
 
 
 def test_nice_zero_never_asks(ray_session):
     pools = [_Pool(ray_session, 1)]
-    assert _series(TeacherPriority(pools, 0), [0.0] * 8) == [0.0] * 8
+    assert _series(TeacherPriority(pools, 0, 2), [0.0] * 8) == [0.0] * 8
     assert pools[0].replicas[0].asked == []
