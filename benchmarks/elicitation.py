@@ -56,14 +56,15 @@ def base(root: Path, name: str, data: Path, steps: int) -> dict:
 
 
 def staged(root: Path, raw: dict) -> Path:
-    from orchestrator.driver import new_run_dir
+    from orchestrator.driver import execute, new_run_dir
+    from orchestrator.offline import build_command
     from orchestrator.preflight import preflight
     from orchestrator.recipe import Recipe
     from orchestrator.stages import run_stages
 
     recipe = preflight(Recipe.model_validate(raw))
     run_dir = new_run_dir(recipe)
-    assert run_stages(recipe, run_dir).finished
+    assert run_stages(recipe, run_dir, None, execute, build_command).finished
     return run_dir
 
 

@@ -26,7 +26,8 @@ from orchestrator import warm
 from orchestrator.actor_env import service_options
 from orchestrator.balance import LeastOutstanding
 from orchestrator.faults import gather, restart_unresponsive
-from orchestrator.recipe import Recipe, RecipeError, TeacherConfig
+from orchestrator.recipe import Recipe, RecipeError
+from orchestrator.teacher_config import TeacherConfig
 from orchestrator.teachers import teacher_keys
 
 

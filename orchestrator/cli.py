@@ -205,9 +205,10 @@ def _execute(recipe: Any, run_dir: Path, stop_after: int | None) -> int:
 
     try:
         if recipe.stages:
+            from orchestrator.offline import build_command
             from orchestrator.stages import run_stages
 
-            result = run_stages(recipe, run_dir, stop_after)
+            result = run_stages(recipe, run_dir, stop_after, execute, build_command)
         else:
             result = execute(recipe, run_dir, stop_after=stop_after)
     except RecipeError:

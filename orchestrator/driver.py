@@ -4,7 +4,6 @@ loop (`orchestrator/train_loop.py`) and tears everything down, whatever happens.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +22,6 @@ from orchestrator.checkpoint import (
     prune_uncommitted,
     read_ledger,
     verify_checkpoint,
-    write_json,
 )
 from orchestrator.data import Dataset, build_dataset
 from orchestrator.faults import RuntimeFault, finish_tracking
@@ -32,9 +30,10 @@ from orchestrator.parts import Mode, RunResult
 from orchestrator.placement import check_reachable, check_resources, record
 from orchestrator.ray_env import ensure_ray
 from orchestrator.recipe import Recipe, RecipeError, to_yaml
+from orchestrator.run_tracker import open_tracker, tracking_uri
 from orchestrator.students import StudentGroup
 from orchestrator.teachers import live_pool
-from orchestrator.tracking import Tracker, default_tracking_uri, flatten, prepare_store
+from orchestrator.tracking import Tracker, flatten, prepare_store
 from orchestrator.train_loop import TrainLoop
 
 # every mode by name: a short assembly of parts in its own module
@@ -196,27 +195,5 @@ def _train(
             prune_uncommitted(run_dir)
 
 
-def open_tracker(recipe: Recipe, run_dir: Path, parent: str | None = None) -> Tracker:
-    """The run's MLflow run (the one it had, on a resume), opened once the run is sure to
-    start: a refused run leaves no MLflow run behind."""
-    state_path = run_dir / "state.json"
-    state = _read_json(state_path)
-    uri = tracking_uri(recipe)
-    artifacts = Path(recipe.run.output_dir).resolve() / "mlartifacts"
-    name = run_dir.name if parent is None else f"{run_dir.parent.parent.name}/{run_dir.name}"
-    exp = recipe.tracking.experiment
-    tracker = Tracker(uri, exp, artifacts, name, state.get("run_id"), parent_run_id=parent)
-    write_json(state_path, {**state, "run_id": tracker.run_id, "tracking_uri": uri})
-    return tracker
-
-
-def tracking_uri(recipe: Recipe) -> str:
-    return recipe.tracking.uri or default_tracking_uri(recipe.run.output_dir)
-
-
 def _step(ledger: dict[str, Any] | None) -> int:
     return int(ledger["step"]) if ledger is not None else 0
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}

@@ -27,7 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.data import read_records
-from orchestrator.recipe import JudgeConfig, Recipe, StageConfig
+from orchestrator.recipe import Recipe
+from orchestrator.rlaif_config import JudgeConfig
+from orchestrator.stage_config import StageConfig
 
 _EDGE = re.compile(r"^[\W_]+|[\W_]+$")
 _NUMBERED = re.compile(r"^\s*(?:\d+[.)]|[-*•]|instruction\s*\d*\s*:)\s*", re.I)

@@ -25,7 +25,8 @@ from orchestrator import warm
 from orchestrator.actor_env import service_options
 from orchestrator.balance import LeastOutstanding
 from orchestrator.faults import probe
-from orchestrator.recipe import ClusterConfig, JudgeConfig
+from orchestrator.recipe import ClusterConfig
+from orchestrator.rlaif_config import JudgeConfig
 
 
 @dataclass

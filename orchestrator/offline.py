@@ -34,7 +34,8 @@ from actors.signal_cache import (
 from orchestrator import run_lock
 from orchestrator.cached_teachers import cache_path, cached_teachers, provenance
 from orchestrator.faults import gather
-from orchestrator.recipe import LiveSource, Recipe, RecipeError, TeacherConfig
+from orchestrator.recipe import Recipe, RecipeError
+from orchestrator.teacher_config import LiveSource, TeacherConfig
 from orchestrator.teachers import live_pool
 
 

@@ -17,8 +17,9 @@ import ray
 
 from orchestrator.actor_env import demand
 from orchestrator.checkpoint import write_json
+from orchestrator.config_base import Placed
 from orchestrator.faults import RuntimeFault, gather
-from orchestrator.recipe import Placed, Recipe, RecipeError
+from orchestrator.recipe import Recipe, RecipeError
 
 
 def requested(recipe: Recipe) -> list[tuple[str, int, Placed]]:

@@ -16,7 +16,8 @@ from actors.specs import RLSpec, WorkerSpec
 from orchestrator.judges import JudgePool, judge_key
 from orchestrator.judging import JudgeRewards, Texts
 from orchestrator.parts import Assembly, Mode, Part, TeacherPool
-from orchestrator.recipe import JudgeConfig, Recipe
+from orchestrator.recipe import Recipe
+from orchestrator.rlaif_config import JudgeConfig
 from orchestrator.rollouts import sample_keys, sample_source
 from orchestrator.students import group_key, worker_spec
 from orchestrator.teacher_targets import TeacherTargets

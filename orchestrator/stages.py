@@ -14,15 +14,17 @@ them and continues inside the stage that stopped.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 
 from orchestrator.checkpoint import write_json
 from orchestrator.faults import finish_tracking
 from orchestrator.parts import RunResult
-from orchestrator.recipe import Recipe, StageConfig, apply_overrides, to_yaml
+from orchestrator.recipe import Recipe, apply_overrides, to_yaml
+from orchestrator.stage_config import StageConfig
 
 
 def stage_recipe(recipe: Recipe, stage: StageConfig, data: str | None, student: dict) -> Recipe:
@@ -48,12 +50,26 @@ def _has_responses(path: str) -> bool:
     return Path(path).suffix == ".parquet" and "response" in pq.read_schema(path).names
 
 
-def run_stages(recipe: Recipe, run_dir: Path, stop_after: int | None = None) -> RunResult:
-    from orchestrator.cached_teachers import cached_teachers
-    from orchestrator.driver import execute, open_tracker
-    from orchestrator.offline import build_command
-    from orchestrator.preflight import preflight
+class Execute(Protocol):
+    """`driver.execute`: runs one train stage's recipe in its folder."""
+
+    def __call__(
+        self, recipe: Recipe, run_dir: Path, *, stop_after: int | None, parent: str
+    ) -> RunResult: ...
+
+
+def run_stages(
+    recipe: Recipe,
+    run_dir: Path,
+    stop_after: int | None,
+    execute: Execute,
+    build_cache: Callable[[Recipe], object],
+) -> RunResult:
+    """Run the stages in order, each finished stage recorded in stages.json so a resume
+    skips it. `execute` (the driver's) and `build_cache` (`offline.build_command`) are
+    passed in by the caller, so stages sit below the driver in the import graph."""
     from orchestrator.ray_env import ensure_ray
+    from orchestrator.run_tracker import open_tracker
 
     state_path = run_dir / "stages.json"
     state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -77,14 +93,7 @@ def run_stages(recipe: Recipe, run_dir: Path, stop_after: int | None = None) -> 
             stage_dir = run_dir / "stages" / stage.name
             print(f"stage {stage.name} ({stage.kind})", flush=True)
             if stage.kind == "train":
-                sub = preflight(stage_recipe(recipe, stage, data, student))
-                for t in cached_teachers(sub):  # an offline stage: its own cache, its data
-                    t.source.path = t.source.path or str(stage_dir / "signal_cache" / t.name)
-                if not (stage_dir / "recipe.yaml").exists():
-                    (stage_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-                    (stage_dir / "recipe.yaml").write_text(to_yaml(sub))
-                if cached_teachers(sub) and not _built(sub):
-                    build_command(sub)
+                sub = _prepared(stage_recipe(recipe, stage, data, student), stage_dir, build_cache)
                 result = execute(sub, stage_dir, stop_after=stop_after, parent=parent.run_id)
                 if not result.finished:
                     status = "KILLED"
@@ -106,6 +115,23 @@ def run_stages(recipe: Recipe, run_dir: Path, stop_after: int | None = None) -> 
         finish_tracking(parent, status)
 
 
+def _prepared(sub: Recipe, stage_dir: Path, build_cache: Callable[[Recipe], object]) -> Recipe:
+    """A train stage's recipe checked, with its folder, and its cache built if it reads one
+    (an offline stage: its own cache of its own data)."""
+    from orchestrator.cached_teachers import cached_teachers
+    from orchestrator.preflight import preflight
+
+    sub = preflight(sub)
+    for t in cached_teachers(sub):
+        t.source.path = t.source.path or str(stage_dir / "signal_cache" / t.name)
+    if not (stage_dir / "recipe.yaml").exists():
+        (stage_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (stage_dir / "recipe.yaml").write_text(to_yaml(sub))
+    if cached_teachers(sub) and not _built(sub):
+        build_cache(sub)
+    return sub
+
+
 def _built(recipe: Recipe) -> bool:
     from orchestrator.cached_teachers import cache_path, cached_teachers
 
@@ -121,8 +147,8 @@ def _elicit(
 ) -> tuple[str, dict[str, float]]:
     """Run an expand, label or curate stage; (its output file, its figures)."""
     from orchestrator import elicit
-    from orchestrator.driver import open_tracker
     from orchestrator.judges import JudgePool
+    from orchestrator.run_tracker import open_tracker
     from orchestrator.teachers import live_pool
 
     teacher = stage.teacher or recipe.teachers[0].name

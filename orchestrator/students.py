@@ -13,8 +13,9 @@ from actors.specs import RLSpec, WorkerSpec
 from actors.student import StudentWorker
 from orchestrator import warm
 from orchestrator.actor_env import actor_options, demand
+from orchestrator.config_base import StudentConfig
 from orchestrator.faults import gather
-from orchestrator.recipe import Recipe, StudentConfig
+from orchestrator.recipe import Recipe
 
 
 def worker_spec(

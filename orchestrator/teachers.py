@@ -15,7 +15,8 @@ from orchestrator import warm
 from orchestrator.actor_env import service_options
 from orchestrator.balance import LeastOutstanding
 from orchestrator.faults import gather, restart_unresponsive
-from orchestrator.recipe import ClusterConfig, DistillConfig, Recipe, TeacherConfig
+from orchestrator.recipe import ClusterConfig, DistillConfig, Recipe
+from orchestrator.teacher_config import TeacherConfig
 
 
 class LiveTeacherPool:

@@ -349,7 +349,8 @@ def test_a_judge_that_hangs_is_restarted_at_most_max_restarts_times(ray_session,
     """Past its restarts a hung judge is stopped for good: its calls fail at once (dropped,
     counted) instead of a new actor and two bounded waits every step."""
     from orchestrator.judges import JudgePool
-    from orchestrator.recipe import ClusterConfig, JudgeConfig
+    from orchestrator.recipe import ClusterConfig
+    from orchestrator.rlaif_config import JudgeConfig
 
     cfg = JudgeConfig(name="hangs", function="toy_judges:hangs", timeout_s=1.0, num_cpus=0.1)
     pool = JudgePool(cfg, None, ClusterConfig(max_restarts=1))

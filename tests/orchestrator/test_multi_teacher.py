@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from actors.batch import TokenBatch
 from orchestrator.cli import main
-from orchestrator.recipe import DistillConfig, TeacherConfig
+from orchestrator.recipe import DistillConfig
+from orchestrator.teacher_config import TeacherConfig
 from orchestrator.teachers import LiveTeacherPool
 
 ray.cloudpickle.register_pickle_by_value(toy_teachers)  # the actors need not import tests/

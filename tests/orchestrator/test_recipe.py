@@ -409,7 +409,7 @@ def test_teacher_sources_old_and_new_forms(tmp_path, tiny_models):
     """`teachers[i].source` is a discriminated union; `source: cache` is its short form, a
     recipe written before it (`cache: FOLDER`) still loads, and mode offline makes every
     teacher cached."""
-    from orchestrator.recipe import CacheSource, LiveSource
+    from orchestrator.teacher_config import CacheSource, LiveSource
 
     raw = base_recipe(tmp_path, tiny_models)
     path = write_recipe(tmp_path, raw)

@@ -1,0 +1,91 @@
+"""What every recipe section shares: strict models, folder-safe names, registry-checked
+names, and the actor placement fields (`Placed`), plus the student they place."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from actors.registry import Registry
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors (a typo is never silently ignored); assignments validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+def _path_segment(name: str) -> str:
+    """Run, teacher, judge, peer and stage names become folder names: one plain segment."""
+    if not _SEGMENT.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            "must be 1-100 letters, digits, '.', '_' or '-', not '.' or '..' (it names a folder)"
+        )
+    return name
+
+
+Name = Annotated[str, AfterValidator(_path_segment)]
+
+
+def registered(registry: Registry) -> AfterValidator:
+    """A name the registry holds: what the code can run, not a list repeating it."""
+
+    def check(name: str) -> str:
+        registry[name]  # noqa: B018 - raises naming the registered ones
+        return name
+
+    return AfterValidator(check)
+
+
+class Placed(Strict):
+    """Where each actor of a kind runs: what it reserves from Ray. `resources` are custom
+    resources a node offers (`ray start --resources '{"teacher_node": 8}'`), e.g. to keep
+    teachers on their own nodes."""
+
+    num_cpus: float = Field(0.5, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per actor, e.g. {teacher_node: 1}"
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per actor; default: the CPUs it reserves, rounded up"
+    )
+
+    @model_validator(mode="after")
+    def _threads_from_cpus(self) -> Placed:
+        """An actor computes with the cores Ray gives it: one thread per reserved CPU."""
+        if self.threads is None:
+            self.threads = max(1, math.ceil(self.num_cpus))
+        return self
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, amount in v.items():
+            if key in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{key!r}: set num_cpus/num_gpus, not resources")
+            if amount <= 0:
+                raise ValueError(f"{key}: {amount} must be > 0")
+        return v
+
+
+class StudentConfig(Placed):
+    model: str = Field(description="local HF folder, known model name, or hub name")
+    layers: list[int] | None = Field(None, description="keep only these decoder layers")
+    world_size: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    gradient_checkpointing: bool = Field(
+        False, description="recompute decoder layers in backward: activations O(positions x H)"
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    placement: Literal["pack", "strict_pack", "spread"] = Field(
+        "pack",
+        description="the ranks' placement group: pack (as few nodes as fit), strict_pack "
+        "(one node), spread (one rank per node where possible)",
+    )
