@@ -9,6 +9,9 @@ never off parsed text:
 - `pairwise`: the probability that the judge prefers A over B, asked in both orders (A shown
   first, then B shown first) and averaged, so position bias cancels.
 - `critique`: the judge rewrites the response (greedy), for critique-and-revise data.
+- `likelihood`: the judge's mean log-probability per token of the response after the prompt
+  (chat template applied), its end-of-turn token included, so an answer cut short is not
+  likely. A judgment a small model gives reliably: no rubric to follow.
 
 A function judge ("module:function", `fn(sample, prompt) -> float`) loads no model and only
 scores; a sample whose function raises or returns no finite number gets None.
@@ -16,6 +19,7 @@ scores; a sample whose function raises or returns no finite number gets None.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
@@ -28,9 +32,18 @@ import torch
 from transformers import AutoTokenizer
 
 from actors.batch import left_pad
-from actors.chat import adds_bos, render_prompt, render_prompt_ids, split_finish, stop_token_ids
+from actors.chat import (
+    ChatEncodingError,
+    adds_bos,
+    encode_chat,
+    render_prompt,
+    render_prompt_ids,
+    split_finish,
+    stop_token_ids,
+)
+from actors.judge_reading import answer_probs, batches, mean_logprobs
 from actors.model_store import local_model
-from actors.models import backbone, load_causal_lm, model_hash, output_head, pick_device, pick_dtype
+from actors.models import load_causal_lm, model_hash, pick_device, pick_dtype
 from actors.process import reusable
 
 log = logging.getLogger(__name__)
@@ -113,8 +126,17 @@ def judge_kwargs(
     kind: str, rubric: str | None, rating_tokens: list[str], min_mass: float
 ) -> dict[str, Any]:
     """The JudgeActor arguments of a judge of `kind` with its rubric (None: the default)."""
-    key = {"score": "rubric", "pairwise": "pairwise_rubric", "critique": "critique_rubric"}[kind]
-    return {key: rubric, "rating_tokens": list(rating_tokens), "min_mass": min_mass}
+    key = {
+        "score": "rubric",
+        "pairwise": "pairwise_rubric",
+        "critique": "critique_rubric",
+        "likelihood": None,  # reads the response itself, no rubric
+        "verifier": None,  # a function
+    }[kind]
+    out: dict[str, Any] = {"rating_tokens": list(rating_tokens), "min_mass": min_mass}
+    if key is not None:
+        out[key] = rubric
+    return out
 
 
 def load_function(spec: str) -> Callable[..., Any]:
@@ -131,6 +153,20 @@ def load_function(spec: str) -> Callable[..., Any]:
     if not callable(obj):
         raise ValueError(f"judge function {spec!r} is not callable")
     return obj
+
+
+def _timed(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A judgment's wall time becomes the actor's `last_busy_s` (the driver's judge metrics)."""
+
+    @functools.wraps(method)
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.last_busy_s = time.perf_counter() - start
+
+    return timed
 
 
 class JudgeActor:
@@ -226,58 +262,63 @@ class JudgeActor:
 
     # -- judgments --------------------------------------------------------------------------
 
+    @_timed
     def score(self, prompts: list[str], responses: list[str]) -> list[float | None]:
         """One rating per (prompt, response): the expected rating under the judge's next-token
         distribution (model) or the function's value; None where it is unusable."""
-        _same_length(prompts, responses)
-        start = time.perf_counter()
-        try:
-            if self.fn is not None:
-                return [self._call_function(p, r) for p, r in zip(prompts, responses, strict=True)]
-            texts = [self._rubric_text(p, r) for p, r in zip(prompts, responses, strict=True)]
-            probs = self._answer_probs(texts, self.rating_ids)
-            values = torch.tensor(self.values, dtype=torch.float64)
-            out: list[float | None] = []
-            for row in probs:
-                mass = float(row.sum())
-                if not math.isfinite(mass) or mass <= 0 or mass < self.min_mass:
-                    out.append(None)
-                else:
-                    out.append(float((row * values).sum() / mass))
-            return out
-        finally:
-            self.last_busy_s = time.perf_counter() - start
+        return [value for value, _ in self.scored(prompts, responses)]
 
+    @_timed
+    def scored(self, prompts: list[str], responses: list[str]) -> list[tuple[float | None, float]]:
+        """(rating, the probability mass on the rating tokens) per row; a function's mass
+        is 1 where it gave a number."""
+        _same_length(prompts, responses)
+        if self.fn is not None:
+            values = [self._call_function(p, r) for p, r in zip(prompts, responses, strict=True)]
+            return [(v, float(v is not None)) for v in values]
+        texts = [self._rubric_text(p, r) for p, r in zip(prompts, responses, strict=True)]
+        probs = self._answer_probs(texts, self.rating_ids)
+        values = torch.tensor(self.values, dtype=torch.float64)
+        out: list[tuple[float | None, float]] = []
+        for row in probs:
+            mass = float(row.sum())
+            usable = math.isfinite(mass) and mass > 0 and mass >= self.min_mass
+            out.append((float((row * values).sum() / mass) if usable else None, mass))
+        return out
+
+    @_timed
     def pairwise(self, prompts: list[str], a: list[str], b: list[str]) -> list[float | None]:
         """P(the judge prefers a over b) per row, the mean of both presentation orders; None
         where either order puts less than `min_mass` on the answer tokens A/B."""
+        orders = self.pairwise_orders(prompts, a, b)
+        return [None if o is None else (o[0] + o[1]) / 2 for o in orders]
+
+    @_timed
+    def pairwise_orders(
+        self, prompts: list[str], a: list[str], b: list[str]
+    ) -> list[tuple[float, float] | None]:
+        """(P(a preferred | a shown first), P(a preferred | a shown second)) per row: apart,
+        they show the judge's position bias."""
         _same_length(prompts, a, b)
         if self.fn is not None:
             raise ValueError(f"judge {self.name} is a function judge: it only scores")
         if self.pair_ids is None:
             single_token_ids(self.tokenizer, PAIR_TOKENS, render_prompt(self.tokenizer, "x"))
             raise ValueError(f"judge {self.name}: answer tokens {PAIR_TOKENS} are not usable")
-        start = time.perf_counter()
-        try:
-            texts: list[str] = []
-            for p, x, y in zip(prompts, a, b, strict=True):
-                texts.extend(self._pairwise_prompts(p, x, y))
-            probs = self._answer_probs(texts, self.pair_ids)  # rows: [a first, b first] * n
-            out: list[float | None] = []
-            for i in range(len(prompts)):
-                first, swapped = probs[2 * i], probs[2 * i + 1]
-                m1, m2 = float(first.sum()), float(swapped.sum())
-                usable = all(math.isfinite(m) and m > 0 and m >= self.min_mass for m in (m1, m2))
-                if not usable:
-                    out.append(None)
-                    continue
-                p1 = float(first[0]) / m1  # "A" while a is option A
-                p2 = float(swapped[1]) / m2  # "B" while a is option B
-                out.append((p1 + p2) / 2)
-            return out
-        finally:
-            self.last_busy_s = time.perf_counter() - start
+        texts: list[str] = []
+        for p, x, y in zip(prompts, a, b, strict=True):
+            texts.extend(self._pairwise_prompts(p, x, y))
+        probs = self._answer_probs(texts, self.pair_ids)  # rows: [a first, b first] * n
+        out: list[tuple[float, float] | None] = []
+        for i in range(len(prompts)):
+            first, swapped = probs[2 * i], probs[2 * i + 1]
+            m1, m2 = float(first.sum()), float(swapped.sum())
+            usable = all(math.isfinite(m) and m > 0 and m >= self.min_mass for m in (m1, m2))
+            # "A" while a is option A; "B" while a is option B
+            out.append((float(first[0]) / m1, float(swapped[1]) / m2) if usable else None)
+        return out
 
+    @_timed
     @torch.inference_mode()
     def critique(
         self, prompts: list[str], responses: list[str], max_new_tokens: int = 64
@@ -287,34 +328,51 @@ class JudgeActor:
         _same_length(prompts, responses)
         if self.fn is not None:
             raise ValueError(f"judge {self.name} is a function judge: it only scores")
-        start = time.perf_counter()
-        try:
-            out: list[str | None] = [None] * len(prompts)
-            texts = [
-                self.critique_rubric.format(prompt=p, response=r)
-                for p, r in zip(prompts, responses, strict=True)
-            ]
-            tok = self.tokenizer
-            for chunk in self._chunks(texts):
-                ids, attn, width = self._left_pad([texts[i] for i in chunk])
-                gen = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=attn,
-                    max_new_tokens=int(max_new_tokens),
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=self.pad,
-                    eos_token_id=self.stops or None,
-                )
-                for i, row in zip(chunk, gen[:, width:].tolist(), strict=True):
-                    kept, _ = split_finish(row, self.stops)
-                    text = tok.decode(kept, skip_special_tokens=True).strip()
-                    out[i] = text or None
-            return out
-        finally:
-            self.last_busy_s = time.perf_counter() - start
+        out: list[str | None] = [None] * len(prompts)
+        texts = [
+            self.critique_rubric.format(prompt=p, response=r)
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        tok = self.tokenizer
+        rows = [render_prompt_ids(tok, t, self.add_bos) for t in texts]
+        for chunk in batches([len(r) for r in rows], self.batch_size):
+            ids, attn = left_pad([rows[i] for i in chunk], self.pad, self.device)
+            width = ids.shape[1]
+            gen = self.model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                max_new_tokens=int(max_new_tokens),
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=self.pad,
+                eos_token_id=self.stops or None,
+            )
+            for i, row in zip(chunk, gen[:, width:].tolist(), strict=True):
+                kept, _ = split_finish(row, self.stops)
+                text = tok.decode(kept, skip_special_tokens=True).strip()
+                out[i] = text or None
+        return out
+
+    @_timed
+    @torch.inference_mode()
+    def likelihood(self, prompts: list[str], responses: list[str]) -> list[float | None]:
+        """Mean log p(token | everything before it) over each response's tokens and its
+        end-of-turn token, the prompt rendered with the chat template; None where the
+        response cannot be encoded as a turn."""
+        _same_length(prompts, responses)
+        if self.fn is not None:
+            raise ValueError(f"judge {self.name} is a function judge: it only scores")
+        turns: dict[int, tuple[list[int], int]] = {}
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            try:
+                turns[i] = encode_chat(self.tokenizer, p, r, True, self.add_bos)
+            except ChatEncodingError:
+                continue
+        means = mean_logprobs(self.model, turns, self.pad, self.batch_size, self.device)
+        out: list[float | None] = [means.get(i) for i in range(len(prompts))]
+        return out
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -344,35 +402,9 @@ class JudgeActor:
             return None
         return float(value)
 
-    def _chunks(self, texts: list[str]) -> list[list[int]]:
-        """Row indices in batches of similar length (less padding), each at most batch_size."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-
-    def _left_pad(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Rendered, left-padded prompt ids and attention mask on the judge's device."""
-        rows = [render_prompt_ids(self.tokenizer, t, self.add_bos) for t in texts]
-        ids, attn = left_pad(rows, self.pad, self.device)
-        return ids, attn, ids.shape[1]
-
-    @torch.inference_mode()
     def _answer_probs(self, texts: list[str], answer_ids: list[int]) -> torch.Tensor:
-        """[len(texts), len(answer_ids)] float64 next-token probabilities (softmax over the
-        full vocab) of the answer ids after each rendered rubric text."""
-        out = torch.zeros((len(texts), len(answer_ids)), dtype=torch.float64)
-        if not texts:
-            return out
-        head = output_head(self.model)
-        index = torch.tensor(answer_ids, dtype=torch.long, device=self.device)
-        for chunk in self._chunks(texts):
-            ids, attn, _ = self._left_pad([texts[i] for i in chunk])
-            positions = (attn.cumsum(-1) - 1).clamp(min=0)
-            hidden = backbone(self.model)(
-                input_ids=ids, attention_mask=attn, position_ids=positions
-            ).last_hidden_state[:, -1]
-            probs = head(hidden).float().softmax(-1)[:, index]
-            out[chunk] = probs.double().cpu()
-        return out
+        rows = [render_prompt_ids(self.tokenizer, t, self.add_bos) for t in texts]
+        return answer_probs(self.model, rows, answer_ids, self.pad, self.batch_size, self.device)
 
 
 def _same_length(*lists: Sequence[Any]) -> None:

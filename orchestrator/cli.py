@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.top_k=64")
     check = cache_sub.add_parser("verify", help="check every shard's checksum")
     check.add_argument("path")
+    judge = sub.add_parser("judge", help="judges of the student's samples")
+    judge_sub = judge.add_subparsers(dest="judge_command", required=True)
+    judge_check = judge_sub.add_parser(
+        "check", help="can each judge tell the teacher's answers from corrupted ones?"
+    )
+    judge_check.add_argument("recipe")
+    judge_check.add_argument("overrides", nargs="*", help="dotted overrides")
     models = sub.add_parser("models", help="local model cache")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     fetch = models_sub.add_parser("fetch", help="download and convert a known small model")
@@ -85,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.recipe import load_recipe
 
             return offline.build_command(preflight(load_recipe(args.recipe, args.overrides)))
+        if args.command == "judge":
+            from orchestrator.check_judges import check_command
+            from orchestrator.preflight import preflight
+            from orchestrator.recipe import load_recipe
+
+            return check_command(preflight(load_recipe(args.recipe, args.overrides)))
         return _fetch(args.name)
     except RecipeError as exc:
         if args.debug:

@@ -92,7 +92,8 @@ class JudgeRewards(Part):
         texts = self.texts.prompts(loop.dataset.train_prompts, item.prompt_rows, item.prompts)
         prompts = [p for p in texts for _ in range(k)]
         samples = [self.texts(r) for r in responses]
-        rewards, sft, self._judged[item.step] = self.judge(prompts, samples)
+        own = np.asarray([np.mean(lp) if len(lp) else np.nan for lp in logprobs])
+        rewards, sft, self._judged[item.step] = self.judge(prompts, samples, own)
         per_rank = len(samples) // loop.world
         item.rl = []
         for r in range(loop.world):
@@ -108,9 +109,11 @@ class JudgeRewards(Part):
             )
 
     def judge(
-        self, prompts: list[str], texts: list[str]
+        self, prompts: list[str], texts: list[str], own_logp: np.ndarray | None = None
     ) -> tuple[np.ndarray, list[str | None], dict[str, float]]:
-        """(reward per sample, NaN where no judge could; critique rewrites; metrics)."""
+        """(reward per sample, NaN where no judge could; critique rewrites; metrics).
+        `own_logp`: the student's mean log-probability of each sample where it was drawn
+        (at the sampling temperature), which a relative likelihood judge subtracts."""
         k = self.recipe.rollout.samples_per_prompt
         calls = []
         for pool in self.judges:
@@ -128,7 +131,8 @@ class JudgeRewards(Part):
                 )
                 calls.append((pool, pairs, pool.submit("pairwise", *args)))
             else:
-                calls.append((pool, None, pool.submit(pool.cfg.kind, prompts, texts)))
+                method = "score" if pool.cfg.kind == "verifier" else pool.cfg.kind
+                calls.append((pool, None, pool.submit(method, prompts, texts)))
         per_judge: list[tuple[float, np.ndarray]] = []
         sft: list[str | None] = [None] * len(texts)
         stats: dict[str, float] = {}
@@ -144,6 +148,10 @@ class JudgeRewards(Part):
                 sft = [v if isinstance(v, str) and v else None for v in out.values]
                 continue
             values = _per_sample(out.values, pairs, len(texts))
+            if pool.cfg.kind == "likelihood" and pool.cfg.relative:
+                if own_logp is None:
+                    raise ValueError(f"judge {name}: relative needs the samples' log-probs")
+                values = values - own_logp
             per_judge.append((pool.cfg.weight, values))
             ok = ~np.isnan(values)
             if ok.any():

@@ -13,6 +13,7 @@ from typing import Any
 
 from actors.rollout import sampling_temperature
 from actors.specs import RLSpec, WorkerSpec
+from orchestrator.judge_check import JudgeCheck
 from orchestrator.judges import JudgePool, judge_key
 from orchestrator.judging import JudgeRewards, Texts
 from orchestrator.parts import Assembly, Mode, Part, TeacherPool
@@ -66,7 +67,8 @@ def assemble(recipe: Recipe, pools: list[TeacherPool], students: Any, dataset: A
         raise
     feedback: list[Part] = [TeacherTargets(pools)] if recipe.rlaif.kd_weight > 0 else []
     feedback.append(JudgeRewards(recipe, judges, texts))
-    return Assembly(source, feedback, extra=[WinRate(recipe, source, judges, texts)])
+    check = JudgeCheck(recipe, judges, pools)
+    return Assembly(source, feedback, extra=[check, WinRate(recipe, source, judges, texts)])
 
 
 MODE = Mode("rlaif", student_spec, warm_keys, assemble)

@@ -17,7 +17,26 @@ class JudgeConfig(Placed):
     Python function `module:function` (sample, prompt) -> float run in the judge actors."""
 
     name: Name
-    kind: Literal["score", "pairwise", "critique"] = "score"
+    kind: Literal["score", "pairwise", "critique", "likelihood", "verifier"] = Field(
+        "score",
+        description="score: a rating 1..9 read off the next token (or a function's number); "
+        "pairwise: a preference between two samples, asked in both orders; critique: a "
+        "rewrite trained on with CE; likelihood: the model's mean log-probability per token "
+        "of the sample (end of turn included); verifier: a function checking the sample "
+        "against its prompt (checked on labelled fixtures, not by the judge check)",
+    )
+    min_agreement: float = Field(
+        0.7,
+        ge=0,
+        le=1,
+        description="the judge check's agreement below which the judge is refused (at the "
+        "start of a run and by `raydistill judge check`); lower it to use a judge anyway",
+    )
+    relative: bool = Field(
+        False,
+        description="likelihood: minus the student's own mean log-probability of the sample "
+        "at the sampling temperature (a sequence-level reverse-KL reward)",
+    )
     model: str | None = Field(None, description="a model folder, known name or hub name")
     teacher: str | None = Field(
         None,
@@ -37,8 +56,14 @@ class JudgeConfig(Placed):
         given = [k for k in ("model", "teacher", "function") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(f"judge {self.name!r}: give exactly one of model, teacher, function")
-        if self.function and self.kind != "score":
+        if self.function and self.kind not in ("score", "verifier"):
             raise ValueError(f"judge {self.name!r}: a function judge gives scores only")
+        if self.kind == "verifier" and not self.function:
+            raise ValueError(f"judge {self.name!r}: a verifier is a `function`")
+        if self.relative and self.kind != "likelihood":
+            raise ValueError(f"judge {self.name!r}: relative is for a likelihood judge")
+        if self.rubric and self.kind == "likelihood":
+            raise ValueError(f"judge {self.name!r}: a likelihood judge reads no rubric")
         return self
 
 

@@ -21,3 +21,10 @@ def hangs(sample: str, prompt: str) -> float:
 def response_length(sample: str, prompt: str) -> float:
     """A deterministic score: longer responses rank higher (curation tests)."""
     return float(len(sample))
+
+
+def coin(sample: str, prompt: str) -> float:
+    """A judge that cannot judge: a random number (the judge check must refuse it)."""
+    import random
+
+    return random.random()

@@ -270,3 +270,25 @@ def test_model_judge_info_and_input_checks(judge_folder):
     assert judge.score([], []) == [] and judge.pairwise([], [], []) == []
     with pytest.raises(ValueError, match="length"):
         judge.score(["a", "b"], ["x"])
+
+
+def test_likelihood_is_the_mean_logprob_of_the_response_and_its_end_of_turn(judge_folder):
+    """Batched and padded (responses of different lengths, batch size 2) it equals a plain
+    forward of each turn alone; the end-of-turn token is one of the tokens scored."""
+    from actors.chat import encode_chat
+
+    responses = ["It is 4.", "Four, I think, but let me count again.", "4", ""]
+    prompts = [PROMPT] * len(responses)
+    judge = JudgeActor("j", judge_folder, batch_size=2)
+    got = judge.likelihood(prompts, responses)
+    tok = AutoTokenizer.from_pretrained(judge_folder)
+    model = AutoModelForCausalLM.from_pretrained(judge_folder).eval()
+    for response, value in zip(responses, got, strict=True):
+        ids, start = encode_chat(tok, PROMPT, response, True)
+        cut, _ = encode_chat(tok, PROMPT, response, False)
+        assert len(ids) == len(cut) + 1  # the end-of-turn token is scored too
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        want = logp[start - 1 : -1].gather(-1, torch.tensor(ids[start:])[:, None]).mean()
+        assert value == pytest.approx(float(want), abs=1e-5)
+    assert judge.last_busy_s > 0 and judge.likelihood([], []) == []

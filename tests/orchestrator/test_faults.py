@@ -369,11 +369,19 @@ def test_a_judge_that_hangs_is_restarted_at_most_max_restarts_times(ray_session,
         pool.shutdown()
 
 
-def _freeze_when(title: str, frozen: list[int], stop: threading.Event) -> None:
+def _freeze_when(
+    title: str, frozen: list[int], stop: threading.Event, after: str | None = None
+) -> None:
     """SIGSTOP the first actor process whose title turns to `title` (polled every 2 ms, so a
-    call of a fraction of a second is caught while it runs)."""
+    call of a fraction of a second is caught while it runs), once some process has shown
+    the title `after` (e.g. a rank's train step: not a call made before training)."""
     import psutil
 
+    while after and not stop.is_set():
+        titles = (" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+        if any(t.startswith(after) for t in titles):
+            break
+        time.sleep(0.002)
     while not frozen and not stop.is_set():
         for proc in psutil.process_iter(["pid", "cmdline"]):
             if " ".join(proc.info["cmdline"] or []).startswith("ray::TeacherActor"):
@@ -406,11 +414,13 @@ def test_a_teacher_frozen_inside_a_judgment_serves_both_roles_again(
         "rollout.max_new_tokens=8",
         "judges.0.min_mass=0.0",
         "judges.0.timeout_s=15",
+        "judges.0.min_agreement=0",  # a random tiny judge
         "rlaif.win_rate_prompts=2",
     ]
     frozen: list[int] = []
     stop = threading.Event()
-    watcher = threading.Thread(target=_freeze_when, args=("ray::TeacherActor.judge", frozen, stop))
+    title, after = "ray::TeacherActor.judge", "ray::StudentWorker.train_step"
+    watcher = threading.Thread(target=_freeze_when, args=(title, frozen, stop, after))
     capsys.readouterr()
     watcher.start()
     try:

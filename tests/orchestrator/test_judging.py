@@ -1,12 +1,23 @@
 """How judges' scores become the samples' rewards (`orchestrator/judging.py`): each judge
-standardised within a prompt's group, a single judge passed through unchanged."""
+standardised within a prompt's group, a single judge passed through unchanged, a relative
+likelihood judge minus the student's own log-probs."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import json
+from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import write_recipe
+from mlflow.tracking import MlflowClient
+
+from orchestrator.cli import main
 from orchestrator.judging import combine_rewards
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def test_judges_on_different_scales_are_standardised_per_group():
@@ -35,3 +46,39 @@ def test_one_judge_reaches_the_advantage_raw():
     """With a single judge nothing is rescaled: its rewards are the samples' rewards."""
     rating = np.array([9.0, 5.0, np.nan, 3.0, 2.0, 2.0, 8.0, 1.0])
     np.testing.assert_array_equal(combine_rewards([(2.0, rating)], 8, 4), rating)
+
+
+def test_a_relative_likelihood_judge_subtracts_the_students_own_logprobs(
+    ray_session, chat_models, tmp_path
+):
+    """recipes/kd_rlaif.yaml with two likelihood judges served by the teacher, one of them
+    relative: per step, the plain judge's mean reward minus the relative one's is the mean of
+    the student's own log-probs of the step's samples, as the rollout files record them."""
+    raw = yaml.safe_load((RECIPES / "kd_rlaif.yaml").read_text())
+    raw["data"]["path"] = str(RECIPES / "data" / "quickstart_prompts.jsonl")
+    base = {"kind": "likelihood", "teacher": "smollm2", "timeout_s": 120, "min_agreement": 0}
+    raw["judges"] = [{"name": "plain", **base}, {"name": "rel", "relative": True, **base}]
+    raw["teachers"][0]["model"] = chat_models["teacher"]
+    raw["student"].update(model=chat_models["student"], layers=None)
+    raw["run"]["output_dir"] = str(tmp_path / "runs")
+    raw["train"].update(steps=2, warmup_steps=0)
+    raw["checkpoint"]["every"] = 0
+    raw["data"].update(seq_len=160, heldout=4)
+    raw["rollout"]["max_new_tokens"] = 8
+    raw["rlaif"].update(win_rate_prompts=2)
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 0
+    (run_dir,) = (tmp_path / "runs").glob("kd_rlaif-*")
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}")
+    run_id = json.loads((run_dir / "state.json").read_text())["run_id"]
+
+    def history(key: str) -> list[float]:
+        rows = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        return [m.value for m in rows]
+
+    plain, rel = history("reward/plain"), history("reward/rel")
+    files = sorted((run_dir / "rollouts").glob("step_*.parquet"))
+    assert len(plain) == len(rel) == len(files) == 2
+    assert all(p < 0 for p in plain)  # mean log-probs
+    for p, r, f in zip(plain, rel, files, strict=True):
+        own = [np.mean(lp) for lp in pq.read_table(f).column("logprobs").to_pylist()]
+        assert p - r == pytest.approx(np.mean(own), abs=1e-4)

@@ -93,6 +93,7 @@ def test_kd_rlaif_one_teacher_actor_gives_targets_and_judgments(ray_session, cha
         *_tiny(tmp_path, chat_models),
         f"teachers.0.model={chat_models['teacher']}",
         "judges.0.min_mass=0.0",  # a random tiny judge puts little mass on the digits
+        "judges.0.min_agreement=0",  # and cannot judge: the check runs, logged, not refusing
         "rlaif.win_rate_prompts=2",
     ]
     path = str(RECIPES / "kd_rlaif.yaml")
@@ -110,3 +111,8 @@ def test_kd_rlaif_one_teacher_actor_gives_targets_and_judgments(ray_session, cha
     # 3 steps x 8 samples, and the win-rate comparisons (2 prompts, both orders: 1 call each)
     assert summary["teacher_served"]["smollm2"]["judgments"] >= 3 * 8
     assert summary["judge_shared_weights_mib"]["rater"] > 0
+    check = json.loads((run_dir / "judge_check.json").read_text())["rater"]
+    assert _history(run_dir, "judge_check/rater/agreement") == [check["agreement"]]
+    assert 0 <= check["rating_mass"] <= 1 and _history(
+        run_dir, "judge_check/rater/min_agreement"
+    ) == [0]
