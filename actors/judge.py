@@ -11,7 +11,8 @@ never off parsed text:
 - `critique`: the judge rewrites the response (greedy), for critique-and-revise data.
 - `likelihood`: the judge's mean log-probability per token of the response after the prompt
   (chat template applied), its end-of-turn token included, so an answer cut short is not
-  likely. A judgment a small model gives reliably: no rubric to follow.
+  likely, and divided by the share of distinct word trigrams, so a repeated sentence is
+  not either. A judgment a small model gives reliably: no rubric to follow.
 
 A function judge ("module:function", `fn(sample, prompt) -> float`) loads no model and only
 scores; a sample whose function raises or returns no finite number gets None.
@@ -41,7 +42,7 @@ from actors.chat import (
     split_finish,
     stop_token_ids,
 )
-from actors.judge_reading import answer_probs, batches, mean_logprobs
+from actors.judge_reading import answer_probs, batches, distinct_share, mean_logprobs
 from actors.model_store import local_model
 from actors.models import load_causal_lm, model_hash, pick_device, pick_dtype
 from actors.process import reusable
@@ -359,7 +360,9 @@ class JudgeActor:
     @torch.inference_mode()
     def likelihood(self, prompts: list[str], responses: list[str]) -> list[float | None]:
         """Mean log p(token | everything before it) over each response's tokens and its
-        end-of-turn token, the prompt rendered with the chat template; None where the
+        end-of-turn token, the prompt rendered with the chat template, divided by the share
+        of the response's word trigrams that are distinct: a repeated sentence is easy to
+        predict, so without that guard repetition would look likely. None where the
         response cannot be encoded as a turn."""
         _same_length(prompts, responses)
         if self.fn is not None:
@@ -371,8 +374,10 @@ class JudgeActor:
             except ChatEncodingError:
                 continue
         means = mean_logprobs(self.model, turns, self.pad, self.batch_size, self.device)
-        out: list[float | None] = [means.get(i) for i in range(len(prompts))]
-        return out
+        return [
+            None if i not in means else means[i] / distinct_share(responses[i])
+            for i in range(len(prompts))
+        ]
 
     # -- helpers ----------------------------------------------------------------------------
 

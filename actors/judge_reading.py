@@ -65,3 +65,10 @@ def answer_probs(
         ).last_hidden_state[:, -1]
         out[chunk] = head(hidden).float().softmax(-1)[:, index].double().cpu()
     return out
+
+
+def distinct_share(text: str) -> float:
+    """The share of a text's word trigrams that are distinct (1 below three words)."""
+    words = text.split()
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return len(set(grams)) / len(grams) if grams else 1.0

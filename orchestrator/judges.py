@@ -212,8 +212,16 @@ def judge_key(cfg: JudgeConfig, model: str | None, cluster: ClusterConfig | None
     return warm.key(JudgeActor, options, args, warm.folder_stamp(model))
 
 
-def _usable(value: Any) -> float | None:
-    """A judgment is a finite number; anything else is unusable."""
+def _usable(value: Any) -> Any:
+    """A judgment is a finite number, a rewrite (critique: a non-empty string), or a tuple
+    of numbers and Nones (a rating with its mass, a preference in each order); anything
+    else is unusable (None)."""
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, tuple | list):
+        parts = tuple(None if v is None else _usable(v) for v in value)
+        ok = all(p is None or isinstance(p, float) for p in parts) and any(parts)
+        return parts if ok else None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return None
     return float(value)

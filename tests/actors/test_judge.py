@@ -274,10 +274,12 @@ def test_model_judge_info_and_input_checks(judge_folder):
 
 def test_likelihood_is_the_mean_logprob_of_the_response_and_its_end_of_turn(judge_folder):
     """Batched and padded (responses of different lengths, batch size 2) it equals a plain
-    forward of each turn alone; the end-of-turn token is one of the tokens scored."""
+    forward of each turn alone, divided by the share of distinct word trigrams; the
+    end-of-turn token is one of the tokens scored."""
     from actors.chat import encode_chat
+    from actors.judge_reading import distinct_share
 
-    responses = ["It is 4.", "Four, I think, but let me count again.", "4", ""]
+    responses = ["It is 4.", "Four, I think, but let me count again.", "4", "", "It is. " * 3]
     prompts = [PROMPT] * len(responses)
     judge = JudgeActor("j", judge_folder, batch_size=2)
     got = judge.likelihood(prompts, responses)
@@ -290,5 +292,7 @@ def test_likelihood_is_the_mean_logprob_of_the_response_and_its_end_of_turn(judg
         with torch.no_grad():
             logp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
         want = logp[start - 1 : -1].gather(-1, torch.tensor(ids[start:])[:, None]).mean()
-        assert value == pytest.approx(float(want), abs=1e-5)
+        share = distinct_share(response)  # the repetition guard: 1/2 for the last one
+        assert value == pytest.approx(float(want) / share, abs=1e-5)
+    assert distinct_share("It is. " * 3) == 0.5 and distinct_share("a b") == 1.0
     assert judge.last_busy_s > 0 and judge.likelihood([], []) == []
