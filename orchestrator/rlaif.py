@@ -27,7 +27,7 @@ from orchestrator.win_rate import WinRate
 
 def rl_spec(recipe: Recipe) -> RLSpec:
     """The rlaif section as the ranks read it, with the rollouts' group size and T."""
-    ours = recipe.rlaif.model_dump(exclude={"win_rate_every", "win_rate_prompts"})
+    ours = recipe.rlaif.model_dump(exclude={"win_rate_every", "win_rate_prompts", "win_rate_by"})
     return RLSpec(
         **ours,
         group_size=recipe.rollout.samples_per_prompt,
@@ -66,7 +66,8 @@ def assemble(recipe: Recipe, pools: list[TeacherPool], students: Any, dataset: A
             pool.shutdown()
         raise
     feedback: list[Part] = [TeacherTargets(pools)] if recipe.rlaif.kd_weight > 0 else []
-    feedback.append(JudgeRewards(recipe, judges, texts))
+    rewarding = [p for p in judges if p.cfg.role == "reward"]
+    feedback.append(JudgeRewards(recipe, rewarding, texts))
     check = JudgeCheck(recipe, judges, pools)
     return Assembly(source, feedback, extra=[check, WinRate(recipe, source, judges, texts)])
 

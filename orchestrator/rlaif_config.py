@@ -25,6 +25,12 @@ class JudgeConfig(Placed):
         "of the sample (end of turn included); verifier: a function checking the sample "
         "against its prompt (checked on labelled fixtures, not by the judge check)",
     )
+    role: Literal["reward", "evaluator"] = Field(
+        "reward",
+        description="reward: its judgments train the policy; evaluator: it only counts the "
+        "win rate against the starting student (so wins are counted by a judge the policy "
+        "was not trained to please)",
+    )
     min_agreement: float = Field(
         0.7,
         ge=0,
@@ -60,6 +66,11 @@ class JudgeConfig(Placed):
             raise ValueError(f"judge {self.name!r}: a function judge gives scores only")
         if self.kind == "verifier" and not self.function:
             raise ValueError(f"judge {self.name!r}: a verifier is a `function`")
+        if self.role == "evaluator" and (self.kind in ("critique", "verifier") or self.relative):
+            raise ValueError(
+                f"judge {self.name!r}: an evaluator compares two samples: kind score, "
+                f"pairwise or likelihood (not relative)"
+            )
         if self.relative and self.kind != "likelihood":
             raise ValueError(f"judge {self.name!r}: relative is for a likelihood judge")
         if self.rubric and self.kind == "likelihood":
@@ -79,6 +90,11 @@ class RlaifConfig(Strict):
     sft_weight: float = Field(1.0, ge=0, description="CE on critique judges' rewrites")
     win_rate_every: int = Field(0, ge=0, description="steps between win-rate checks; 0: end")
     win_rate_prompts: int = Field(16, ge=1)
+    win_rate_by: Literal["evaluator", "training_judge"] = Field(
+        "evaluator",
+        description="who counts the win rate: the judge with role evaluator (none: no win "
+        "rate), or the first model judge that trains the policy (which rewards hacking it)",
+    )
 
 
 def check(
@@ -92,8 +108,16 @@ def check(
     """Judges that can be served, groups the algorithm can compare, and sampling whose
     log-probs the RL term can use. `served_by`: each teacher's name -> what serves it
     (`hf`, `vllm` or `its cache`); `samples_per_prompt` and `top_p`: the rollouts'."""
-    if not judges:
-        raise ValueError("judges: distill.mode 'rlaif' needs at least one judge")
+    if not any(j.role == "reward" for j in judges):
+        raise ValueError("judges: distill.mode 'rlaif' needs at least one judge with role reward")
+    evaluators = [j.name for j in judges if j.role == "evaluator"]
+    if len(evaluators) > 1:
+        raise ValueError(f"judges: one judge with role evaluator counts the win rate: {evaluators}")
+    if evaluators and cfg.win_rate_by == "training_judge":
+        raise ValueError(
+            f"rlaif.win_rate_by: 'training_judge' while judge {evaluators[0]!r} is the "
+            f"evaluator; choose one"
+        )
     names = list(served_by)
     for i, j in enumerate(judges):
         if j.teacher and j.teacher not in names:

@@ -1,9 +1,12 @@
 """The win rate of the student against its starting self, judged on held-out prompts.
 
-Every `rlaif.win_rate_every` steps (and at the end) the student writes one sample for each
-of `win_rate_prompts` held-out prompts, and the first model judge compares it with the
-starting student's sample (cached in the run directory), both orders: `eval/win_rate`,
-with the sample length and repeated bigrams beside it, so reward hacking shows.
+Every `rlaif.win_rate_every` steps (and at the end) the student writes one greedy-seeded
+sample for each of `win_rate_prompts` held-out prompts, and the evaluator compares it with
+the starting student's sample (cached in the run directory): a pairwise judge in both
+orders, a score or likelihood judge by which sample it judges higher (ties 1/2). The
+evaluator is the judge with `role: evaluator`, which never trains the policy; only
+`rlaif.win_rate_by: training_judge` lets a judge the policy was trained on count its wins.
+`eval/win_rate` has the sample length and repeated bigrams beside it, so hacking shows.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ _WIN_RATE_SEED = 0x77696E  # the win-rate samples' own seed stream
 class WinRate(Part):
     def __init__(self, recipe: Any, source: RolloutSource, judges: list[Any], texts: Any) -> None:
         self.recipe, self.source, self.texts = recipe, source, texts
-        self.judge = next((j for j in judges if j.cfg.function is None), None)
+        name = evaluator_of(recipe)
+        self.judge = next((j for j in judges if j.name == name), None)
         self._snapshots: dict[int, ray.ObjectRef] = {}
         self._start_texts: list[str] = []
 
@@ -34,6 +38,12 @@ class WinRate(Part):
         return bool(every and done % every == 0) or done == self.recipe.train.steps
 
     def started(self, start: int, loop: Loop) -> None:
+        if self.judge is None:
+            print("win rate: not counted (no judge with role: evaluator)", flush=True)
+        else:
+            trains = self.judge.cfg.role == "reward"
+            why = "trains the policy: rlaif.win_rate_by" if trains else "does not train the policy"
+            print(f"win rate: counted by judge {self.judge.name} ({why})", flush=True)
         path = loop.run_dir / "win_rate_start.json"
         if path.exists():  # a resumed run compares with the same starting samples
             self._start_texts = json.loads(path.read_text())
@@ -69,19 +79,44 @@ class WinRate(Part):
         del refs
         return [self.texts(r) for r in meta["responses"]]
 
+    def _wins(self, prompts: list[str], current: list[str]) -> list[float]:
+        """Per prompt, the current sample's win over the starting one (1, 1/2, 0), where the
+        evaluator could judge."""
+        judge, start = self.judge, self._start_texts
+        if judge.cfg.kind == "pairwise":
+            values = judge.collect(judge.submit("pairwise", prompts, current, start)).values
+            return [v for v in values if v is not None]
+        n = len(current)
+        method = "likelihood" if judge.cfg.kind == "likelihood" else "score"
+        values = judge.collect(judge.submit(method, prompts * 2, current + start)).values
+        pairs = zip(values[:n], values[n:], strict=True)
+        return [
+            0.5 if a == b else float(a > b) for a, b in pairs if a is not None and b is not None
+        ]
+
     def _win_rate(self, loop: Loop, done: int, snapshot: ray.ObjectRef) -> dict[str, float]:
         current = self._samples(loop, snapshot, done)
         n = len(current)
         ids = [prompt_ids(loop.dataset.heldout, i) for i in range(n)]
         prompts = self.texts.prompts(loop.dataset.heldout_prompts, range(n), ids)
-        out = self.judge.collect(self.judge.submit("pairwise", prompts, current, self._start_texts))
-        wins = [v for v in out.values if v is not None]
+        wins = self._wins(prompts, current)
         return {
             "eval/win_rate": float(np.mean(wins)) if wins else math.nan,
             "eval/win_rate_judged": float(len(wins)),
             "eval/sample_words": float(np.mean([len(t.split()) for t in current])),
             "eval/repetition": float(np.mean([repetition(t) for t in current])),
         }
+
+
+def evaluator_of(recipe: Any) -> str | None:
+    """The judge that counts the win rate: the one with role evaluator, or with
+    `rlaif.win_rate_by: training_judge` the first model judge that trains the policy."""
+    for j in recipe.judges:
+        if j.role == "evaluator":
+            return j.name
+    if recipe.rlaif.win_rate_by == "training_judge":
+        return next((j.name for j in recipe.judges if j.function is None), None)
+    return None
 
 
 def repetition(text: str) -> float:

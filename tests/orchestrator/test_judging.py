@@ -52,12 +52,18 @@ def test_a_relative_likelihood_judge_subtracts_the_students_own_logprobs(
     ray_session, chat_models, tmp_path
 ):
     """recipes/kd_rlaif.yaml with two likelihood judges served by the teacher, one of them
-    relative: per step, the plain judge's mean reward minus the relative one's is the mean of
-    the student's own log-probs of the step's samples, as the rollout files record them."""
+    relative, and a third as the evaluator (it counts the win rate, gives no reward): per
+    step, the plain judge's mean reward minus the relative one's is the mean of the
+    student's own log-probs of the step's samples, as the rollout files record them."""
     raw = yaml.safe_load((RECIPES / "kd_rlaif.yaml").read_text())
     raw["data"]["path"] = str(RECIPES / "data" / "quickstart_prompts.jsonl")
     base = {"kind": "likelihood", "teacher": "smollm2", "timeout_s": 120, "min_agreement": 0}
-    raw["judges"] = [{"name": "plain", **base}, {"name": "rel", "relative": True, **base}]
+    evaluator = {"name": "eval", "role": "evaluator", **base}  # counts wins, gives no reward
+    raw["judges"] = [
+        {"name": "plain", **base},
+        {"name": "rel", "relative": True, **base},
+        evaluator,
+    ]
     raw["teachers"][0]["model"] = chat_models["teacher"]
     raw["student"].update(model=chat_models["student"], layers=None)
     raw["run"]["output_dir"] = str(tmp_path / "runs")
@@ -65,7 +71,7 @@ def test_a_relative_likelihood_judge_subtracts_the_students_own_logprobs(
     raw["checkpoint"]["every"] = 0
     raw["data"].update(seq_len=160, heldout=4)
     raw["rollout"]["max_new_tokens"] = 8
-    raw["rlaif"].update(win_rate_prompts=2)
+    raw["rlaif"].update(win_rate_prompts=2, win_rate_by="evaluator")
     assert main(["run", str(write_recipe(tmp_path, raw))]) == 0
     (run_dir,) = (tmp_path / "runs").glob("kd_rlaif-*")
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}")
@@ -76,6 +82,7 @@ def test_a_relative_likelihood_judge_subtracts_the_students_own_logprobs(
         return [m.value for m in rows]
 
     plain, rel = history("reward/plain"), history("reward/rel")
+    assert history("reward/eval") == [] and len(history("eval/win_rate")) == 1
     files = sorted((run_dir / "rollouts").glob("step_*.parquet"))
     assert len(plain) == len(rel) == len(files) == 2
     assert all(p < 0 for p in plain)  # mean log-probs
