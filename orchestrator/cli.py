@@ -18,6 +18,11 @@ from orchestrator.recipe import RecipeError
 EXIT_USAGE = 2  # a runtime fault's code is its own (`RuntimeFault.exit_code`)
 
 
+def _takes_recipe(command: argparse.ArgumentParser) -> None:
+    command.add_argument("recipe")
+    command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raydistill", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -42,20 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     sub_job.add_argument("--no-follow", action="store_true", help="do not follow the logs")
     cache = sub.add_parser("cache", help="offline teacher signals")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
-    build = cache_sub.add_parser(
-        "build", help="run the recipe's cached teachers once over its data"
-    )
-    build.add_argument("recipe")
-    build.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.top_k=64")
+    _takes_recipe(cache_sub.add_parser("build", help="run the cached teachers over the data"))
     check = cache_sub.add_parser("verify", help="check every shard's checksum")
     check.add_argument("path")
     judge = sub.add_parser("judge", help="judges of the student's samples")
     judge_sub = judge.add_subparsers(dest="judge_command", required=True)
-    judge_check = judge_sub.add_parser(
-        "check", help="can each judge tell the teacher's answers from corrupted ones?"
-    )
-    judge_check.add_argument("recipe")
-    judge_check.add_argument("overrides", nargs="*", help="dotted overrides")
+    _takes_recipe(judge_sub.add_parser("check", help="can each judge tell answers apart?"))
     models = sub.add_parser("models", help="local model cache")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     fetch = models_sub.add_parser("fetch", help="download and convert a known small model")
