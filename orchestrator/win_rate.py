@@ -1,12 +1,13 @@
 """The win rate of the student against its starting self, judged on held-out prompts.
 
-Every `rlaif.win_rate_every` steps (and at the end) the student writes one greedy-seeded
-sample for each of `win_rate_prompts` held-out prompts, and the evaluator compares it with
-the starting student's sample (cached in the run directory): a pairwise judge in both
-orders, a score or likelihood judge by which sample it judges higher (ties 1/2). The
+Every `rlaif.win_rate_every` steps (and at the end) the student writes one sample (a fixed
+seed per prompt) for each of `win_rate_prompts` held-out prompts, and the evaluator compares
+it with the starting student's sample (cached in the run directory): a pairwise judge in
+both orders, a score or likelihood judge by which sample it judges higher (ties 1/2). The
 evaluator is the judge with `role: evaluator`, which never trains the policy; only
 `rlaif.win_rate_by: training_judge` lets a judge the policy was trained on count its wins.
-`eval/win_rate` has the sample length and repeated bigrams beside it, so hacking shows.
+`eval/win_rate` has the sample length, repeated bigrams and empty answers beside it, so
+hacking shows.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class WinRate(Part):
             "eval/win_rate_judged": float(len(wins)),
             "eval/sample_words": float(np.mean([len(t.split()) for t in current])),
             "eval/repetition": float(np.mean([repetition(t) for t in current])),
+            "eval/empty": float(np.mean([not t.strip() for t in current])),
         }
 
 

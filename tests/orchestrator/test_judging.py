@@ -83,6 +83,7 @@ def test_a_relative_likelihood_judge_subtracts_the_students_own_logprobs(
 
     plain, rel = history("reward/plain"), history("reward/rel")
     assert history("reward/eval") == [] and len(history("eval/win_rate")) == 1
+    assert 0 <= history("eval/empty")[0] <= 1
     files = sorted((run_dir / "rollouts").glob("step_*.parquet"))
     assert len(plain) == len(rel) == len(files) == 2
     assert all(p < 0 for p in plain)  # mean log-probs
