@@ -95,10 +95,12 @@ class RolloutPool:
         seeds: list[list[int]],
         version: int,
         snapshot: ray.ObjectRef,
+        sampling: dict[str, Any] | None = None,
     ) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
         """(one TokenBatch ref per shard, in order; one meta ref per engine called). The
         shards are dealt over the engines, least outstanding first, so each engine writes
-        an equal share (one more for the least busy ones) in one batch."""
+        an equal share (one more for the least busy ones) in one batch. `sampling`: other
+        settings than the rollouts' (the win rate's greedy answers)."""
         n = len(self.replicas)
         out: list[ray.ObjectRef | None] = [None] * len(shards)
         metas = []
@@ -114,7 +116,7 @@ class RolloutPool:
                 .remote(
                     [shards[i] for i in mine],
                     [seeds[i] for i in mine],
-                    self.sampling,
+                    sampling or self.sampling,
                     version,
                     [snapshot],
                 )

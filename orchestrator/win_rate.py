@@ -20,6 +20,7 @@ import numpy as np
 import ray
 
 from actors.rollout import request_seed
+from actors.verifiers import Constraint, constraints_in, satisfied
 from orchestrator.parts import Loop, Part, Queued
 from orchestrator.sources import RolloutSource, prompt_ids
 
@@ -33,12 +34,15 @@ class WinRate(Part):
         self.judge = next((j for j in judges if j.name == name), None)
         self._snapshots: dict[int, ray.ObjectRef] = {}
         self._start_texts: list[str] = []
+        self._constraints: list[list[Constraint]] = []  # per held-out prompt, if all state some
 
     def _due(self, done: int) -> bool:
         every = self.recipe.rlaif.win_rate_every
         return bool(every and done % every == 0) or done == self.recipe.train.steps
 
     def started(self, start: int, loop: Loop) -> None:
+        found = [constraints_in(p) for p in self._prompts(loop)]
+        self._constraints = found if found and all(found) else []
         if self.judge is None:
             print("win rate: not counted (no judge with role: evaluator)", flush=True)
         else:
@@ -49,8 +53,8 @@ class WinRate(Part):
         if path.exists():  # a resumed run compares with the same starting samples
             self._start_texts = json.loads(path.read_text())
             return
-        if start != 0 or self.judge is None:
-            return  # no model judge to compare with (or nothing to compare)
+        if start != 0 or (self.judge is None and not self._constraints):
+            return  # nothing to compare with, nothing to check
         self._start_texts = self._samples(loop, self.source.snapshots.get(start), start)
         path.write_text(json.dumps(self._start_texts))
 
@@ -64,18 +68,26 @@ class WinRate(Part):
     def step_metrics(self, item: Queued, metrics: dict[str, float], loop: Loop) -> None:
         snapshot = self._snapshots.pop(item.step + 1, None)
         if snapshot is not None:
-            metrics.update(self._win_rate(loop, item.step + 1, snapshot))
+            metrics.update(self._evaluate(loop, item.step + 1, snapshot))
 
     def headline(self, metrics: dict[str, float]) -> dict[str, float]:
         return {"win_rate": metrics["eval/win_rate"]} if "eval/win_rate" in metrics else {}
 
+    def _prompts(self, loop: Loop) -> list[str]:
+        heldout = loop.dataset.heldout
+        n = min(self.recipe.rlaif.win_rate_prompts, len(heldout))
+        ids = [prompt_ids(heldout, i) for i in range(n)]
+        return self.texts.prompts(loop.dataset.heldout_prompts, range(n), ids)
+
     def _samples(self, loop: Loop, snapshot: ray.ObjectRef | None, version: int) -> list[str]:
+        """One greedy answer per held-out prompt, from the weights of `snapshot`."""
         heldout = loop.dataset.heldout
         n = min(self.recipe.rlaif.win_rate_prompts, len(heldout))
         prompts = [prompt_ids(heldout, i) for i in range(n)]
         seeds = [request_seed(self.recipe.run.seed, _WIN_RATE_SEED, i) for i in range(n)]
         rollouts = self.source.rollouts
-        refs, metas = rollouts.generate([prompts], [seeds], version, snapshot)
+        greedy = {**rollouts.sampling, "temperature": 0.0}
+        refs, metas = rollouts.generate([prompts], [seeds], version, snapshot, greedy)
         meta = loop.wait(metas[:1], "win-rate samples", rollouts.engines_of(metas[:1]))[0]
         del refs
         return [self.texts(r) for r in meta["responses"]]
@@ -91,23 +103,37 @@ class WinRate(Part):
         method = "likelihood" if judge.cfg.kind == "likelihood" else "score"
         values = judge.collect(judge.submit(method, prompts * 2, current + start)).values
         pairs = zip(values[:n], values[n:], strict=True)
-        return [
-            0.5 if a == b else float(a > b) for a, b in pairs if a is not None and b is not None
-        ]
+        judged = [(a, b) for a, b in pairs if a is not None and b is not None]
+        return [0.5 if a == b else float(a > b) for a, b in judged]
 
-    def _win_rate(self, loop: Loop, done: int, snapshot: ray.ObjectRef) -> dict[str, float]:
+    def _evaluate(self, loop: Loop, done: int, snapshot: ray.ObjectRef) -> dict[str, float]:
         current = self._samples(loop, snapshot, done)
-        n = len(current)
-        ids = [prompt_ids(loop.dataset.heldout, i) for i in range(n)]
-        prompts = self.texts.prompts(loop.dataset.heldout_prompts, range(n), ids)
-        wins = self._wins(prompts, current)
-        return {
-            "eval/win_rate": float(np.mean(wins)) if wins else math.nan,
-            "eval/win_rate_judged": float(len(wins)),
+        out = {
             "eval/sample_words": float(np.mean([len(t.split()) for t in current])),
             "eval/repetition": float(np.mean([repetition(t) for t in current])),
             "eval/empty": float(np.mean([not t.strip() for t in current])),
         }
+        if self.judge is not None:
+            wins = self._wins(self._prompts(loop), current)
+            out["eval/win_rate"] = float(np.mean(wins)) if wins else math.nan
+            out["eval/win_rate_judged"] = float(len(wins))
+        if self._constraints:
+            out.update(satisfaction(self._constraints, current))
+            start = satisfaction(self._constraints, self._start_texts)
+            out.update({k.replace("eval/", "eval/start_"): v for k, v in start.items()})
+        return out
+
+
+def satisfaction(constraints: list[list[Constraint]], answers: list[str]) -> dict[str, float]:
+    """The share of prompts whose every constraint the answer keeps, overall and per
+    constraint family (`eval/constraints`, `eval/constraints/<family>`)."""
+    kept = [all(satisfied(c, a) for c in cs) for cs, a in zip(constraints, answers, strict=True)]
+    out = {"eval/constraints": float(np.mean(kept))}
+    for family in sorted({c.family for cs in constraints for c in cs}):
+        mine = [k for cs, k in zip(constraints, kept, strict=True) if cs[0].family == family]
+        if mine:
+            out[f"eval/constraints/{family}"] = float(np.mean(mine))
+    return out
 
 
 def evaluator_of(recipe: Any) -> str | None:

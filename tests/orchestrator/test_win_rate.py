@@ -1,17 +1,22 @@
-"""Who counts the win rate (`orchestrator/win_rate.py`): the judge with role evaluator,
-never a judge the policy trains on unless the recipe says `rlaif.win_rate_by:
-training_judge`."""
+"""Evaluation on held-out prompts (`orchestrator/win_rate.py`): the win rate is counted by
+the judge with role evaluator, never a judge the policy trains on unless the recipe says
+`rlaif.win_rate_by: training_judge`; held-out constraint satisfaction where the prompts
+state constraints."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_recipe
+from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
+from orchestrator.cli import main
 from orchestrator.recipe import Recipe
-from orchestrator.win_rate import evaluator_of
+from orchestrator.win_rate import evaluator_of, satisfaction
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 RATER = {"name": "rater", "kind": "likelihood", "teacher": "smollm2"}
@@ -47,3 +52,53 @@ def test_the_evaluator_counts_the_wins_and_never_the_training_judge_by_default()
 def test_evaluator_recipes_that_cannot_work_are_refused(judges, rlaif, message):
     with pytest.raises(ValidationError, match=message):
         _recipe(judges, **rlaif)
+
+
+def test_satisfaction_overall_and_per_family():
+    from actors.verifiers import Constraint
+
+    constraints = [
+        [Constraint("lowercase")],
+        [Constraint("lowercase")],
+        [Constraint("bullets", n=2)],
+    ]
+    got = satisfaction(constraints, ["all small.", "Not small.", "- a\n- b"])
+    assert got == {
+        "eval/constraints": pytest.approx(2 / 3),
+        "eval/constraints/bullets": 1.0,
+        "eval/constraints/lowercase": 0.5,
+    }
+
+
+def test_a_run_on_the_instruction_set_counts_held_out_constraints(
+    ray_session, chat_models, tmp_path, capsys
+):
+    """A verifier trains the policy and no judge is the evaluator: no win rate is counted,
+    and the held-out constraint satisfaction of the greedy answers is, before and after."""
+    raw = yaml.safe_load((RECIPES / "kd_rlaif.yaml").read_text())
+    raw["data"].update(
+        path=str(RECIPES / "data" / "instructions_train.jsonl"), seq_len=160, heldout=8
+    )
+    verifier = "actors.verifiers:follows_instructions"
+    raw["judges"] = [{"name": "follows", "kind": "verifier", "function": verifier}]
+    raw["teachers"][0]["model"] = chat_models["teacher"]
+    raw["student"].update(model=chat_models["student"], layers=None)
+    raw["run"]["output_dir"] = str(tmp_path / "runs")
+    raw["train"].update(steps=2, warmup_steps=0)
+    raw["checkpoint"]["every"] = 0
+    raw["rollout"]["max_new_tokens"] = 8
+    raw["rlaif"].update(win_rate_prompts=8, kd_weight=0.0)
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 0
+    out = capsys.readouterr().out
+    assert "win rate: not counted (no judge with role: evaluator)" in out
+    assert "judge check" not in out  # a verifier is checked on fixtures, not at the start
+    (run_dir,) = (tmp_path / "runs").glob("kd_rlaif-*")
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}")
+    run_id = json.loads((run_dir / "state.json").read_text())["run_id"]
+    final = client.get_run(run_id).data.metrics
+    assert "eval/win_rate" not in final
+    for key in ("eval/constraints", "eval/start_constraints", "eval/empty"):
+        assert 0 <= final[key] <= 1, key
+    families = {k for k in final if k.startswith("eval/constraints/")}
+    assert families and all(0 <= final[k] <= 1 for k in families)
+    assert len(json.loads((run_dir / "win_rate_start.json").read_text())) == 8
