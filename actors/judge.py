@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from actors.batch import left_pad
 from actors.chat import (
     ChatEncodingError,
     adds_bos,
@@ -42,7 +41,15 @@ from actors.chat import (
     split_finish,
     stop_token_ids,
 )
-from actors.judge_reading import answer_probs, batches, distinct_share, mean_logprobs
+from actors.judge_reading import (
+    answer_probs,
+    distinct_share,
+    hf_greedy,
+    mean_logprobs,
+    vllm_answer_probs,
+    vllm_greedy,
+    vllm_mean_logprobs,
+)
 from actors.model_store import local_model
 from actors.models import load_causal_lm, model_hash, pick_device, pick_dtype
 from actors.process import reusable
@@ -186,9 +193,11 @@ class JudgeActor:
         function: str | None = None,
         batch_size: int = 16,
         host: Any = None,
+        backend: str = "hf",
     ) -> None:
         """`host`: a TeacherActor whose loaded model and tokenizer this judge uses (one copy
-        of the weights serves both roles); `model` is then unused."""
+        of the weights serves both roles); `model` is then unused. `backend` vllm: a vLLM
+        engine reads the judgments (prompt log-probs, exact over the full vocab)."""
         if host is None:
             torch.set_num_threads(threads)
         self.name = name
@@ -203,17 +212,21 @@ class JudgeActor:
         self.critique_rubric = (
             DEFAULT_CRITIQUE_RUBRIC if critique_rubric is None else critique_rubric
         )
-        self.last_busy_s = 0.0
-        self.failures = 0  # samples a function judge could not score
+        self.last_busy_s, self.failures = 0.0, 0  # failures: samples a function could not score
         self.function_spec = function
         self.fn: Callable[..., Any] | None = None
         self.model: Any = None
+        self.vllm: Any = None
         self.tokenizer: Any = None
         if function is not None:
             self.fn = load_function(function)
             self._hash = function
             return
         self._load(name, model, dtype, host)
+        generation = self.model.generation_config
+        self._hash = host.info()["model_hash"] if host is not None else model_hash(self.model)
+        if backend == "vllm":
+            self._serve_with_vllm(model, dtype)
         tok = self.tokenizer
         context = render_prompt(tok, "x")  # answers come right after the generation prompt
         self.rating_ids = rating_token_ids(tok, self.rating_tokens, context)
@@ -222,10 +235,18 @@ class JudgeActor:
             self.pair_ids = single_token_ids(tok, PAIR_TOKENS, context)
         except ValueError:
             self.pair_ids = None  # pairwise() says why when it is asked for
-        self.stops = stop_token_ids(self.model.generation_config.eos_token_id, tok)
+        self.stops = stop_token_ids(generation.eos_token_id, tok)
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (self.stops or [0])[0]
         self.add_bos = adds_bos(tok)
-        self._hash = host.info()["model_hash"] if host is not None else model_hash(self.model)
+
+    def _serve_with_vllm(self, model: str, dtype: str) -> None:
+        """Hand the weights to a vLLM engine (hashed already); the HF copy goes."""
+        from actors.vllm_backend import VLLMEngine
+
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 4096
+        torch_dtype = self.model.dtype
+        self.model = None
+        self.vllm = VLLMEngine(local_model(model), dtype=torch_dtype, max_model_len=limit)
 
     def _load(self, name: str, model: str | None, dtype: str, host: Any) -> None:
         """The model and tokenizer: the host teacher's, or loaded here."""
@@ -336,24 +357,14 @@ class JudgeActor:
         ]
         tok = self.tokenizer
         rows = [render_prompt_ids(tok, t, self.add_bos) for t in texts]
-        for chunk in batches([len(r) for r in rows], self.batch_size):
-            ids, attn = left_pad([rows[i] for i in chunk], self.pad, self.device)
-            width = ids.shape[1]
-            gen = self.model.generate(
-                input_ids=ids,
-                attention_mask=attn,
-                max_new_tokens=int(max_new_tokens),
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=self.pad,
-                eos_token_id=self.stops or None,
-            )
-            for i, row in zip(chunk, gen[:, width:].tolist(), strict=True):
-                kept, _ = split_finish(row, self.stops)
-                text = tok.decode(kept, skip_special_tokens=True).strip()
-                out[i] = text or None
+        n = int(max_new_tokens)
+        if self.vllm is not None:
+            written = vllm_greedy(self.vllm, rows, self.stops, n)
+        else:
+            written = hf_greedy(self.model, rows, self.pad, self.stops, n, self.batch_size)
+        for i, row in enumerate(written):
+            kept, _ = split_finish(row, self.stops)
+            out[i] = tok.decode(kept, skip_special_tokens=True).strip() or None
         return out
 
     @_timed
@@ -373,7 +384,10 @@ class JudgeActor:
                 turns[i] = encode_chat(self.tokenizer, p, r, True, self.add_bos)
             except ChatEncodingError:
                 continue
-        means = mean_logprobs(self.model, turns, self.pad, self.batch_size, self.device)
+        if self.vllm is not None:
+            means = vllm_mean_logprobs(self.vllm, turns)
+        else:
+            means = mean_logprobs(self.model, turns, self.pad, self.batch_size, self.device)
         return [
             None if i not in means else means[i] / distinct_share(responses[i])
             for i in range(len(prompts))
@@ -409,6 +423,8 @@ class JudgeActor:
 
     def _answer_probs(self, texts: list[str], answer_ids: list[int]) -> torch.Tensor:
         rows = [render_prompt_ids(self.tokenizer, t, self.add_bos) for t in texts]
+        if self.vllm is not None:
+            return vllm_answer_probs(self.vllm, rows, answer_ids)
         return answer_probs(self.model, rows, answer_ids, self.pad, self.batch_size, self.device)
 
 

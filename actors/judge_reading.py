@@ -72,3 +72,53 @@ def distinct_share(text: str) -> float:
     words = text.split()
     grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
     return len(set(grams)) / len(grams) if grams else 1.0
+
+
+@torch.inference_mode()
+def hf_greedy(
+    model: Any, rows: list[list[int]], pad: int, stops: list[int], max_new: int, batch_size: int
+) -> list[list[int]]:
+    """Greedy new ids per row of prompt ids (left-padded batches of similar length)."""
+    out: list[list[int]] = [[] for _ in rows]
+    device = next(model.parameters()).device
+    for chunk in batches([len(r) for r in rows], batch_size):
+        ids, attn = left_pad([rows[i] for i in chunk], pad, device)
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=attn,
+            max_new_tokens=max_new,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+            eos_token_id=stops or None,
+        )
+        for i, row in zip(chunk, gen[:, ids.shape[1] :].tolist(), strict=True):
+            out[i] = row
+    return out
+
+
+# -- the same readings from a vLLM engine (actors/vllm_backend.py): prompt log-probs at T = 1
+
+
+def vllm_answer_probs(engine: Any, rows: list[list[int]], answer_ids: list[int]) -> torch.Tensor:
+    """As `answer_probs`: each answer id appended to the row, its prompt log-prob read (the
+    row's prefix is cached, so each answer costs one position)."""
+    asked = [([*row, a], len(row)) for row in rows for a in answer_ids]
+    lps = engine.prompt_logprobs([r for r, _ in asked], [s for _, s in asked])
+    flat = torch.tensor([float(lp[0]) for lp in lps], dtype=torch.float64)
+    return flat.reshape(len(rows), len(answer_ids)).exp()
+
+
+def vllm_mean_logprobs(engine: Any, turns: dict[int, tuple[list[int], int]]) -> dict[int, float]:
+    keys = list(turns)
+    lps = engine.prompt_logprobs([turns[k][0] for k in keys], [turns[k][1] for k in keys])
+    return {k: float(lp.mean()) for k, lp in zip(keys, lps, strict=True)}
+
+
+def vllm_greedy(
+    engine: Any, rows: list[list[int]], stops: list[int], max_new: int
+) -> list[list[int]]:
+    sampling = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": max_new}
+    return [s.response for s in engine.sample(rows, [0] * len(rows), sampling, stops)]

@@ -160,6 +160,23 @@ class VLLMEngine:
                 out.append(res.prompt_logprobs[t + 1][row[t + 1]].logprob)
         return np.asarray(out, np.float32)
 
+    def prompt_logprobs(self, rows: list[list[int]], starts: list[int]) -> list[np.ndarray]:
+        """Per row, log p(row[t] | row[:t]) at T = 1 for t from its start on (the judges'
+        readings, `actors/judge_reading.py`)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outs = self.llm.generate(
+            [{"prompt_token_ids": list(r)} for r in rows], params, use_tqdm=False
+        )
+        return [
+            np.asarray(
+                [out.prompt_logprobs[t][row[t]].logprob for t in range(start, len(row))],
+                np.float64,
+            )
+            for out, row, start in zip(outs, rows, starts, strict=True)
+        ]
+
     # -- sampling -------------------------------------------------------------------------
 
     def sample(

@@ -202,6 +202,7 @@ def _replica(
         **judge_kwargs(cfg.kind, cfg.rubric, cfg.rating_tokens, cfg.min_mass),
         "threads": cfg.threads,
         "function": cfg.function,
+        "backend": cfg.backend,
     }
     return options, args
 

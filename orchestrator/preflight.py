@@ -217,6 +217,7 @@ def _check_backends(recipe: Recipe) -> None:
     wants = [f"teachers.{i}.backend" for i, t in enumerate(recipe.teachers) if t.backend == "vllm"]
     if recipe.rolls_out and recipe.rollout.backend == "vllm":
         wants.append("rollout.backend")
+    wants += [f"judges.{i}.backend" for i, j in enumerate(recipe.judges) if j.backend == "vllm"]
     if wants and not vllm_installed():
         raise RecipeError(
             wants[0],

@@ -44,6 +44,11 @@ class JudgeConfig(Placed):
         "at the sampling temperature (a sequence-level reverse-KL reward)",
     )
     model: str | None = Field(None, description="a model folder, known name or hub name")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="a judge with its own `model`: vllm reads its judgments from a vLLM "
+        "engine's prompt log-probs (extra `raydistill[vllm]`)",
+    )
     teacher: str | None = Field(
         None,
         description="served by this teacher's own replicas: one copy of the weights gives "
@@ -73,6 +78,11 @@ class JudgeConfig(Placed):
             )
         if self.relative and self.kind != "likelihood":
             raise ValueError(f"judge {self.name!r}: relative is for a likelihood judge")
+        if self.backend == "vllm" and not self.model:
+            raise ValueError(
+                f"judge {self.name!r}: backend vllm is for a judge with its own `model` (one "
+                f"served by a teacher uses the teacher's replicas)"
+            )
         if self.rubric and self.kind == "likelihood":
             raise ValueError(f"judge {self.name!r}: a likelihood judge reads no rubric")
         return self

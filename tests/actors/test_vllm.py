@@ -172,3 +172,34 @@ def test_in_place_load_refuses_a_snapshot_that_would_leave_old_rows(engine, vllm
     want = logp.gather(-1, torch.roll(ids, -1, 1)[..., None])[..., 0][mask].numpy()
     got = ray.get(engine.token_logprobs.remote(text))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+
+
+def test_a_vllm_judge_reads_what_the_transformers_judge_reads(ray_session, tmp_path_factory):
+    """`judges[i].backend: vllm`: the same likelihoods, ratings and preferences as the
+    transformers judge on the same weights (float32), and the same greedy rewrite."""
+    from chat_tokenizers import build_tokenizer
+
+    from actors.judge import JudgeActor
+
+    tok = build_tokenizer("smollm")
+    folder = str(tmp_path_factory.mktemp("vllm_judge") / "judge")
+    save_tiny_llama(folder, seed=5, vocab_size=len(tok), hidden=128, layers=2)
+    tok.save_pretrained(folder)
+    prompts = ["What is 2+2?", "Name a colour."]
+    responses = ["It is 4.", "Blue, I think. Blue, I think."]
+    hf = JudgeActor("j", folder, min_mass=0.0)
+    remote = ray.remote(JudgeActor).options(**actor_options(0.5, 0, 1))
+    vllm = remote.remote("j", folder, min_mass=0.0, backend="vllm")
+    for method, args in [
+        ("likelihood", (prompts, responses)),
+        ("score", (prompts, responses)),
+        ("pairwise", (prompts, responses, responses[::-1])),
+    ]:
+        want = getattr(hf, method)(*args)
+        got = ray.get(getattr(vllm, method).remote(*args))
+        assert got == pytest.approx(want, abs=1e-4), method
+    assert ray.get(vllm.critique.remote(prompts, responses, 6)) == hf.critique(
+        prompts, responses, 6
+    )
+    assert ray.get(vllm.info.remote())["model_hash"] == hf.info()["model_hash"]
+    ray.kill(vllm)

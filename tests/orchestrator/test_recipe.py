@@ -220,6 +220,25 @@ def test_vllm_rollouts_without_the_extra_are_named_whatever_the_mode(
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_vllm_judge_without_the_extra_is_named(tmp_path, tiny_models, capsys, monkeypatch):
+    import orchestrator.preflight
+
+    monkeypatch.setattr(orchestrator.preflight, "vllm_installed", lambda: False)
+
+    def mutate(r):
+        r["distill"]["mode"] = "rlaif"
+        r["rollout"] = {"samples_per_prompt": 2}
+        r["judges"] = [
+            {"name": "f", "function": "actors.rewards:seven_share"},
+            {"name": "v", "kind": "likelihood", "model": tiny_models["teacher"], "backend": "vllm"},
+        ]
+
+    assert main(["run", str(_bad(tmp_path, tiny_models, mutate))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "judges.1.backend: 'vllm' needs the vLLM extra" in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_gpu_weight_sync_on_a_machine_without_cuda_is_one_line(
     tmp_path, tiny_models, capsys, monkeypatch
 ):
