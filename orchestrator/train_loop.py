@@ -36,6 +36,8 @@ from orchestrator.teacher_targets import signals_for
 from orchestrator.tracking import Tracker
 
 QUEUED_STEPS = 2  # train steps queued on the students: the next is ready when one ends
+# beside each judge's reward curve (`reward/<judge>`) where a run logged them
+JUDGED_CURVES = ("eval/win_rate", "eval/constraints")
 
 
 class _StopFlag:
@@ -274,7 +276,10 @@ class TrainLoop:
         self.tracker.commit()
         kl_keys = [f"kl/{p.name}" for p in self.pools]
         runs = {self.run_dir.name: (self.tracker.client, self.tracker.run_id)}
-        curves = plot_curves(runs, ["loss", *kl_keys, "tokens_per_s"], self.run_dir / "curves.png")
+        logged = self.tracker.client.get_run(self.tracker.run_id).data.metrics
+        judged = [k for k in sorted(logged) if k.startswith("reward/") or k in JUDGED_CURVES]
+        keys = ["loss", *kl_keys, "tokens_per_s", *judged]
+        curves = plot_curves(runs, keys, self.run_dir / "curves.png")
         self.tracker.log_artifact(curves)
         export_dir = self.run_dir / "student"
         self.students.export(str(export_dir), self.recipe.student.model)

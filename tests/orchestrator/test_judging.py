@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -83,6 +84,9 @@ def test_a_relative_likelihood_judge_subtracts_the_students_own_logprobs(
 
     plain, rel = history("reward/plain"), history("reward/rel")
     assert history("reward/eval") == [] and len(history("eval/win_rate")) == 1
+    # curves.png: loss, kl, tokens/s, then a reward curve per rewarding judge and the win rate
+    width = matplotlib.image.imread(run_dir / "curves.png").shape[1]
+    assert width == 5 * 6 * 110
     assert 0 <= history("eval/empty")[0] <= 1
     files = sorted((run_dir / "rollouts").glob("step_*.parquet"))
     assert len(plain) == len(rel) == len(files) == 2
