@@ -1,22 +1,24 @@
-"""RLAIF on the real judge: RLAIF alone vs KD alone vs KD + RLAIF, same steps, same judge
-(SmolLM2-135M-Instruct rating answers 1..9), from recipes/rlaif.yaml.
+"""RLAIF that makes the student better, counted by someone else.
 
-For each arm: the reward curve (the judge's mean rating of the student's samples) and the
-win rate of the final student against the starting student on held-out prompts, judged
-pairwise in both orders by the same judge (`eval/win_rate`, a fraction; goal >= 0.6), next
-to a programmatic check of the final samples (words per sample, repeated bigrams) since a
-win rate judged by the training judge can reward hacking.
+1. The judge check on the real teachers: SmolLM2-135M-Instruct's and Gemma-3-270m's
+   likelihood, score (1..9) and pairwise judges, 32 held-out quickstart prompts x 4
+   corruptions of the teacher's greedy answer (`orchestrator/judge_check.py`).
+2. The starting student: the quickstart's 6-layer cut of SmolLM2, distilled for
+   `--kd-steps` (100) off-policy on the instruction set's training prompts (the teacher
+   writes the answers). Not the raw cut: its repair by KD alone would look like a gain.
+3. Arms from that student, `--steps` each, `--prompts` x 4 samples per step, on the
+   instruction set's training prompts: `kd` (on-policy KD alone), `verifier` (the
+   verifier's GRPO reward alone), `verifier_kd` (both, one backward).
+4. Evaluation of every student outside the runs, on `--heldout` prompts of
+   `instructions_heldout.jsonl` (equal family shares), one greedy answer each: the share
+   of prompts whose constraint holds (per family), the empty-answer and repeated-bigram
+   shares, and the win rate against the starting student by Gemma-3-270m's likelihood
+   judge, a judge that trained none of them (ties 1/2).
 
-Is a 135M judge able to tell answers apart at all? Measured first on constructed pairs: a
-reference answer (the teacher's own greedy answer) against the same words in reverse order;
-agreement = share of pairs where the judge prefers the reference (both orders averaged).
-
-Usage: python benchmarks/rlaif_win_rate.py [--steps 30]
-Also the step time split into rollout, judging, teacher scoring and training (busy seconds,
-median) and the overhead wall / max(stage busy).
-Ends with `RESULT win_rate X` (RLAIF alone), `RESULT win_rate_kd X`,
-`RESULT win_rate_kd_rlaif X`, `RESULT judge_agreement X` and `RESULT rlaif_overhead X`;
-writes rlaif_reward.png.
+Usage: python benchmarks/rlaif_win_rate.py [--steps 100] [--kd-steps 100] [--heldout 112]
+Ends with `RESULT judge_agreement_likelihood X` (SmolLM2's), `RESULT constraint_gain X`
+(points, verifier_kd), `RESULT win_rate_independent X` (the best arm) and one
+`RESULT win_rate_independent_<arm> X` per arm; writes rlaif_arms.png.
 """
 
 from __future__ import annotations
@@ -30,100 +32,190 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "rlaif.yaml"
-PROMPTS = ROOT / "recipes" / "data" / "quickstart_prompts.jsonl"
-ARMS = {"rlaif": (1.0, 0.0), "kd": (0.0, 1.0), "kd_rlaif": (1.0, 1.0)}  # (rl, kd) weights
+DATA = ROOT / "recipes" / "data"
+ARMS = {"kd": (0.0, 1.0), "verifier": (1.0, 0.0), "verifier_kd": (1.0, 1.0)}  # (rl, kd)
+MAX_NEW = 96
+VERIFIER = "actors.verifiers:follows_instructions"
 
 
-def judge_agreement(model: str, n: int) -> tuple[float, float]:
-    """(share of constructed pairs where the judge prefers the reference, mean P(ref))."""
+def check_judges(model: str, prompts: list[str]) -> dict[str, dict[str, float]]:
+    """The judge check of one teacher's three judge kinds, in this process."""
     from actors.judge import JudgeActor
     from actors.teacher import TeacherActor
+    from orchestrator.judge_check import comparisons, pairwise_agreement, pointwise_agreement
 
-    prompts = [json.loads(x)["prompt"] for x in PROMPTS.read_text().splitlines()[-n:]]
-    teacher = TeacherActor("t", model, top_k=1, temperature=1.0)
-    good = [r["response"] for r in teacher.generate(prompts, {"max_new_tokens": 32})]
-    bad = [" ".join(reversed(g.split())) for g in good]
+    teacher = TeacherActor("t", model, top_k=1, temperature=1.0, threads=2)
+    sampling = {"max_new_tokens": 48, "temperature": 0.0}
+    answers = [r["response"] for r in teacher.generate(prompts, sampling)]
     del teacher
-    judge = JudgeActor("j", model, min_mass=0.05)  # as recipes/rlaif.yaml
-    p = [v for v in judge.pairwise(prompts, good, bad) if v is not None]
-    return float(np.mean([v > 0.5 for v in p])), float(np.mean(p))
+    c = comparisons(prompts, answers)
+    n = len(c.kinds)
+    judge = JudgeActor("j", model, min_mass=0.05, threads=2)
+    out = {}
+    lik = judge.likelihood(c.prompts * 2, c.originals + c.corrupted)
+    out["likelihood"] = pointwise_agreement(c, lik[:n], lik[n:])
+    rated = [v for v, _ in judge.scored(c.prompts * 2, c.originals + c.corrupted)]
+    out["score"] = pointwise_agreement(c, rated[:n], rated[n:])
+    out["pairwise"] = pairwise_agreement(
+        c, judge.pairwise_orders(c.prompts, c.originals, c.corrupted)
+    )
+    return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--pairs", type=int, default=16)
-    args = ap.parse_args()
-    import matplotlib
+def base_recipe(root: Path, name: str) -> dict:
+    raw = yaml.safe_load((ROOT / "recipes" / "kd_rlaif.yaml").read_text())
+    raw["run"] = {"name": name, "output_dir": str(root / "runs"), "seed": 0}
+    raw["data"] = {
+        "source": "file",
+        "path": str(root / "train.jsonl"),
+        "responses": "given",
+        "seq_len": 192,
+        "heldout": 16,
+    }
+    raw["checkpoint"] = {"every": 0}
+    return raw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from common import history
 
-    from actors.model_store import fetch_model
+def kd_start(root: Path, steps: int) -> str:
+    """The starting student: off-policy KD on the teacher's answers to the training prompts."""
+    raw = base_recipe(root, "kd_start")
+    raw["data"].update(responses="teacher", generation={"max_new_tokens": MAX_NEW})
+    raw["distill"] = {"mode": "off_policy", "loss": "forward_kl", "top_k": 64}
+    raw["judges"], raw["rlaif"] = [], {}
+    del raw["rollout"]
+    raw["train"].update(steps=steps, batch_size=8, micro_batch_size=8, lr=1e-4, warmup_steps=5)
+    return str(_run(root, raw) / "student")
+
+
+def arm(root: Path, start: str, name: str, rl: float, kd: float, steps: int, prompts: int) -> Path:
+    raw = base_recipe(root, name)
+    raw["student"].update(model=start, layers=None)
+    raw["judges"] = [{"name": "follows", "kind": "verifier", "function": VERIFIER}]
+    raw["rollout"].update(max_new_tokens=MAX_NEW, samples_per_prompt=4)
+    raw["rlaif"].update(rl_weight=rl, kd_weight=kd, win_rate_every=0, win_rate_by="evaluator")
+    raw["train"].update(steps=steps, batch_size=prompts * 4, micro_batch_size=prompts * 4)
+    return _run(root, raw)
+
+
+def _run(root: Path, raw: dict) -> Path:
     from orchestrator.driver import execute, new_run_dir
     from orchestrator.preflight import preflight
     from orchestrator.recipe import load_recipe
 
-    model = fetch_model("smollm2-135m-instruct")
-    agreement, p_ref = judge_agreement(model, args.pairs)
-    print(f"judge agreement on constructed pairs: {agreement:.2f} (mean P(reference) {p_ref:.3f})")
-    results, curves = {}, {}
+    path = root / f"{raw['run']['name']}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    recipe = preflight(load_recipe(path))
+    run_dir = new_run_dir(recipe)
+    assert execute(recipe, run_dir).finished
+    return run_dir
+
+
+def answers(student: str, prompts: list[str]) -> list[str]:
+    from actors.teacher import TeacherActor
+
+    writer = TeacherActor("s", student, top_k=1, temperature=1.0, threads=2)
+    sampling = {"max_new_tokens": MAX_NEW, "temperature": 0.0}
+    return [r["response"] for r in writer.generate(prompts, sampling)]
+
+
+def evaluate(rows: list[dict], said: list[str]) -> dict[str, float]:
+    from actors.verifiers import constraints_in, satisfied
+    from orchestrator.win_rate import repetition
+
+    pairs = zip(rows, said, strict=True)
+    kept = [all(satisfied(c, a) for c in constraints_in(r["prompt"])) for r, a in pairs]
+    out = {"constraints": float(np.mean(kept))}
+    for family in sorted({r["family"] for r in rows}):
+        mine = [k for r, k in zip(rows, kept, strict=True) if r["family"] == family]
+        out[f"constraints/{family}"] = float(np.mean(mine))
+    out["empty"] = float(np.mean([not a.strip() for a in said]))
+    out["repetition"] = float(np.mean([repetition(a) for a in said]))
+    out["words"] = float(np.mean([len(a.split()) for a in said]))
+    return out
+
+
+def win_rate(evaluator, prompts: list[str], now: list[str], start: list[str]) -> float:
+    """Share of prompts where the evaluator judges the new answer more likely (ties 1/2)."""
+    n = len(now)
+    lik = evaluator.likelihood(prompts * 2, now + start)
+    both = zip(lik[:n], lik[n:], strict=True)
+    pairs = [(a, b) for a, b in both if a is not None and b is not None]
+    return float(np.mean([0.5 if a == b else float(a > b) for a, b in pairs]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--kd-steps", type=int, default=100)
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per step (x 4 samples)")
+    ap.add_argument("--heldout", type=int, default=112)
+    ap.add_argument("--train-rows", type=int, default=336, help="of instructions_train.jsonl")
+    ap.add_argument("--check-prompts", type=int, default=32)
+    ap.add_argument("--out", default="rlaif_arms")
+    args = ap.parse_args()
+    from actors.judge import JudgeActor
+    from actors.model_store import fetch_model
+
+    smollm, gemma = str(fetch_model("smollm2-135m-instruct")), str(fetch_model("gemma3-270m"))
+    root = Path(args.out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    rows = (DATA / "instructions_train.jsonl").read_text().splitlines()[: args.train_rows]
+    (root / "train.jsonl").write_text("\n".join(rows) + "\n")
+    quick = [json.loads(x)["prompt"] for x in (DATA / "quickstart_prompts.jsonl").open()]
+    quick = quick[-args.check_prompts :]
+    checks = {"smollm2": check_judges(smollm, quick), "gemma3": check_judges(gemma, quick)}
+    for teacher, figures in checks.items():
+        for kind, f in figures.items():
+            print(f"judge check {teacher} {kind}: {f}", flush=True)
+    held = [json.loads(x) for x in (DATA / "instructions_heldout.jsonl").open()]
+    per_family = args.heldout // 7
+    held = [r for fam in sorted({r["family"] for r in held}) for r in held if r["family"] == fam]
+    held = [r for i, r in enumerate(held) if i % 16 < per_family]  # equal family shares
+    prompts = [r["prompt"] for r in held]
+    start = kd_start(root, args.kd_steps)
+    said = {"start": answers(start, prompts)}
     for name, (rl, kd) in ARMS.items():
-        overrides = [
-            f"run.name=rlaif-{name}",
-            f"rlaif.rl_weight={rl}",
-            f"rlaif.kd_weight={kd}",
-            f"train.steps={args.steps}",
-            "checkpoint.every=0",
-        ]
-        recipe = preflight(load_recipe(RECIPE, overrides))
-        result = execute(recipe, new_run_dir(recipe))
-        reward = history(result, "reward_mean")
-        wall = history(result, "step_time_s")
-        stages = {
-            "rollout": history(result, "rollout/busy_s"),
-            "judging": history(result, "judge/rater/latency_s"),
-            "teacher": history(result, "teacher_busy_s"),
-            "training": history(result, "student_busy_s"),
-        }
-        warm = [s for s in sorted(wall) if s > 3]
-        split = {k: float(np.median([v[s] for s in warm])) for k, v in stages.items()}
-        overhead = float(np.median([wall[s] / max(v[s] for v in stages.values()) for s in warm]))
-        curves[name] = reward
-        steps = sorted(reward)
-        results[name] = {
-            "reward_first5": float(np.mean([reward[s] for s in steps[:5]])),
-            "reward_last5": float(np.mean([reward[s] for s in steps[-5:]])),
-            "win_rate": list(history(result, "eval/win_rate").values())[-1],
-            "sample_words": list(history(result, "eval/sample_words").values())[-1],
-            "repetition": list(history(result, "eval/repetition").values())[-1],
-            "kl_ref": list(history(result, "rl/kl_ref").values())[-1],
-            "step_s": float(np.median([wall[s] for s in warm])),
-            **{f"{k}_s": v for k, v in split.items()},
-            "overhead": overhead,
-        }
-        print(f"{name}: {results[name]}", flush=True)
-    print(f"\n{'arm':10}" + "".join(f"{k:>15}" for k in results["rlaif"]))
+        run_dir = arm(root, start, name, rl, kd, args.steps, args.prompts)
+        said[name] = answers(str(run_dir / "student"), prompts)
+    (root / "answers.json").write_text(json.dumps(said))
+    evaluator = JudgeActor("gemma", gemma, threads=2)  # trained none of the students
+    results = {name: evaluate(held, a) for name, a in said.items()}
+    for name in ARMS:
+        results[name]["win_rate"] = win_rate(evaluator, prompts, said[name], said["start"])
     for name, r in results.items():
-        print(f"{name:10}" + "".join(f"{v:>15.3f}" for v in r.values()))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, reward in curves.items():
-        ax.plot(sorted(reward), [reward[s] for s in sorted(reward)], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("judge's mean rating of the samples")
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
+    _plot(results, root / "rlaif_arms.png")
+    best = max(ARMS, key=lambda a: results[a]["win_rate"])
+    gain = 100 * (results["verifier_kd"]["constraints"] - results["start"]["constraints"])
+    print(f"RESULT judge_agreement_likelihood {checks['smollm2']['likelihood']['agreement']:.3f}")
+    print(f"RESULT constraint_gain {gain:.1f}")
+    print(f"RESULT win_rate_independent {results[best]['win_rate']:.3f}")
+    for name in ARMS:
+        print(f"RESULT win_rate_independent_{name} {results[name]['win_rate']:.3f}")
+
+
+def _plot(results: dict[str, dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = [k for k in results["start"] if k.startswith("constraints/")]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(results)
+    for i, (name, r) in enumerate(results.items()):
+        xs = np.arange(len(families)) + i * width
+        ax.bar(xs, [r[f] for f in families], width, label=name)
+    ax.set_xticks(np.arange(len(families)) + 0.4 - width / 2)
+    ax.set_xticklabels([f.split("/")[1] for f in families], rotation=20)
+    ax.set_ylabel("held-out constraints kept")
     ax.legend()
     fig.tight_layout()
-    fig.savefig("rlaif_reward.png", dpi=120)
-    print("wrote rlaif_reward.png")
-    print(f"RESULT win_rate {results['rlaif']['win_rate']:.3f}")
-    print(f"RESULT win_rate_kd {results['kd']['win_rate']:.3f}")
-    print(f"RESULT win_rate_kd_rlaif {results['kd_rlaif']['win_rate']:.3f}")
-    print(f"RESULT judge_agreement {agreement:.3f}")
-    print(f"RESULT rlaif_overhead {results['rlaif']['overhead']:.3f}")
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ def gather(
             try:
                 ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                if students and _peer_lost(exc) and pending:  # the cause: the rank that died
+                    ref, exc = _root_cause(pending, ref, exc)
                 fault = RuntimeFault(f"{_where(what, who[refs.index(ref)])}: {_reason(exc)}")
                 # `students`: every ref is a rank's. A lost node reports its ranks as
                 # unavailable (ActorUnavailableError, no class name in the message), and a
@@ -82,6 +84,23 @@ def gather(
             fault.student_lost, fault.timed_out = students, True
             raise fault
     return ray.get(list(refs))
+
+
+def _root_cause(
+    pending: list[ray.ObjectRef], ref: ray.ObjectRef, exc: Exception, wait_s: float = 10.0
+) -> tuple[ray.ObjectRef, Exception]:
+    """A rank's collective failed because its peer went away: wait briefly for the others,
+    and name the rank that died where one did (else the collective's own error)."""
+    ready, _ = ray.wait(pending, num_returns=len(pending), timeout=wait_s)
+    for other in ready:
+        try:
+            ray.get(other)
+        except ray.exceptions.RayActorError as died:
+            if _actor_itself_died(died):
+                return other, died
+        except ray.exceptions.RayError:
+            continue
+    return ref, exc
 
 
 def capacity_fault(exc: Exception, where: str | None = None) -> RuntimeFault:

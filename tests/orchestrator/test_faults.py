@@ -414,7 +414,10 @@ def test_a_teacher_frozen_inside_a_judgment_serves_both_roles_again(
         "rollout.max_new_tokens=8",
         "judges.0.min_mass=0.0",
         "judges.0.timeout_s=15",
+        "judges.0.kind=score",  # a rubric to read: a call long enough to be caught inside
+        "judges.0.min_mass=0.0",
         "judges.0.min_agreement=0",  # a random tiny judge
+        "rlaif.win_rate_by=evaluator",  # no evaluator: every judgment after the start is a step's
         "rlaif.win_rate_prompts=2",
     ]
     frozen: list[int] = []
