@@ -65,6 +65,9 @@ def check_judges(model: str, prompts: list[str]) -> dict[str, dict[str, float]]:
     return out
 
 
+HELDOUT = 16  # of the training file, the runs' own held-out rows (at most a quarter)
+
+
 def base_recipe(root: Path, name: str) -> dict:
     raw = yaml.safe_load((ROOT / "recipes" / "kd_rlaif.yaml").read_text())
     raw["run"] = {"name": name, "output_dir": str(root / "runs"), "seed": 0}
@@ -73,7 +76,7 @@ def base_recipe(root: Path, name: str) -> dict:
         "path": str(root / "train.jsonl"),
         "responses": "given",
         "seq_len": 192,
-        "heldout": 16,
+        "heldout": min(HELDOUT, len((root / "train.jsonl").read_text().splitlines()) // 4),
     }
     raw["checkpoint"] = {"every": 0}
     return raw
