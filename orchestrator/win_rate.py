@@ -73,6 +73,11 @@ class WinRate(Part):
     def headline(self, metrics: dict[str, float]) -> dict[str, float]:
         return {"win_rate": metrics["eval/win_rate"]} if "eval/win_rate" in metrics else {}
 
+    def shutdown(self, keep: bool) -> None:
+        """The evaluator is this part's own (a judge that rewards is JudgeRewards')."""
+        if self.judge is not None and self.judge.cfg.role == "evaluator":
+            self.judge.shutdown(keep)
+
     def _prompts(self, loop: Loop) -> list[str]:
         heldout = loop.dataset.heldout
         n = min(self.recipe.rlaif.win_rate_prompts, len(heldout))

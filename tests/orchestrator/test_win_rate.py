@@ -70,6 +70,38 @@ def test_satisfaction_overall_and_per_family():
     }
 
 
+def test_an_evaluator_with_its_own_model_counts_wins_and_is_shut_down_with_the_run(
+    ray_session, chat_models, tmp_path, capsys
+):
+    """An evaluator of its own (a judge actor, not a teacher's replica): the run prints that
+    it does not train the policy, logs the win rate, and parks or kills its actor at the
+    end like every other judge: it is parked for the next run, under its own key."""
+    from orchestrator import warm
+    from orchestrator.judges import judge_key
+
+    raw = yaml.safe_load((RECIPES / "kd_rlaif.yaml").read_text())
+    raw["data"].update(
+        path=str(RECIPES / "data" / "quickstart_prompts.jsonl"), seq_len=160, heldout=4
+    )
+    rater = {"name": "rater", "kind": "likelihood", "teacher": "smollm2", "min_agreement": 0}
+    own = {"name": "other", "kind": "likelihood", "model": chat_models["teacher"]}
+    raw["judges"] = [rater, {**own, "role": "evaluator", "min_agreement": 0, "num_cpus": 0.1}]
+    raw["teachers"][0]["model"] = chat_models["teacher"]
+    raw["student"].update(model=chat_models["student"], layers=None)
+    raw["run"]["output_dir"] = str(tmp_path / "runs")
+    raw["train"].update(steps=2, warmup_steps=0)
+    raw["checkpoint"]["every"] = 0
+    raw["rollout"]["max_new_tokens"] = 8
+    raw["rlaif"].update(win_rate_prompts=2, win_rate_by="evaluator")
+    warm.release()
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 0
+    assert "win rate: counted by judge other (does not train the policy)" in capsys.readouterr().out
+    recipe = Recipe.model_validate(raw)
+    key = judge_key(recipe.judges[1], chat_models["teacher"], recipe.cluster)
+    assert warm._parked.get(key), "the evaluator's actor was neither parked nor killed"
+    warm.release()
+
+
 def test_a_run_on_the_instruction_set_counts_held_out_constraints(
     ray_session, chat_models, tmp_path, capsys
 ):
