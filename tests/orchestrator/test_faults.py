@@ -316,8 +316,9 @@ def test_frozen_teacher_replica_is_restarted_by_name_and_the_run_loses_nothing(
         frozen_at.append(time.monotonic())
 
         def watch() -> None:  # when the frozen process is killed
-            while psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie":
-                time.sleep(0.05)
+            with contextlib.suppress(psutil.NoSuchProcess):  # gone between the two checks
+                while psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie":
+                    time.sleep(0.05)
             gone_at.append(time.monotonic())
 
         threading.Thread(target=watch, daemon=True).start()
