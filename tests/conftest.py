@@ -184,3 +184,21 @@ def titles_during(gone: set[str], run: Any) -> tuple[Any, set[str]]:
     finally:
         stop.set()
         thread.join()
+
+
+def tiny_kd_rlaif(
+    tmp_path: Path, chat_models: dict[str, str], data: str, heldout: int, judges: list[dict]
+) -> dict[str, Any]:
+    """recipes/kd_rlaif.yaml on the tiny chat models: 2 steps, 8 new tokens, these judges,
+    the data file `data` of recipes/data with `heldout` rows kept out."""
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    raw = yaml.safe_load((recipes / "kd_rlaif.yaml").read_text())
+    raw["data"].update(path=str(recipes / "data" / data), seq_len=160, heldout=heldout)
+    raw["judges"] = judges
+    raw["teachers"][0]["model"] = chat_models["teacher"]
+    raw["student"].update(model=chat_models["student"], layers=None)
+    raw["run"]["output_dir"] = str(tmp_path / "runs")
+    raw["train"].update(steps=2, warmup_steps=0)
+    raw["checkpoint"]["every"] = 0
+    raw["rollout"]["max_new_tokens"] = 8
+    return raw

@@ -7,8 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import write_recipe
+from conftest import tiny_kd_rlaif, write_recipe
 
 from orchestrator.cli import EXIT_USAGE, main
 from orchestrator.judge_check import (
@@ -61,15 +60,8 @@ def test_a_judge_that_always_answers_a_has_no_agreement_and_all_the_bias():
 
 
 def _coin_recipe(tmp_path: Path, chat_models: dict[str, str]) -> Path:
-    raw = yaml.safe_load((RECIPES / "kd_rlaif.yaml").read_text())
-    raw["data"]["path"] = str(RECIPES / "data" / "quickstart_prompts.jsonl")
-    raw["judges"] = [{"name": "coin", "function": "toy_judges:coin", "num_cpus": 0.1}]
-    raw["teachers"][0]["model"] = chat_models["teacher"]
-    raw["student"].update(model=chat_models["student"], layers=None)
-    raw["run"]["output_dir"] = str(tmp_path / "runs")
-    raw["train"].update(steps=2, warmup_steps=0)
-    raw["data"].update(seq_len=160, heldout=32)
-    raw["rollout"]["max_new_tokens"] = 8
+    coin = [{"name": "coin", "function": "toy_judges:coin", "num_cpus": 0.1}]
+    raw = tiny_kd_rlaif(tmp_path, chat_models, "quickstart_prompts.jsonl", 32, coin)
     return write_recipe(tmp_path, raw)
 
 

@@ -11,8 +11,7 @@ import matplotlib.image
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
-from conftest import write_recipe
+from conftest import tiny_kd_rlaif, write_recipe
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
@@ -56,22 +55,10 @@ def test_a_relative_likelihood_judge_subtracts_the_students_own_logprobs(
     relative, and a third as the evaluator (it counts the win rate, gives no reward): per
     step, the plain judge's mean reward minus the relative one's is the mean of the
     student's own log-probs of the step's samples, as the rollout files record them."""
-    raw = yaml.safe_load((RECIPES / "kd_rlaif.yaml").read_text())
-    raw["data"]["path"] = str(RECIPES / "data" / "quickstart_prompts.jsonl")
     base = {"kind": "likelihood", "teacher": "smollm2", "timeout_s": 120, "min_agreement": 0}
     evaluator = {"name": "eval", "role": "evaluator", **base}  # counts wins, gives no reward
-    raw["judges"] = [
-        {"name": "plain", **base},
-        {"name": "rel", "relative": True, **base},
-        evaluator,
-    ]
-    raw["teachers"][0]["model"] = chat_models["teacher"]
-    raw["student"].update(model=chat_models["student"], layers=None)
-    raw["run"]["output_dir"] = str(tmp_path / "runs")
-    raw["train"].update(steps=2, warmup_steps=0)
-    raw["checkpoint"]["every"] = 0
-    raw["data"].update(seq_len=160, heldout=4)
-    raw["rollout"]["max_new_tokens"] = 8
+    judges = [{"name": "plain", **base}, {"name": "rel", "relative": True, **base}, evaluator]
+    raw = tiny_kd_rlaif(tmp_path, chat_models, "quickstart_prompts.jsonl", 4, judges)
     raw["rlaif"].update(win_rate_prompts=2, win_rate_by="evaluator")
     assert main(["run", str(write_recipe(tmp_path, raw))]) == 0
     (run_dir,) = (tmp_path / "runs").glob("kd_rlaif-*")

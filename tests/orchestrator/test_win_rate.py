@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_recipe
+from conftest import tiny_kd_rlaif, write_recipe
 from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
@@ -79,19 +79,10 @@ def test_an_evaluator_with_its_own_model_counts_wins_and_is_shut_down_with_the_r
     from orchestrator import warm
     from orchestrator.judges import judge_key
 
-    raw = yaml.safe_load((RECIPES / "kd_rlaif.yaml").read_text())
-    raw["data"].update(
-        path=str(RECIPES / "data" / "quickstart_prompts.jsonl"), seq_len=160, heldout=4
-    )
     rater = {"name": "rater", "kind": "likelihood", "teacher": "smollm2", "min_agreement": 0}
     own = {"name": "other", "kind": "likelihood", "model": chat_models["teacher"]}
-    raw["judges"] = [rater, {**own, "role": "evaluator", "min_agreement": 0, "num_cpus": 0.1}]
-    raw["teachers"][0]["model"] = chat_models["teacher"]
-    raw["student"].update(model=chat_models["student"], layers=None)
-    raw["run"]["output_dir"] = str(tmp_path / "runs")
-    raw["train"].update(steps=2, warmup_steps=0)
-    raw["checkpoint"]["every"] = 0
-    raw["rollout"]["max_new_tokens"] = 8
+    judges = [rater, {**own, "role": "evaluator", "min_agreement": 0, "num_cpus": 0.1}]
+    raw = tiny_kd_rlaif(tmp_path, chat_models, "quickstart_prompts.jsonl", 4, judges)
     raw["rlaif"].update(win_rate_prompts=2, win_rate_by="evaluator")
     warm.release()
     assert main(["run", str(write_recipe(tmp_path, raw))]) == 0
@@ -107,18 +98,9 @@ def test_a_run_on_the_instruction_set_counts_held_out_constraints(
 ):
     """A verifier trains the policy and no judge is the evaluator: no win rate is counted,
     and the held-out constraint satisfaction of the greedy answers is, before and after."""
-    raw = yaml.safe_load((RECIPES / "kd_rlaif.yaml").read_text())
-    raw["data"].update(
-        path=str(RECIPES / "data" / "instructions_train.jsonl"), seq_len=160, heldout=8
-    )
     verifier = "actors.verifiers:follows_instructions"
-    raw["judges"] = [{"name": "follows", "kind": "verifier", "function": verifier}]
-    raw["teachers"][0]["model"] = chat_models["teacher"]
-    raw["student"].update(model=chat_models["student"], layers=None)
-    raw["run"]["output_dir"] = str(tmp_path / "runs")
-    raw["train"].update(steps=2, warmup_steps=0)
-    raw["checkpoint"]["every"] = 0
-    raw["rollout"]["max_new_tokens"] = 8
+    judges = [{"name": "follows", "kind": "verifier", "function": verifier}]
+    raw = tiny_kd_rlaif(tmp_path, chat_models, "instructions_train.jsonl", 8, judges)
     raw["rlaif"].update(win_rate_prompts=8, kd_weight=0.0)
     assert main(["run", str(write_recipe(tmp_path, raw))]) == 0
     out = capsys.readouterr().out
