@@ -222,7 +222,7 @@ class JudgeActor:
             self.fn = load_function(function)
             self._hash = function
             return
-        self._load(name, model, dtype, host)
+        self._load(name, model, dtype, host, backend)
         generation = self.model.generation_config
         self._hash = host.info()["model_hash"] if host is not None else model_hash(self.model)
         if backend == "vllm":
@@ -248,8 +248,9 @@ class JudgeActor:
         self.model = None
         self.vllm = VLLMEngine(local_model(model), dtype=torch_dtype, max_model_len=limit)
 
-    def _load(self, name: str, model: str | None, dtype: str, host: Any) -> None:
-        """The model and tokenizer: the host teacher's, or loaded here."""
+    def _load(self, name: str, model: str | None, dtype: str, host: Any, backend: str) -> None:
+        """The model and tokenizer: the host teacher's, or loaded here (in host memory for a
+        vLLM engine, which takes the GPU)."""
         if host is not None:
             self.device, self.model, self.tokenizer = host.device, host.model, host.tokenizer
             if self.tokenizer is None:
@@ -260,7 +261,8 @@ class JudgeActor:
             self.device = pick_device(want_gpu=True)
             model = local_model(model)  # a known name: this node's copy, fetched if missing
             dtype_ = pick_dtype(dtype, self.device)
-            self.model = load_causal_lm(model, dtype_, self.device).eval()
+            where = torch.device("cpu") if backend == "vllm" else self.device
+            self.model = load_causal_lm(model, dtype_, where).eval()
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(model)
             except (OSError, ValueError) as err:

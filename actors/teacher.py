@@ -69,7 +69,9 @@ class TeacherActor:
         self.hidden_layers = tuple(hidden_layers)
         self.device = pick_device(want_gpu=True)
         torch_dtype = pick_dtype(dtype, self.device)
-        self.model = load_causal_lm(model, torch_dtype, self.device).eval()
+        # a vLLM engine takes the GPU: the HF copy (hash, config) stays in host memory
+        where = torch.device("cpu") if backend == "vllm" else self.device
+        self.model = load_causal_lm(model, torch_dtype, where).eval()
         self.vocab_size = int(self.model.config.vocab_size)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)

@@ -38,6 +38,8 @@ from orchestrator.recipe import Recipe
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 EXAMPLE = ROOT / "recipes" / "cluster_gpu.yaml"
+RLAIF_EXAMPLE = ROOT / "recipes" / "cluster_gpu_rlaif.yaml"  # same cluster, judges of real size
+EXAMPLES = pytest.mark.parametrize("example", [EXAMPLE, RLAIF_EXAMPLE], ids=lambda p: p.stem)
 LOCK = CLUSTER / "requirements-gpu.txt"
 LOCK_INPUT = CLUSTER / "requirements-gpu.in"
 TOKEN_SECRET = "raydistill-ray-token"
@@ -94,9 +96,9 @@ def _containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
     return [*pod.get("initContainers", []), *pod["containers"]]
 
 
-def _recipe() -> Recipe:
+def _recipe(path: Path = EXAMPLE) -> Recipe:
     # `load_recipe` would resolve paths; /shared does not exist here, the model is enough
-    return Recipe.model_validate(yaml.safe_load(EXAMPLE.read_text()))
+    return Recipe.model_validate(yaml.safe_load(path.read_text()))
 
 
 def _pyproject() -> dict[str, Any]:
@@ -218,8 +220,10 @@ def _fit(demand: dict[str, float], offer: dict[str, float]) -> int:
     return min(counts) if counts else 0
 
 
-def _check_capacity(groups: dict[str, tuple[dict[str, float], int]], where: str) -> None:
-    recipe = _recipe()
+def _check_capacity(
+    groups: dict[str, tuple[dict[str, float], int]], where: str, example: Path = EXAMPLE
+) -> None:
+    recipe = _recipe(example)
     demands = _demands(recipe)
     custom = [d for d in demands if set(d[1]) - {"CPU", "GPU"}]
     assert {"teachers.0", "student"} <= {d[0] for d in custom}, "the example asks for none"
@@ -353,8 +357,9 @@ def test_launcher_config_is_valid_for_the_installed_ray():
     assert "RAYDISTILL_CACHE=/shared/cache" in run_options
 
 
-def test_example_recipe_validates_and_writes_to_shared_storage():
-    recipe = _recipe()
+@EXAMPLES
+def test_example_recipe_validates_and_writes_to_shared_storage(example):
+    recipe = _recipe(example)
     assert recipe.run.output_dir.startswith("/shared/")
     assert (recipe.data.path or "").startswith("/shared/")
     assert recipe.student.placement == "pack"
@@ -363,19 +368,41 @@ def test_example_recipe_validates_and_writes_to_shared_storage():
     assert recipe.tracking.uri is None or not recipe.tracking.uri.startswith("sqlite:///runs")
 
 
-def test_kuberay_groups_offer_what_the_example_recipe_asks_for():
+@EXAMPLES
+def test_kuberay_groups_offer_what_the_example_recipe_asks_for(example):
     for where, spec in _cluster_specs().items():
         groups = _kuberay_groups(spec)
         assert set(groups) == {"teachers", "students"}, f"{where}: {sorted(groups)}"
         assert "teacher_node" in groups["teachers"][0]
         assert "student_node" in groups["students"][0]
-        _check_capacity(groups, where)
+        _check_capacity(groups, where, example)
 
 
-def test_launcher_node_types_offer_what_the_example_recipe_asks_for():
+@EXAMPLES
+def test_launcher_node_types_offer_what_the_example_recipe_asks_for(example):
     groups = _launcher_groups()
     assert set(groups) == {"teacher", "student"}, sorted(groups)
-    _check_capacity(groups, "launcher-gpu.yaml")
+    _check_capacity(groups, "launcher-gpu.yaml", example)
+
+
+def test_cluster_rlaif_recipe_names_judges_of_real_size_on_gpus():
+    recipe = _recipe(RLAIF_EXAMPLE)
+    assert recipe.distill.mode == "rlaif" and recipe.rlaif.win_rate_by == "evaluator"
+    small = {"smollm2-135m-instruct", "gemma3-270m"}
+    for j in recipe.judges:
+        assert j.model and j.model not in small and "/" in j.model, j.name  # hub names
+        assert j.backend == "vllm" and j.num_gpus >= 1 and j.resources, j.name
+    rewarding = [j for j in recipe.judges if j.role == "reward"]
+    (evaluator,) = [j for j in recipe.judges if j.role == "evaluator"]
+    assert rewarding and evaluator.model not in {j.model for j in rewarding}
+    assert evaluator.model not in {t.model for t in recipe.teachers}, "it must train nothing"
+    assert recipe.rollout.backend == "vllm" and recipe.rollout.weight_sync == "nccl"
+    # the capacity check counts the judges and the engines: one GPU fewer refuses it
+    spec = copy.deepcopy(_cluster_specs()["RayCluster"])
+    teachers = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "teachers")
+    teachers["rayStartParams"]["num-gpus"] = "6"
+    with pytest.raises(AssertionError, match="GPU"):
+        _check_capacity(_kuberay_groups(spec), "smaller", RLAIF_EXAMPLE)
 
 
 def test_capacity_check_refuses_a_cluster_too_small_for_the_recipe():
