@@ -172,7 +172,12 @@ def main() -> None:
     (root / "train.jsonl").write_text("\n".join(rows) + "\n")
     quick = [json.loads(x)["prompt"] for x in (DATA / "quickstart_prompts.jsonl").open()]
     quick = quick[-args.check_prompts :]
-    checks = {"smollm2": check_judges(smollm, quick), "gemma3": check_judges(gemma, quick)}
+    checked = root / "judge_check.json"  # a rerun in the same --out reads it
+    if checked.exists():
+        checks = json.loads(checked.read_text())
+    else:
+        checks = {"smollm2": check_judges(smollm, quick), "gemma3": check_judges(gemma, quick)}
+        checked.write_text(json.dumps(checks))
     for teacher, figures in checks.items():
         for kind, f in figures.items():
             print(f"judge check {teacher} {kind}: {f}", flush=True)
