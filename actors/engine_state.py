@@ -64,7 +64,8 @@ def full_state(engine: Any, zero3: bool, rank: int, every_rank: bool = False) ->
         state = engine.module.state_dict() if rank == 0 or every_rank else None
     if state is None:
         return None
-    return {k.removeprefix("lm."): v for k, v in state.items()}
+    # the HF model's weights only: what lives beside it (feature projections) stays here
+    return {k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")}
 
 
 def save_checkpoint(engine: Any, directory: str, tag: str, rank: int) -> dict[str, str]:

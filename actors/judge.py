@@ -249,8 +249,7 @@ class JudgeActor:
         self.vllm = VLLMEngine(local_model(model), dtype=torch_dtype, max_model_len=limit)
 
     def _load(self, name: str, model: str | None, dtype: str, host: Any, backend: str) -> None:
-        """The model and tokenizer: the host teacher's, or loaded here (in host memory for a
-        vLLM engine, which takes the GPU)."""
+        """The model and tokenizer: the host teacher's, or loaded here (vllm: on the CPU)."""
         if host is not None:
             self.device, self.model, self.tokenizer = host.device, host.model, host.tokenizer
             if self.tokenizer is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from actors.features import FeatureSpec
 from actors.objective import LossSpec
 
 
@@ -55,6 +56,7 @@ class WorkerSpec:
     grad_accum: int
     chunk_bytes: int
     rl: RLSpec | None = None
+    features: FeatureSpec | None = None  # feature distillation from one teacher's states
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import torch
 from actors import engine_state
 from actors.aggregate import signal_targets
 from actors.batch import TokenBatch
+from actors.features import FeatureSpec, FeatureTransfer, teacher_states
 from actors.model_store import local_model
 from actors.models import backbone, build_student, model_hash, output_head, pick_device, pick_dtype
 from actors.objective import (
@@ -111,7 +112,12 @@ class DistillStudent(torch.nn.Module):
     parameter (under ZeRO-3 its hooks gather the head for each chunk, also in backward)."""
 
     def __init__(
-        self, lm: torch.nn.Module, spec: LossSpec, chunk_bytes: int, logp_temperature: float = 1.0
+        self,
+        lm: torch.nn.Module,
+        spec: LossSpec,
+        chunk_bytes: int,
+        logp_temperature: float = 1.0,
+        features: FeatureSpec | None = None,
     ) -> None:
         super().__init__()
         self.lm = lm
@@ -119,7 +125,10 @@ class DistillStudent(torch.nn.Module):
         self.chunk_bytes = chunk_bytes
         self.logp_temperature = logp_temperature  # RLAIF: the rollouts' sampling T
         self.head = output_head(lm)
-        self.vocab = int(lm.config.get_text_config().vocab_size)
+        text = lm.config.get_text_config()
+        self.vocab = int(text.vocab_size)
+        # beside the HF model, not in it: trained with it, never exported
+        self.features = FeatureTransfer(features, int(text.hidden_size)) if features else None
 
     def forward(
         self,
@@ -129,13 +138,18 @@ class DistillStudent(torch.nn.Module):
         targets: list[SparseTarget],
         with_logp: bool = False,
         sft_from: int | None = None,
+        teacher_hidden: dict[int, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(objective sum, its detached terms, extras). RLAIF asks for extras in the same
         pass: `logp`, log_softmax(logits / T)[label] per loss position (with grad) at the
         rollouts' sampling T, the distribution the behaviour log-probs are of; with
         `sft_from` the CE sum of the loss positions from that index on (rows appended for
-        supervised targets, which carry no teacher signal)."""
-        hidden = backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask)
+        supervised targets, which carry no teacher signal). `teacher_hidden` ({layer:
+        [P, H]} at the loss positions) adds the feature term, its weight applied."""
+        want = self.features is not None and teacher_hidden is not None
+        hidden = backbone(self.lm)(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=want
+        )
         features = hidden.last_hidden_state[loss_mask]
         labels = torch.roll(input_ids, shifts=-1, dims=1)[loss_mask]
         extras: dict[str, torch.Tensor] = {}
@@ -160,6 +174,12 @@ class DistillStudent(torch.nn.Module):
         )
         if logps is not None:
             extras["logp"] = torch.cat(logps) if logps else features.new_zeros(0)
+        if want:
+            assert self.features is not None and teacher_hidden is not None
+            mine = {s: hidden.hidden_states[s][loss_mask] for s, _ in self.features.spec.pairs}
+            feature = self.features(mine, teacher_hidden)
+            loss = loss + self.features.spec.weight * feature
+            terms = {**terms, "loss": loss.detach(), "feature": feature.detach()}
         return loss, terms, extras
 
 
@@ -300,7 +320,7 @@ class StudentWorker:
         self.rl = spec.rl
         self.rl_temperature = self.rl.temperature if self.rl else 1.0
         model = DistillStudent(
-            lm, self.loss_spec, spec.chunk_bytes, logp_temperature=self.rl_temperature
+            lm, self.loss_spec, spec.chunk_bytes, self.rl_temperature, spec.features
         )
         self.reference = None
         if self.rl:  # RLAIF: a frozen copy of the starting student, full on every rank
@@ -317,7 +337,8 @@ class StudentWorker:
     def _forward(self, part: TokenBatch, signals: list[TeacherSignal], train: bool = True):
         ids, attn, mask = part.to_torch(self.device)
         targets, top = signal_targets(signals, self.spec, ids, mask, self.vocab_size, train)
-        loss, terms, _ = self.engine(ids, attn, mask, targets)
+        hidden = teacher_states(signals, self.spec.features, self.device)
+        loss, terms, _ = self.engine(ids, attn, mask, targets, teacher_hidden=hidden)
         return loss, {**terms, **top}
 
     def train_step(

@@ -59,8 +59,7 @@ class TeacherActor:
         (JudgeActor arguments), made here so a restarted replica serves them again."""
         torch.set_num_threads(threads)
         model = self.model_path = local_model(model)  # a known name: this node's copy
-        if student_tokenizer is not None:
-            student_tokenizer = local_model(student_tokenizer)
+        student_tokenizer = student_tokenizer and local_model(student_tokenizer)
         self.name = name
         self.replica = replica
         self.served = {"calls": 0, "rows": 0, "judgments": 0}  # shards scored that had rows in them
@@ -69,9 +68,8 @@ class TeacherActor:
         self.hidden_layers = tuple(hidden_layers)
         self.device = pick_device(want_gpu=True)
         torch_dtype = pick_dtype(dtype, self.device)
-        # a vLLM engine takes the GPU: the HF copy (hash, config) stays in host memory
-        where = torch.device("cpu") if backend == "vllm" else self.device
-        self.model = load_causal_lm(model, torch_dtype, where).eval()
+        where = "cpu" if backend == "vllm" else self.device  # vLLM: the GPU
+        self.model = load_causal_lm(model, torch_dtype, torch.device(where)).eval()
         self.vocab_size = int(self.model.config.vocab_size)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)

@@ -10,6 +10,7 @@ from transformers import AutoConfig
 
 from actors.model_store import KNOWN_MODELS, ModelNotFetchedError, local_model, resolve_model
 from actors.weights import GPU_SYNC
+from orchestrator import feature_config
 from orchestrator.actor_env import cuda_available
 from orchestrator.data import read_records, routes_of
 from orchestrator.recipe import Recipe, RecipeError
@@ -94,11 +95,25 @@ def preflight(recipe: Recipe) -> Recipe:
         peer.model = _same_tokenizer(
             f"mutual.peers.{i}.model", "peer", peer, student, student_tok, why
         )
+    _resolve_features(recipe, student)
     _check_backends(recipe)
     _check_weight_sync(recipe)
     _check_judges(recipe)
     recipe.student.model = student.spec
     return recipe
+
+
+def _resolve_features(recipe: Recipe, student: ModelFacts) -> None:
+    """distill.features' pairs made explicit against both models' depths."""
+    f = recipe.distill.features
+    if f is None:
+        return
+    teacher = next(t for t in recipe.teachers if t.name == f.teacher)
+    kept = len(recipe.student.layers) if recipe.student.layers else student.num_layers
+    try:
+        feature_config.resolve(f, kept, _facts("", teacher.model).num_layers)
+    except ValueError as exc:
+        raise RecipeError("distill.features.pairs", str(exc)) from exc
 
 
 def _check_judges(recipe: Recipe) -> None:

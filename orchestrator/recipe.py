@@ -26,8 +26,16 @@ from pydantic import (
 from actors.aggregate import AGGREGATIONS
 from actors.losses import LOSSES
 from actors.objective import CE
-from orchestrator import credentials, mutual_config, rlaif_config, rollout_config, stage_config
+from orchestrator import (
+    credentials,
+    feature_config,
+    mutual_config,
+    rlaif_config,
+    rollout_config,
+    stage_config,
+)
 from orchestrator.config_base import Name, Strict, StudentConfig, registered
+from orchestrator.feature_config import FeatureConfig
 from orchestrator.mutual_config import MutualConfig
 from orchestrator.rlaif_config import JudgeConfig, RlaifConfig
 from orchestrator.rollout_config import RolloutConfig
@@ -166,6 +174,9 @@ class DistillConfig(Strict):
     )
     chunk_mb: int = Field(
         256, ge=1, description="memory for [positions, vocab] buffers in teacher and student"
+    )
+    features: FeatureConfig | None = Field(
+        None, description="feature distillation: hidden states of chosen layer pairs"
     )
 
 
@@ -341,6 +352,12 @@ class Recipe(Strict):
                 )
             if t.cross_tokenizer:
                 raise ValueError(f"teachers.{i}.source: cache, not with cross_tokenizer (yet)")
+        if self.distill.features is not None:
+            served = {
+                t.name: ("its cache" if self.from_cache(t) else t.backend, bool(t.cross_tokenizer))
+                for t in self.teachers
+            }
+            feature_config.check(self.distill.features, mode, served)
         if mode == "mutual":
             mutual_config.check(self.mutual, self.student, [t.name for t in self.teachers])
         if self.distill.mode in ("off_policy", "offline") and self.rolls_out:

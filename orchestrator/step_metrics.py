@@ -22,7 +22,7 @@ def step_metrics(
     tokens = sum(m["tokens"] for m in per_rank)
     out: dict[str, float] = {}
     for key in per_rank[0]:
-        if key in {"loss", "ce", "kd"} or key.startswith(("kl/", "share/", "cover/")):
+        if key in {"loss", "ce", "kd", "feature"} or key.startswith(("kl/", "share/", "cover/")):
             out[key] = sum(m[key] * m["tokens"] for m in per_rank) / max(tokens, 1)
     kls = [v for k, v in out.items() if k.startswith("kl/")]
     out["kl"] = float(np.mean(kls)) if kls else 0.0

@@ -11,7 +11,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.objective import LossSpec
 from actors.specs import RLSpec, WorkerSpec
 from actors.student import StudentWorker
-from orchestrator import warm
+from orchestrator import feature_config, warm
 from orchestrator.actor_env import actor_options, demand
 from orchestrator.config_base import StudentConfig
 from orchestrator.faults import gather
@@ -60,7 +60,13 @@ def worker_spec(
         grad_accum=recipe.grad_accum,
         chunk_bytes=d.chunk_mb * 2**20,
         rl=rl,
+        features=feature_config.spec(d.features, _feature_teacher(recipe)),
     )
+
+
+def _feature_teacher(recipe: Recipe) -> str:
+    f = recipe.distill.features
+    return next((t.model for t in recipe.teachers if f and t.name == f.teacher), "")
 
 
 def group_key(s: StudentConfig) -> str:

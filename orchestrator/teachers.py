@@ -167,9 +167,18 @@ def _replicas(
         "max_model_len": max_model_len,
         "student_tokenizer": student_tokenizer if cfg.cross_tokenizer else None,
         **({"judges": judges} if judges else {}),
+        **_hidden_layers(cfg.name, distill),
     }
     options = service_options(cfg, cluster.max_restarts)
     return options, [{**common, "replica": i} for i in range(cfg.replicas)]
+
+
+def _hidden_layers(name: str, distill: DistillConfig) -> dict[str, tuple[int, ...]]:
+    """The layers whose states this teacher ships for the feature loss (resolved pairs)."""
+    f = distill.features
+    if f is None or f.teacher != name or f.pairs == "uniform":
+        return {}
+    return {"hidden_layers": tuple(sorted({int(t) for _, t in f.pairs}))}
 
 
 def _keys(actor_class: type, options: dict[str, Any], args: list[dict[str, Any]]) -> list[str]:

@@ -1,0 +1,78 @@
+"""`distill.features`: feature (hidden-state) distillation from one live teacher, a term
+beside the logit KD (actors/features.py holds the math)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from actors.features import FEATURE_LOSSES, FeatureSpec, uniform_pairs
+from orchestrator.config_base import Name, Strict, registered
+
+MODES = ("off_policy", "on_policy")  # a live teacher scores every batch the ranks train on
+
+
+class FeatureConfig(Strict):
+    teacher: Name | None = Field(None, description="whose hidden states; default the first")
+    pairs: list[tuple[int, int]] | Literal["uniform"] = Field(
+        "uniform",
+        description="[student layer, teacher layer] pairs, numbered as HF's hidden_states (0: "
+        "embeddings, i: after i blocks, L: the final normalised output; the student's of its "
+        "kept layers); uniform: every student block's output against the teacher's at the "
+        "same depth fraction",
+    )
+    loss: Annotated[str, registered(FEATURE_LOSSES)] = Field(
+        "cosine",
+        description=f"one of {FEATURE_LOSSES.names()}: 1 - cos, or MSE with each channel "
+        "divided by the teacher's spread of it",
+    )
+    weight: float = Field(1.0, gt=0, description="its weight among the loss terms")
+
+
+def check(f: FeatureConfig, mode: str, teachers: dict[str, tuple[str, bool]]) -> None:
+    """`teachers`: name -> (backend or 'its cache', cross_tokenizer). The states come from a
+    live transformers replica of a teacher sharing the student's tokenizer (positions must
+    be the student's)."""
+    if mode not in MODES:
+        raise ValueError(f"distill.features: modes {MODES}, not {mode!r}")
+    if not teachers:
+        raise ValueError("distill.features: needs a teacher")
+    name = f.teacher or next(iter(teachers))
+    if name not in teachers:
+        raise ValueError(f"distill.features.teacher: {name!r} is not among {list(teachers)}")
+    served, cross = teachers[name]
+    if served != "hf" or cross:
+        raise ValueError(
+            f"distill.features.teacher: {name!r} is served by {served}"
+            f"{' across tokenizers' if cross else ''}; hidden states come from live hf "
+            f"replicas of a same-tokenizer teacher"
+        )
+    f.teacher = name
+
+
+def resolve(f: FeatureConfig, student_layers: int, teacher_layers: int) -> None:
+    """Pairs made explicit and within range (the
+    preflight, which reads both configs)."""
+    if f.pairs == "uniform":
+        f.pairs = list(uniform_pairs(student_layers, teacher_layers))
+    for s, t in f.pairs:
+        if not (0 <= s <= student_layers and 0 <= t <= teacher_layers):
+            raise ValueError(
+                f"[{s}, {t}] out of range: the student has hidden states "
+                f"0..{student_layers}, teacher {f.teacher!r} 0..{teacher_layers}"
+            )
+
+
+def spec(f: FeatureConfig | None, teacher_model: str) -> FeatureSpec | None:
+    """What the ranks get, after `resolve`; the projections' width is the teacher's."""
+    if f is None:
+        return None
+    assert f.teacher is not None and f.pairs != "uniform", "distill.features not resolved"
+    from transformers import AutoConfig
+
+    from actors.model_store import resolve_model
+
+    width = AutoConfig.from_pretrained(resolve_model(teacher_model)).get_text_config().hidden_size
+    pairs = tuple((int(s), int(t)) for s, t in f.pairs)
+    return FeatureSpec(pairs, f.loss, f.weight, f.teacher, int(width))
