@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import torch
 
 from actors.losses import covered
-from actors.objective import SparseTarget
+from actors.objective import DenseTarget, SparseTarget, Target
 from actors.registry import Registry
-from actors.signal import TeacherSignal
+from actors.signal import FINAL, TeacherSignal
 from actors.specs import WorkerSpec
 
 
@@ -229,12 +229,26 @@ def signal_targets(
     mask: torch.Tensor,
     vocab: int,
     train: bool = True,
-) -> tuple[list[SparseTarget], dict[str, float]]:
+    heads: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> tuple[list[Target], dict[str, float]]:
     """A micro-batch's targets as `spec.aggregate` combines the signals (training; with the
     recipe's weights) and how many positions each teacher counted most at; `ids`, `mask`:
     the micro-batch on the device. Evaluation (held-out teachers only, no peers) reads only
-    each signal's KL."""
+    each signal's KL. With `heads` (distill.signal: hidden, sum_of_losses) every teacher's
+    exact distribution, rebuilt from its final hidden state."""
     weights = spec.teacher_weights if train else [0.0] * len(signals)
+    if heads:
+        return [
+            DenseTarget(
+                s.teacher,
+                torch.from_numpy(s.hidden.layers[FINAL]).to(ids.device),
+                heads[s.teacher],
+                float(w),
+                s.temperature,
+                train,
+            )
+            for w, s in zip(weights, signals, strict=True)
+        ], {}
     out = []
     for weight, sig in zip(weights, signals, strict=True):
         t_ids, t_lp = (x.to(ids.device) for x in sig.torch_targets())

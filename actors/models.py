@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -117,14 +118,18 @@ def output_head(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor
     """hidden [N, H] -> logits [N, V], exactly as the model's own forward computes them, so
     the vocab projection can run over chunks of positions (never [all positions, V])."""
     head = model.get_output_embeddings()
-    config = model.config
+    finish = _logit_transform(model.config)
+    return lambda hidden: finish(head(hidden))
+
+
+def _logit_transform(config: PretrainedConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a model does to its head's output: scaling and soft-capping, where it says."""
     cfg = getattr(config, "get_text_config", lambda: config)()
     softcap = getattr(cfg, "final_logit_softcapping", None)
     scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
     divide = getattr(cfg, "logits_scaling", None)  # Granite divides
 
-    def apply(hidden: torch.Tensor) -> torch.Tensor:
-        logits = head(hidden)
+    def apply(logits: torch.Tensor) -> torch.Tensor:
         if scale is not None:
             logits = logits * scale
         if divide is not None:
@@ -134,6 +139,34 @@ def output_head(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor
         return logits
 
     return apply
+
+
+def frozen_head(
+    path: str, device: torch.device, dtype: torch.dtype, vocab: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A model's output head alone (its lm_head, or the tied input embeddings), frozen, cut
+    to the first `vocab` rows (rows past a shared tokenizer are padding): what a rank needs
+    to turn a teacher's final normalised hidden state into its exact logits."""
+    from safetensors import safe_open
+
+    config = AutoConfig.from_pretrained(path)
+    text = config.get_text_config()
+    tied = getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
+    where = {}  # tensor name -> its file
+    for f in _weight_files(path):
+        with safe_open(str(f), framework="pt") as handle:
+            where.update({k: f for k in handle.keys()})
+    names = ["lm_head.weight"] if not tied and "lm_head.weight" in where else []
+    names += sorted(k for k in where if k.endswith("embed_tokens.weight"))
+    if not names:
+        raise ValueError(f"{path}: no lm_head or embed_tokens weight for the teacher's head")
+    with safe_open(str(where[names[0]]), framework="pt") as handle:
+        weight = handle.get_tensor(names[0])
+    if weight.shape[0] < vocab:
+        raise ValueError(f"{path}: head of {weight.shape[0]} rows, the student's vocab {vocab}")
+    weight = weight[:vocab].to(device=device, dtype=dtype).requires_grad_(False)
+    finish = _logit_transform(config)
+    return lambda hidden: finish(F.linear(hidden.to(weight.dtype), weight))
 
 
 def tiny_llama_config(vocab_size: int = 96, hidden: int = 32, layers: int = 2) -> LlamaConfig:

@@ -41,7 +41,48 @@ class SparseTarget:
     train: bool = True
     report: bool = True
 
+    def chunk(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ids[a:b], self.logprobs[a:b]
 
+    @staticmethod
+    def compare(
+        logits: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, temp: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log p, log q, covered) over the top-k and the tail."""
+        log_p, log_q = collapsed(logits, ids, lp, temp)
+        return log_p, log_q, covered(lp)
+
+
+@dataclass
+class DenseTarget:
+    """A teacher's EXACT distribution over the whole vocab, rebuilt chunk by chunk from its
+    final normalised hidden state and a frozen copy of its output head (`distill.signal:
+    hidden`): no [positions x vocab] buffer beyond one chunk."""
+
+    name: str
+    hidden: torch.Tensor  # [P, H_teacher] float16, as shipped
+    head: Callable[[torch.Tensor], torch.Tensor]  # frozen: [c, H] -> [c, V] logits
+    weight: torch.Tensor | float
+    temperature: float | None = None
+    train: bool = True
+    report: bool = True
+
+    def chunk(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.hidden[a:b], self.hidden[a:b, :0]
+
+    def compare(
+        self, logits: torch.Tensor, hidden: torch.Tensor, _: torch.Tensor, temp: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log p, log q, covered) over the whole vocab; every position is covered."""
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        with torch.no_grad():
+            teacher = self.head(hidden.to(logits.device)).to(dtype)
+        log_p = torch.log_softmax(teacher / temp, dim=-1)
+        log_q = torch.log_softmax(logits.to(dtype) / temp, dim=-1)
+        return log_p, log_q, torch.ones(log_p.shape[0], dtype=torch.bool, device=log_p.device)
+
+
+Target = SparseTarget | DenseTarget
 CE = "ce"  # the hard-label term's name among a spec's `terms`
 
 
@@ -73,14 +114,14 @@ def chunk_positions(vocab: int, teachers: int, budget_bytes: int = DEFAULT_CHUNK
     return max(1, budget_bytes // (4 * vocab * buffers))
 
 
-def metric_names(targets: list[SparseTarget]) -> list[str]:
+def metric_names(targets: list[Target]) -> list[str]:
     reported = [t.name for t in targets if t.report]
     return ["loss", "ce", "kd", *[f"kl/{n}" for n in reported], *[f"cover/{n}" for n in reported]]
 
 
 def _chunk_objective(
     head: Callable[[torch.Tensor], torch.Tensor],
-    targets: list[SparseTarget],
+    targets: list[Target],
     spec: LossSpec,
     grad: bool,
     want_logp: bool,
@@ -102,11 +143,10 @@ def _chunk_objective(
     kd = logits.new_zeros(())
     kls, covers = [], []
     with torch.set_grad_enabled(grad and kd_weight > 0):
-        for t, ids, lp, w in zip(targets, tgt[0::3], tgt[1::3], tgt[2::3], strict=True):
+        for t, x, y_, w in zip(targets, tgt[0::3], tgt[1::3], tgt[2::3], strict=True):
             temp = t.temperature or spec.temperature
-            log_p, log_q = collapsed(logits, ids, lp, temp)
+            log_p, log_q, cov = t.compare(logits, x, y_, temp)
             d = None
-            cov = covered(lp)
             if t.train:
                 d = _divergences(log_p, log_q, spec, kinds, kd_weight)
                 kd = kd + temp**2 * torch.where(cov, w.to(d.dtype) * d, 0.0).sum()
@@ -153,7 +193,7 @@ def objective_sums(
     features: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
     labels: torch.Tensor,
-    targets: list[SparseTarget],
+    targets: list[Target],
     spec: LossSpec,
     *,
     chunk: int,
@@ -192,11 +232,7 @@ def objective_sums(
     )
     for a in range(0, n, chunk):
         b = a + chunk
-        tgt = [
-            x
-            for t, w in zip(targets, weights, strict=True)
-            for x in (t.ids[a:b], t.logprobs[a:b], w[a:b])
-        ]
+        tgt = [x for t, w in zip(targets, weights, strict=True) for x in (*t.chunk(a, b), w[a:b])]
         args = (features[a:b], labels[a:b], *tgt)
         if grad:  # the loss draws no random numbers: no RNG state to keep per chunk
             loss, stats, logp = checkpoint(

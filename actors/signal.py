@@ -24,6 +24,9 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
 
 
+FINAL = -1  # the HiddenStates key of the backbone's final normalised output (signal: hidden)
+
+
 @dataclass(frozen=True)
 class HiddenStates:
     """The teacher's hidden states at the signal's loss positions: {layer: [P, H] float16},

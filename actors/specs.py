@@ -57,6 +57,8 @@ class WorkerSpec:
     chunk_bytes: int
     rl: RLSpec | None = None
     features: FeatureSpec | None = None  # feature distillation from one teacher's states
+    # distill.signal hidden: (teacher, model) whose exact distributions the ranks rebuild
+    dense_teachers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,15 @@ from actors.aggregate import signal_targets
 from actors.batch import TokenBatch
 from actors.features import FeatureSpec, FeatureTransfer, teacher_states
 from actors.model_store import local_model
-from actors.models import backbone, build_student, model_hash, output_head, pick_device, pick_dtype
+from actors.models import (
+    backbone,
+    build_student,
+    frozen_head,
+    model_hash,
+    output_head,
+    pick_device,
+    pick_dtype,
+)
 from actors.objective import (
     LossSpec,
     SparseTarget,
@@ -246,6 +254,28 @@ def peer_signal(
     return signal
 
 
+def deepspeed_config(spec: WorkerSpec, dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+        "gradient_accumulation_steps": spec.grad_accum,
+        "gradient_clipping": spec.grad_clip,  # 0: off
+        "zero_optimization": {"stage": spec.zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+def teacher_heads(
+    spec: WorkerSpec, device: torch.device, dtype: torch.dtype, vocab: int
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """distill.signal hidden: each teacher's output head, frozen, beside the engine."""
+    return {
+        name: frozen_head(local_model(path), device, dtype, vocab)
+        for name, path in spec.dense_teachers
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -292,15 +322,7 @@ class StudentWorker:
         dtype = pick_dtype(spec.dtype, self.device)
         self.grad_accum = spec.grad_accum
         self.zero3 = spec.zero_stage == 3
-        ds_config = {
-            "train_micro_batch_size_per_gpu": spec.micro_batch_size,
-            "gradient_accumulation_steps": self.grad_accum,
-            "gradient_clipping": spec.grad_clip,  # 0: off
-            "zero_optimization": {"stage": spec.zero_stage},
-            "bf16": {"enabled": dtype == torch.bfloat16},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-        }
+        ds_config = deepspeed_config(spec, dtype)
         self.model_path = local_model(spec.model)  # this node's copy of a known name
         lm = build_student(
             self.model_path,
@@ -322,6 +344,7 @@ class StudentWorker:
         model = DistillStudent(
             lm, self.loss_spec, spec.chunk_bytes, self.rl_temperature, spec.features
         )
+        self.heads = teacher_heads(spec, self.device, dtype, self.vocab_size)
         self.reference = None
         if self.rl:  # RLAIF: a frozen copy of the starting student, full on every rank
             ref = build_student(self.model_path, spec.layers)
@@ -336,7 +359,9 @@ class StudentWorker:
 
     def _forward(self, part: TokenBatch, signals: list[TeacherSignal], train: bool = True):
         ids, attn, mask = part.to_torch(self.device)
-        targets, top = signal_targets(signals, self.spec, ids, mask, self.vocab_size, train)
+        targets, top = signal_targets(
+            signals, self.spec, ids, mask, self.vocab_size, train, self.heads
+        )
         hidden = teacher_states(signals, self.spec.features, self.device)
         loss, terms, _ = self.engine(ids, attn, mask, targets, teacher_hidden=hidden)
         return loss, {**terms, **top}
@@ -399,7 +424,9 @@ class StudentWorker:
         ids, attn, mask = full.to_torch(self.device)
         main = len(part)  # the critique rows after it carry no teacher signal
         targets = (
-            signal_targets(signals, self.spec, ids[:main], mask[:main], self.vocab_size)[0]
+            signal_targets(
+                signals, self.spec, ids[:main], mask[:main], self.vocab_size, heads=self.heads
+            )[0]
             if signals
             else []
         )

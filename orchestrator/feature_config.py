@@ -1,5 +1,7 @@
-"""`distill.features`: feature (hidden-state) distillation from one live teacher, a term
-beside the logit KD (actors/features.py holds the math)."""
+"""What the teachers' hidden states are for: `distill.features` (feature distillation from
+one live teacher, a term beside the logit KD; actors/features.py holds the math) and
+`distill.signal: hidden` (exact full-vocab targets rebuilt on the ranks from each teacher's
+final hidden state, actors/objective.py's DenseTarget)."""
 
 from __future__ import annotations
 
@@ -49,6 +51,24 @@ def check(f: FeatureConfig, mode: str, teachers: dict[str, tuple[str, bool]]) ->
             f"replicas of a same-tokenizer teacher"
         )
     f.teacher = name
+
+
+def check_signal(mode: str, aggregate: str, teachers: dict[str, tuple[str, bool]]) -> None:
+    """distill.signal: hidden. Every teacher a live hf replica sharing the student's
+    tokenizer (the ranks hold its head and read its states at the student's positions);
+    each teacher's own loss (sum_of_losses): a top-k blend has nothing to blend here."""
+    if mode not in MODES:
+        raise ValueError(f"distill.signal: 'hidden' in modes {MODES}, not {mode!r}")
+    if aggregate != "sum_of_losses":
+        raise ValueError(
+            f"distill.signal: 'hidden' with aggregate sum_of_losses, not {aggregate!r}"
+        )
+    for name, (served, cross) in teachers.items():
+        if served != "hf" or cross:
+            raise ValueError(
+                f"distill.signal: 'hidden' needs live hf replicas of same-tokenizer teachers; "
+                f"{name!r} is served by {served}{' across tokenizers' if cross else ''}"
+            )
 
 
 def resolve(f: FeatureConfig, student_layers: int, teacher_layers: int) -> None:

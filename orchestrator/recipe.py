@@ -178,6 +178,12 @@ class DistillConfig(Strict):
     features: FeatureConfig | None = Field(
         None, description="feature distillation: hidden states of chosen layer pairs"
     )
+    signal: Literal["topk", "hidden"] = Field(
+        "topk",
+        description="what a teacher ships per position: topk (top_k ids and log-probs) or "
+        "hidden (its final hidden state, float16; the ranks hold a frozen copy of its output "
+        "head and train on its exact distribution over the whole vocab)",
+    )
 
 
 class TrainConfig(Strict):
@@ -352,12 +358,14 @@ class Recipe(Strict):
                 )
             if t.cross_tokenizer:
                 raise ValueError(f"teachers.{i}.source: cache, not with cross_tokenizer (yet)")
+        served = {
+            t.name: ("its cache" if self.from_cache(t) else t.backend, bool(t.cross_tokenizer))
+            for t in self.teachers
+        }
         if self.distill.features is not None:
-            served = {
-                t.name: ("its cache" if self.from_cache(t) else t.backend, bool(t.cross_tokenizer))
-                for t in self.teachers
-            }
             feature_config.check(self.distill.features, mode, served)
+        if self.distill.signal == "hidden":
+            feature_config.check_signal(mode, self.distill.aggregate, served)
         if mode == "mutual":
             mutual_config.check(self.mutual, self.student, [t.name for t in self.teachers])
         if self.distill.mode in ("off_policy", "offline") and self.rolls_out:

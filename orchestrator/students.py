@@ -61,6 +61,9 @@ def worker_spec(
         chunk_bytes=d.chunk_mb * 2**20,
         rl=rl,
         features=feature_config.spec(d.features, _feature_teacher(recipe)),
+        dense_teachers=tuple((x.name, x.model) for x in recipe.teachers)
+        if d.signal == "hidden"
+        else (),
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import ray
 
 from actors.judge import JUDGE_GROUP, judge_kwargs
+from actors.signal import FINAL
 from actors.teacher import TeacherActor
 from orchestrator import warm
 from orchestrator.actor_env import service_options
@@ -173,12 +174,16 @@ def _replicas(
     return options, [{**common, "replica": i} for i in range(cfg.replicas)]
 
 
-def _hidden_layers(name: str, distill: DistillConfig) -> dict[str, tuple[int, ...]]:
-    """The layers whose states this teacher ships for the feature loss (resolved pairs)."""
+def _hidden_layers(name: str, distill: DistillConfig) -> dict[str, Any]:
+    """The layers whose states this teacher ships: the feature loss's (resolved pairs) and,
+    for distill.signal hidden, the final one (then its top-k is one entry: unused)."""
     f = distill.features
-    if f is None or f.teacher != name or f.pairs == "uniform":
-        return {}
-    return {"hidden_layers": tuple(sorted({int(t) for _, t in f.pairs}))}
+    layers = set()
+    if f is not None and f.teacher == name and f.pairs != "uniform":
+        layers |= {int(t) for _, t in f.pairs}
+    if distill.signal == "hidden":
+        return {"hidden_layers": (*sorted(layers), FINAL), "top_k": 1}
+    return {"hidden_layers": tuple(sorted(layers))} if layers else {}
 
 
 def _keys(actor_class: type, options: dict[str, Any], args: list[dict[str, Any]]) -> list[str]:

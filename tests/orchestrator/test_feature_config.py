@@ -81,3 +81,37 @@ def test_a_feature_run_trains_the_term_ships_the_states_and_exports_a_plain_mode
     assert keys and not any(k.startswith("features") or ".proj." in k for k in keys), keys
     model = AutoModelForCausalLM.from_pretrained(student)  # a plain HF model
     assert model.config.hidden_size == 32
+
+
+@pytest.mark.parametrize(
+    ("distill", "message"),
+    [
+        ({"mode": "offline"}, "distill.signal: 'hidden' in modes"),
+        ({"aggregate": "mean"}, "with aggregate sum_of_losses, not 'mean'"),
+    ],
+)
+def test_hidden_signal_recipes_that_cannot_work_are_refused(
+    tiny_models, tmp_path, distill, message
+):
+    raw = base_recipe(tmp_path, tiny_models, distill={"signal": "hidden", **distill})
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(")):
+        load_recipe(write_recipe(tmp_path, raw))
+
+
+def test_a_hidden_signal_run_trains_on_the_teachers_exact_distribution(
+    ray_session, tiny_models, tmp_path
+):
+    raw = base_recipe(
+        tmp_path,
+        tiny_models,
+        distill={"top_k": 16, "signal": "hidden"},
+        train={"steps": 12, "log_every": 1, "eval_every": 12},
+    )
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 0
+    (run_dir,) = (tmp_path / "runs").glob("t-*")
+    kl = _history(run_dir, "kl/tiny")
+    assert len(kl) == 12 and kl[-1] < 0.8 * kl[0], kl
+    assert _history(run_dir, "cover/tiny") == [1.0] * 12  # every position, the whole vocab
+    # per token: the 48-wide final state (float16) and a top-1 entry nobody reads (4 bytes)
+    assert _history(run_dir, "signal_bytes_per_token")[0] == 48 * 2 + 4
+    assert _history(run_dir, "eval/kl")[-1] > 0
