@@ -1,4 +1,4 @@
-"""`raydistill` command line: run, resume, submit, cache build/verify, models fetch.
+"""`raydistill` command line: run, resume, submit, cache build/verify, eval, models fetch.
 
 Problems with the user's input print one line naming what is wrong and exit with code 2.
 """
@@ -53,6 +53,17 @@ def _parser() -> argparse.ArgumentParser:
     judge = sub.add_parser("judge", help="judges of the student's samples")
     judge_sub = judge.add_subparsers(dest="judge_command", required=True)
     _takes_recipe(judge_sub.add_parser("check", help="can each judge tell answers apart?"))
+    ev = sub.add_parser("eval", help="a student against a teacher on held-out rows")
+    ev.add_argument("student", help="the student's model folder, or a run directory")
+    ev.add_argument("--teacher", required=True, help="model folder, known name or hub name")
+    ev.add_argument("--data", required=True, help="a .jsonl or .parquet data file")
+    ev.add_argument("--out", help="the JSON file (default: eval.json in the run or student)")
+    for flag, fallback in (("heldout", "16; 0: all rows"), ("split-seed", 0), ("top-k", 64)):
+        ev.add_argument(f"--{flag}", type=int, help=f"default: the run's, else {fallback}")
+    ev.add_argument("--seq-len", type=int, help="default: the run's, else 256")
+    ev.add_argument("--temperature", type=float, help="of both KLs; default: the run's, or 1")
+    ev.add_argument("--max-new-tokens", type=int, default=64, help="greedy answers; 0: none")
+    ev.add_argument("--tracking-uri", help="MLflow store (default: the run's, or ./runs)")
     models = sub.add_parser("models", help="local model cache")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     fetch = models_sub.add_parser("fetch", help="download and convert a known small model")
@@ -95,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.recipe import load_recipe
 
             return check_command(preflight(load_recipe(args.recipe, args.overrides)))
+        if args.command == "eval":
+            from orchestrator.evaluate import EvalRequest, evaluate_command
+
+            fields = {k: v for k, v in vars(args).items() if k not in ("command", "debug")}
+            return evaluate_command(EvalRequest(**fields))
         return _fetch(args.name)
     except RecipeError as exc:
         if args.debug:

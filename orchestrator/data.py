@@ -77,10 +77,10 @@ def synthetic_dataset(cfg: DataConfig, vocab_size: int, seed: int) -> Dataset:
     attn = np.ones_like(ids, dtype=np.int8)
     loss = np.ones_like(ids, dtype=bool)
     loss[:, -1] = False
-    return _split(TokenBatch(ids, attn, loss), cfg.heldout, cfg.split_seed, seed)
+    return split_rows(TokenBatch(ids, attn, loss), cfg.heldout, cfg.split_seed, seed)
 
 
-def _split(
+def split_rows(
     all_rows: TokenBatch,
     heldout: int,
     split_seed: int,
@@ -308,7 +308,7 @@ def file_dataset(
     batch, skipped, kept = tokenize_records(records, tokenizer, cfg.seq_len)
     prompts = [records[i].get("prompt") or records[i]["text"] for i in kept]
     kept_routes = routes[kept] if routes is not None else None
-    return _split(batch, cfg.heldout, cfg.split_seed, seed, skipped, prompts, kept_routes)
+    return split_rows(batch, cfg.heldout, cfg.split_seed, seed, skipped, prompts, kept_routes)
 
 
 def routes_of(records: list[dict[str, Any]], path: str, key: str, names: list[str]) -> np.ndarray:

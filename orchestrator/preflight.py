@@ -26,7 +26,7 @@ class ModelFacts:
     context: int | None  # max_position_embeddings, where the config says
 
 
-def _facts(field: str, spec: str) -> ModelFacts:
+def model_facts(field: str, spec: str) -> ModelFacts:
     try:
         path = resolve_model(spec)
     except ModelNotFetchedError as exc:
@@ -67,7 +67,7 @@ def preflight(recipe: Recipe) -> Recipe:
         if recipe.distill.teacher_key:  # every row names one of the teachers
             names = [t.name for t in recipe.teachers]
             routes_of(records, data.path or "", recipe.distill.teacher_key, names)
-    student = _facts("student.model", recipe.student.model)
+    student = model_facts("student.model", recipe.student.model)
     if recipe.student.layers is not None:
         bad = [i for i in recipe.student.layers if not 0 <= i < student.num_layers]
         if bad or not recipe.student.layers:
@@ -81,13 +81,13 @@ def preflight(recipe: Recipe) -> Recipe:
             f"{recipe.distill.top_k} is larger than the vocab ({student.vocab_size})",
         )
     _check_context("student", student, recipe)
-    student_tok = _tokenizer(student.path)
+    student_tok = load_tokenizer(student.path)
     for i, teacher in enumerate(recipe.teachers):
         why = f"set teachers[{i}].cross_tokenizer: span_map to distill across tokenizers"
         teacher.model = _same_tokenizer(
             f"teachers[{i}].model", "teacher", teacher, student, student_tok, why
         )
-        _check_context(f"teacher {teacher.name!r}", _facts("", teacher.model), recipe)
+        _check_context(f"teacher {teacher.name!r}", model_facts("", teacher.model), recipe)
         if teacher.cross_tokenizer and teacher.backend != "hf":
             raise RecipeError(f"teachers[{i}].backend", "cross_tokenizer needs the hf backend")
     for i, peer in enumerate(recipe.mutual.peers if recipe.distill.mode == "mutual" else []):
@@ -134,7 +134,7 @@ def _check_judges(recipe: Recipe) -> None:
                 raise RecipeError(f"judges.{i}.function", str(exc)) from exc
             continue
         if judge.model:
-            judge.model = _facts(f"judges.{i}.model", judge.model).spec
+            judge.model = model_facts(f"judges.{i}.model", judge.model).spec
         path = local_model(judge.model or models[judge.teacher or ""])
         try:
             tok = AutoTokenizer.from_pretrained(path)
@@ -162,7 +162,7 @@ def _check_context(kind: str, facts: ModelFacts, recipe: Recipe) -> None:
         )
 
 
-def _tokenizer(path: str) -> Any:
+def load_tokenizer(path: str) -> Any:
     """The model folder's tokenizer; None for a model without one (tiny test models)."""
     from transformers import AutoTokenizer
 
@@ -178,9 +178,9 @@ def _same_tokenizer(
     """The spec (see ModelFacts) of a model that must share the student's tokenizer, unless it
     chose a cross-tokenizer method. Tokenizers are compared by behaviour (see
     `tokenizer_identity`); models without a tokenizer (token-only data) by vocab size."""
-    facts = _facts(field, holder.model)
+    facts = model_facts(field, holder.model)
     cross = getattr(holder, "cross_tokenizer", None)
-    tok = _tokenizer(facts.path)
+    tok = load_tokenizer(facts.path)
     if tok is None or student_tok is None:
         if cross:
             raise RecipeError(field, f"cross_tokenizer needs tokenizers for {kind} and student")
