@@ -111,7 +111,7 @@ def _resolve_features(recipe: Recipe, student: ModelFacts) -> None:
     teacher = next(t for t in recipe.teachers if t.name == f.teacher)
     kept = len(recipe.student.layers) if recipe.student.layers else student.num_layers
     try:
-        feature_config.resolve(f, kept, _facts("", teacher.model).num_layers)
+        feature_config.resolve(f, kept, model_facts("", teacher.model).num_layers)
     except ValueError as exc:
         raise RecipeError("distill.features.pairs", str(exc)) from exc
 
