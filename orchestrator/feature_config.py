@@ -30,6 +30,11 @@ class FeatureConfig(Strict):
         "divided by the teacher's spread of it",
     )
     weight: float = Field(1.0, gt=0, description="its weight among the loss terms")
+    only: bool = Field(
+        False,
+        description="the feature term alone, logit KD and CE weighing 0: a `repair` stage "
+        "that realigns a freshly cut student's layers before logit KD",
+    )
 
 
 def check(f: FeatureConfig, mode: str, teachers: dict[str, tuple[str, bool]]) -> None:

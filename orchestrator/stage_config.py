@@ -44,6 +44,16 @@ class StageConfig(Strict):
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="train stages: dotted recipe keys, e.g. train.steps"
     )
+    starts_from: Literal["previous", "recipe"] = Field(
+        "previous",
+        description="train stages: the student the previous train stage ended with, or the "
+        "recipe's own (its model and cut, with this stage's overrides)",
+    )
+    previous_teaches: Name | None = Field(
+        None,
+        description="train stages: the previous train stage's student replaces this teacher "
+        "(by name): a teacher -> assistant -> student chain",
+    )
 
 
 def check(stages: list[StageConfig], teachers: list[str], judges: list[str], data: str) -> None:
@@ -57,6 +67,15 @@ def check(stages: list[StageConfig], teachers: list[str], judges: list[str], dat
             raise ValueError(f"stages.{i}: a {s.kind} stage reads prompts: data.source: file")
         if s.teacher and s.teacher not in teachers:
             raise ValueError(f"stages.{i}.teacher: no teacher named {s.teacher!r}")
+        if s.previous_teaches and s.previous_teaches not in teachers:
+            raise ValueError(
+                f"stages.{i}.previous_teaches: no teacher named {s.previous_teaches!r}"
+            )
+        earlier = [x for x in stages[:i] if x.kind == "train"]
+        if s.kind != "train" and (s.starts_from != "previous" or s.previous_teaches):
+            raise ValueError(f"stages.{i}: starts_from and previous_teaches are for train stages")
+        if s.previous_teaches and not earlier:
+            raise ValueError(f"stages.{i}.previous_teaches: no train stage before it")
         if s.kind == "curate":
             c = s.curate
             if (c.threshold is None) == (c.keep_fraction is None):

@@ -29,14 +29,18 @@ from orchestrator.stage_config import StageConfig
 
 def stage_recipe(recipe: Recipe, stage: StageConfig, data: str | None, student: dict) -> Recipe:
     """The recipe a train stage runs: the staged recipe, its overrides, the current data
-    and the student carried over."""
+    and the student carried over (or the recipe's own, the carried one teaching)."""
     raw = recipe.model_dump(mode="json", by_alias=True, exclude={"stages"})
     raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in stage.overrides.items()])
     if data is not None and data != recipe.data.path:  # written by an earlier stage
         raw["data"].update(source="file", path=data)
         if _has_responses(data):
             raw["data"]["responses"] = "given"
-    raw["student"].update(student)
+    for t in raw["teachers"]:
+        if t["name"] == stage.previous_teaches:  # the assistant of a chain
+            t["model"] = student["model"]
+    if stage.starts_from == "previous":
+        raw["student"].update(student)
     raw["run"]["name"] = stage.name
     train = [s for s in recipe.stages if s.kind == "train"]
     if stage is not train[-1]:  # only the final student is registered

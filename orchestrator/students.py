@@ -32,6 +32,8 @@ def worker_spec(
         total = sum(x.weight for x in recipe.teachers)
         target_weights = [x.weight / total for x in recipe.teachers]
     terms = tuple((t.loss, t.weight) for t in d.terms or [])
+    if d.features is not None and d.features.only:  # the feature term alone
+        terms = ((d.loss, 0.0),)
     loss = LossSpec(d.loss, d.temperature, d.alpha, d.beta, d.skew, terms)
     return WorkerSpec(
         name=name,

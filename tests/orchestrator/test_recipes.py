@@ -117,3 +117,16 @@ def test_kd_rlaif_one_teacher_actor_gives_targets_and_judgments(ray_session, cha
     assert "other_prompt" in kinds <= {"reversed", "cut", "repeated", "other_prompt"}
     assert all(0 <= v <= 1 for v in check.values())
     assert _history(run_dir, "judge_check/rater/min_agreement") == [0]
+
+
+def test_the_progressive_recipes_load_as_written():
+    from orchestrator.recipe import load_recipe
+
+    progressive = load_recipe(RECIPES / "progressive.yaml")
+    steps = [s.overrides.get("train.steps", progressive.train.steps) for s in progressive.stages]
+    assert sum(steps) == 50, "every optimizer step counts toward the quickstart's 50"
+    assert progressive.stages[0].overrides["distill.features"]["only"] is True
+    chain = load_recipe(RECIPES / "assistant_chain.yaml")
+    trains = [s for s in chain.stages if s.kind == "train"]
+    assert len(trains) * chain.train.steps == 50
+    assert (trains[-1].starts_from, trains[-1].previous_teaches) == ("recipe", "smollm2")

@@ -123,3 +123,75 @@ def _check_registered(client, uri: str, children, stages: Path, monkeypatch) -> 
     assert model.metadata.signature.params is not None  # max_new_tokens etc. may be passed
     (text,) = model.predict(["Tell me about tea."], params={"max_new_tokens": 6})
     assert isinstance(text, str) and text.startswith("Tell me about tea.")
+
+
+def test_a_repair_stage_then_an_assistant_chain(ray_session, chat_models, tmp_path):
+    """repair (the feature loss alone) -> kd, then the kd student as the assistant teaching
+    a fresh cut of the recipe's student: the staged levers of progressive distillation."""
+    import yaml
+
+    raw = base_recipe(
+        tmp_path,
+        chat_models,
+        data={
+            "source": "file",
+            "path": str(_prompts(tmp_path)),
+            "seq_len": 48,
+            "heldout": 4,
+            "generation": {"max_new_tokens": 12, "batch_size": 16},
+        },
+        train={"steps": 3, "batch_size": 4, "micro_batch_size": 2, "log_every": 1},
+    )
+    raw["stages"] = [
+        {"name": "label", "kind": "label"},
+        {
+            "name": "repair",
+            "kind": "train",
+            "overrides": {"distill.features": {"loss": "cosine", "only": True}},
+        },
+        {"name": "kd", "kind": "train"},
+        {"name": "student", "kind": "train", "starts_from": "recipe", "previous_teaches": "tiny"},
+    ]
+    assert main(["run", str(write_recipe(tmp_path, raw))]) == 0
+    (run_dir,) = (tmp_path / "runs").glob("t-*")
+    stages = run_dir / "stages"
+
+    def history(stage: str, key: str) -> list[float]:
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+        run_id = json.loads((stages / stage / "state.json").read_text())["run_id"]
+        return [m.value for m in client.get_metric_history(run_id, key)]
+
+    repair, loss = history("repair", "feature"), history("repair", "loss")
+    assert len(repair) == 3 and loss == repair, "the feature term alone is the loss"
+    assert history("kd", "feature") == [] and all(v > 0 for v in history("kd", "kd"))
+    kd_recipe = yaml.safe_load((stages / "kd" / "recipe.yaml").read_text())
+    assert kd_recipe["student"]["model"] == str(stages / "repair" / "student")
+    chain = yaml.safe_load((stages / "student" / "recipe.yaml").read_text())
+    assert chain["teachers"][0]["model"] == str(stages / "kd" / "student")  # the assistant
+    assert chain["student"]["model"] == chat_models["student"]  # a fresh cut, not carried
+    summary = json.loads((run_dir / "summary.json").read_text())["stages"]
+    before = summary["student"]["eval_before"]["kl"]
+    assert before != summary["kd"]["eval_after"]["kl"]  # another student, another teacher
+
+
+def test_chain_fields_are_checked(tiny_models, tmp_path):
+    import pytest
+
+    from orchestrator.recipe import RecipeError, load_recipe
+
+    cases = [
+        ([{"name": "s", "kind": "train", "previous_teaches": "tiny"}], "no train stage before"),
+        (
+            [
+                {"name": "a", "kind": "train"},
+                {"name": "b", "kind": "train", "previous_teaches": "x"},
+            ],
+            "previous_teaches: no teacher named 'x'",
+        ),
+        ([{"name": "l", "kind": "label", "starts_from": "recipe"}], "are for train stages"),
+    ]
+    for stages, message in cases:
+        raw = base_recipe(tmp_path, tiny_models, stages=stages)
+        raw["data"] = {"source": "file", "path": str(_prompts(tmp_path)), "seq_len": 32}
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(write_recipe(tmp_path, raw))
