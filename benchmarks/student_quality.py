@@ -13,6 +13,8 @@ before any step. Arms (`--arms`, results cached per arm and seed in `--out`):
   features    top-64 KD + the feature loss (uniform pairs, cosine)
   every_nth   top-64 KD, student.init every_nth 6
   importance  top-64 KD, student.init by_importance (6 blocks, 64 calibration rows)
+  repair      recipes/progressive.yaml: 10 steps of the feature loss alone, then 40 of KD
+  chain       recipes/assistant_chain.yaml: a 15-layer assistant (25 steps) teaches the cut (25)
   best        the combination chosen on seed 0 (BEST below)
 
 Usage: python benchmarks/student_quality.py [--arms ce,kd,best] [--seeds 3] [--steps 50]
@@ -49,6 +51,12 @@ LEVERS: dict[str, list[str]] = {
         'student.init={"by_importance": {"layers": 6, "calibration_rows": 64}}',
     ],
 }
+# staged recipes (their own step split, 50 in all)
+STAGED = {
+    "repair": (ROOT / "recipes" / "progressive.yaml", []),
+    "chain": (ROOT / "recipes" / "assistant_chain.yaml", []),
+}
+LEVERS.update({arm: [] for arm in STAGED})
 # chosen on seed 0 from the levers alone (README, "Students worth distilling")
 BEST = ["distill.signal=hidden", 'distill.features={"loss": "cosine", "weight": 1.0}']
 LEVERS["best"] = BEST
@@ -58,27 +66,25 @@ def run_arm(arm: str, seed: int, steps: int, out: Path) -> dict[str, Any]:
     """Train one student, then evaluate it (and its untrained cut) outside the run."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.driver import execute, new_run_dir
-    from orchestrator.preflight import preflight
-    from orchestrator.recipe import load_recipe
+    from orchestrator.cli import main as cli
 
-    overrides = [
-        *COMMON,
-        *LEVERS[arm],
-        f"run.seed={seed}",
-        f"train.steps={steps}",
-        f"run.name=sq-{arm}-s{seed}-n{steps}",
-        f"run.output_dir={out / 'runs'}",
-    ]
-    recipe = preflight(load_recipe(QUICKSTART, overrides))
-    run_dir = new_run_dir(recipe)
+    name = f"sq-{arm}-s{seed}-n{steps}"
+    recipe, levers = STAGED.get(arm, (QUICKSTART, [*LEVERS[arm], f"train.steps={steps}"]))
+    overrides = [*COMMON, *levers, f"run.seed={seed}", f"run.name={name}"]
     start = time.perf_counter()
-    summary = execute(recipe, run_dir).summary
+    assert cli(["run", str(recipe), *overrides, f"run.output_dir={out / 'runs'}"]) == 0
     wall = time.perf_counter() - start
-    client = MlflowClient(tracking_uri=summary["tracking_uri"])
-    wire = client.get_metric_history(summary["mlflow_run_id"], "signal_bytes_per_token")
+    (run_dir,) = sorted((out / "runs").glob(f"{name}-*"))[-1:]
+    first = run_dir
+    if (run_dir / "stages").is_dir():  # the first train stage cuts, the last one ends
+        staged = yaml.safe_load((run_dir / "recipe.yaml").read_text())["stages"]
+        trains = [run_dir / "stages" / x["name"] for x in staged if x["kind"] == "train"]
+        first, run_dir = trains[0], trains[-1]
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'runs' / 'mlflow.db'}")
+    run_id = json.loads((run_dir / "state.json").read_text())["run_id"]
+    wire = client.get_metric_history(run_id, "signal_bytes_per_token")
     after = dense_eval(run_dir, out)
-    init = dense_eval(export_init(run_dir, out), out, like=run_dir)
+    init = dense_eval(export_init(first, out), out, like=first)
     return {
         "arm": arm,
         "seed": seed,
