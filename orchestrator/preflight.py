@@ -11,6 +11,7 @@ from transformers import AutoConfig
 from actors.model_store import KNOWN_MODELS, ModelNotFetchedError, local_model, resolve_model
 from actors.weights import GPU_SYNC
 from orchestrator.actor_env import cuda_available
+from orchestrator.config_base import StudentConfig
 from orchestrator.data import read_records, routes_of
 from orchestrator.recipe import Recipe, RecipeError
 from orchestrator.tokenizer_identity import tokenizer_difference
@@ -67,13 +68,7 @@ def preflight(recipe: Recipe) -> Recipe:
             names = [t.name for t in recipe.teachers]
             routes_of(records, data.path or "", recipe.distill.teacher_key, names)
     student = _facts("student.model", recipe.student.model)
-    if recipe.student.layers is not None:
-        bad = [i for i in recipe.student.layers if not 0 <= i < student.num_layers]
-        if bad or not recipe.student.layers:
-            raise RecipeError(
-                "student.layers",
-                f"{recipe.student.layers} must be non-empty indices below {student.num_layers}",
-            )
+    _check_cut("student", recipe.student, student)
     if recipe.distill.top_k > student.vocab_size:
         raise RecipeError(
             "distill.top_k",
@@ -94,11 +89,33 @@ def preflight(recipe: Recipe) -> Recipe:
         peer.model = _same_tokenizer(
             f"mutual.peers.{i}.model", "peer", peer, student, student_tok, why
         )
+        _check_cut(f"mutual.peers.{i}", peer, _facts(f"mutual.peers.{i}.model", peer.model))
     _check_backends(recipe)
     _check_weight_sync(recipe)
     _check_judges(recipe)
     recipe.student.model = student.spec
     return recipe
+
+
+def _check_cut(where: str, s: StudentConfig, facts: ModelFacts) -> None:
+    """The layers a student keeps (`layers` or `init`) exist in its model: only its config
+    knows how many it has."""
+    n, init = facts.num_layers, s.init
+    lists = {f"{where}.layers": s.layers, f"{where}.init.layers": init.layers if init else None}
+    for field, layers in lists.items():
+        if layers is not None and (not layers or any(not 0 <= i < n for i in layers)):
+            raise RecipeError(field, f"{layers} must be non-empty indices below {n}")
+    if init is None:
+        return
+    counts = {"every_nth": init.every_nth, "by_importance.layers": None}
+    if init.by_importance is not None:
+        counts["by_importance.layers"] = init.by_importance.layers
+    for field, count in counts.items():
+        if count is not None and count > n:
+            raise RecipeError(
+                f"{where}.init.{field}",
+                f"{count} is more than the {n} decoder layers of {facts.path}",
+            )
 
 
 def _check_judges(recipe: Recipe) -> None:

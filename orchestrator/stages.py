@@ -98,7 +98,7 @@ def run_stages(
                 if not result.finished:
                     status = "KILLED"
                     return RunResult(run_dir, result.steps_done, False, {"stages": summaries})
-                student = {"model": str(stage_dir / "student"), "layers": None}
+                student = {"model": str(stage_dir / "student"), "layers": None, "init": None}
                 summary = {k: result.summary[k] for k in ("eval_before", "eval_after")}
             else:
                 data, summary = _elicit(recipe, stage, data or "", stage_dir, parent.run_id)
