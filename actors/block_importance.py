@@ -169,12 +169,13 @@ def score_model(
     device: torch.device,
     dtype: torch.dtype,
 ) -> list[float]:
-    """Load the whole model at `path` (once, for scoring only) and score its blocks."""
+    """Load the whole model at `path` (once, for scoring only) and score its blocks; kl_drop
+    holds [rows, positions, vocab] logits, so it takes one row at a time."""
     from actors.models import load_causal_lm
 
     model = load_causal_lm(path, dtype, device)
     try:
-        return block_scores(model, ids, attn, score)
+        return block_scores(model, ids, attn, score, batch_size=1 if score == "kl_drop" else 4)
     finally:
         del model
         if device.type == "cuda":

@@ -17,6 +17,7 @@ from orchestrator.cli import main
 from orchestrator.data import file_dataset, synthetic_dataset
 from orchestrator.recipe import Recipe, RecipeError, load_recipe
 from orchestrator.rollouts import engine_spec
+from orchestrator.stages import carried_student, stage_recipe
 from orchestrator.students import worker_spec
 
 
@@ -178,6 +179,28 @@ def test_by_importance_refuses_responses_a_teacher_writes(tmp_path, models):
     )
     with pytest.raises(RecipeError, match="student.init.by_importance: its calibration rows"):
         load_recipe(write_recipe(tmp_path, raw))
+
+
+def test_a_mutual_peer_is_cut_by_its_own_init(tmp_path, models):
+    peer = {"name": "p", "model": models["student"], "init": {"every_nth": 3}}
+    raw = base_recipe(
+        tmp_path, models, distill={"mode": "mutual"}, mutual={"peers": [peer]}, teachers=[]
+    )
+    recipe = Recipe.model_validate(raw)
+    assert student_init.resolve_layers(recipe, tmp_path) is None  # the student: all layers
+    assert worker_spec(recipe, recipe.mutual.peers[0]).layers == [0, 3]
+    params = student_init.tracking_params(tmp_path)
+    assert params == {"mutual.peers.0.init.layers": "[0, 3]"}
+
+
+def test_a_stage_after_a_train_stage_takes_the_exported_student_uncut(tmp_path, models):
+    raw = base_recipe(tmp_path, models, student={"init": {"every_nth": 2}})
+    raw["stages"] = [{"name": "a", "kind": "train"}, {"name": "b", "kind": "train"}]
+    recipe = Recipe.model_validate(raw)
+    first = stage_recipe(recipe, recipe.stages[0], None, {"model": recipe.student.model})
+    assert first.student.init is not None and first.student.init.every_nth == 2
+    later = stage_recipe(recipe, recipe.stages[1], None, carried_student(tmp_path / "a"))
+    assert later.student.init is None and later.student.kept_layers is None
 
 
 def test_a_run_keeps_the_chosen_layers_through_a_resume_and_logs_them(
