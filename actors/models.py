@@ -49,6 +49,15 @@ def cut_config(config: PretrainedConfig, layers: list[int] | None) -> Pretrained
     return config
 
 
+def every_nth_layers(num_layers: int, n: int) -> list[int]:
+    """Layers 0, n, 2n, ... below `num_layers`, and always the last one: the first and last
+    blocks matter most (embedding side, output side), the middle is the most redundant."""
+    if num_layers < 1 or n < 1:
+        raise ValueError(f"every {n}th of {num_layers} layers")
+    kept = list(range(0, num_layers, n))
+    return kept if kept[-1] == num_layers - 1 else [*kept, num_layers - 1]
+
+
 def _source_key(name: str, layers: list[int] | None) -> str:
     """Student parameter name -> the name it has in the source checkpoint."""
     if not layers:

@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 from actors.registry import Registry
 
@@ -75,9 +83,57 @@ class Placed(Strict):
         return v
 
 
+class ByImportance(Strict):
+    """Keep the blocks that change their input most (Minitron-style depth pruning)."""
+
+    layers: int = Field(ge=1, description="how many decoder layers the student keeps")
+    calibration_rows: int = Field(
+        32, ge=1, description="rows of the training split (never held-out rows) scored on"
+    )
+    score: Literal["cosine", "kl_drop"] = Field(
+        "cosine",
+        description="cosine: 1 - cos(block input, block output) averaged over non-pad tokens; "
+        "kl_drop: KL(full model || the model without that block) of the next-token "
+        "distribution, averaged over non-pad tokens",
+    )
+
+
+class StudentInit(Strict):
+    """How the student is cut from its model: exactly one of the three. Resolved once per
+    run to a layer list (orchestrator/student_init.py) kept in the run directory."""
+
+    layers: list[int] | None = Field(None, description="keep these decoder layers")
+    every_nth: int | None = Field(
+        None,
+        ge=1,
+        description="keep layers 0, n, 2n, ... below L, and always the last layer L-1 "
+        "(every_nth: 1 keeps all; 3 of 12 keeps 0 3 6 9 11)",
+    )
+    by_importance: ByImportance | None = Field(
+        None, description="keep the `layers` highest-scoring blocks, in their original order"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exactly_one(cls, data: Any) -> Any:
+        """Checked on the input (one clean line, not the model's repr)."""
+        if isinstance(data, dict):
+            given = [k for k in ("layers", "every_nth", "by_importance") if data.get(k) is not None]
+            if len(given) != 1:
+                raise ValueError(
+                    f"give exactly one of layers, every_nth, by_importance (got {given})"
+                )
+        return data
+
+
 class StudentConfig(Placed):
     model: str = Field(description="local HF folder, known model name, or hub name")
-    layers: list[int] | None = Field(None, description="keep only these decoder layers")
+    layers: list[int] | None = Field(
+        None, description="keep only these decoder layers (the same as init: {layers: [...]})"
+    )
+    init: StudentInit | None = Field(
+        None, description="how the student is cut from `model`: layers, every_nth or by_importance"
+    )
     world_size: int = Field(1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 0
     gradient_checkpointing: bool = Field(
@@ -89,3 +145,31 @@ class StudentConfig(Placed):
         description="the ranks' placement group: pack (as few nodes as fit), strict_pack "
         "(one node), spread (one rank per node where possible)",
     )
+
+    _resolved: list[int] | None = PrivateAttr(None)  # what `init` resolved to for this run
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layers_or_init(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("layers") is not None and data.get("init"):
+            raise ValueError(
+                "give layers or init, not both (init: {layers: [...]} is the same as layers)"
+            )
+        return data
+
+    @property
+    def kept_layers(self) -> list[int] | None:
+        """The decoder layers the student keeps (None: all): what the ranks, rollout engines,
+        checkpoints and export are given. `init` other than a plain list needs the model (and
+        maybe data), so it is resolved once per run first (`orchestrator/student_init.py`)."""
+        if self.init is None:
+            return self.layers
+        if self.init.layers is not None:
+            return list(self.init.layers)
+        if self._resolved is None:
+            raise RuntimeError("student.init is not resolved yet (orchestrator/student_init.py)")
+        return list(self._resolved)
+
+    def resolve(self, layers: list[int]) -> None:
+        """Set the layers `init` resolved to (not part of the recipe: its hash is unchanged)."""
+        self._resolved = list(layers)

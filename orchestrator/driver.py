@@ -11,7 +11,7 @@ from typing import Any
 
 import ray
 
-from orchestrator import logit_kd, mutual, rlaif, warm
+from orchestrator import logit_kd, mutual, rlaif, student_init, warm
 from orchestrator.cached_teachers import (
     CachedTeacherPool,
     CacheThenLive,
@@ -86,6 +86,8 @@ def execute(
         ledger = read_ledger(run_dir)
         if ledger is not None:  # before any actor starts, and before DeepSpeed unpickles
             verify_checkpoint(run_dir, ledger)
+        # the layers the student keeps, once: chosen now, or the ones the run started with
+        student_init.resolve_layers(recipe, run_dir, resumed=ledger is not None)
     except RecipeError:
         if started_ray:
             ray.shutdown()
@@ -140,9 +142,12 @@ def _start(
     if store is not None:
         store.join()
     tracker = parts.tracker = open_tracker(recipe, run_dir, parent)
-    if ledger is None:
-        tracker.log_params(flatten(recipe.model_dump(mode="json", by_alias=True)))
+    if ledger is None:  # init's own `layers` (null unless given): the resolved ones
+        params = flatten(recipe.model_dump(mode="json", by_alias=True))
+        tracker.log_params({**params, **student_init.tracking_params(run_dir)})
         tracker.log_artifact(run_dir / "recipe.yaml")
+        if (run_dir / student_init.FILE).is_file():
+            tracker.log_artifact(run_dir / student_init.FILE)
     tracker.log_params({f"teacher.{i['name']}.{k}": str(v) for i in infos for k, v in i.items()})
     return mode, dataset, identity
 

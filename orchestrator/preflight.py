@@ -9,9 +9,11 @@ from typing import Any
 from transformers import AutoConfig
 
 from actors.model_store import KNOWN_MODELS, ModelNotFetchedError, local_model, resolve_model
+from actors.models import every_nth_layers
 from actors.weights import GPU_SYNC
 from orchestrator import feature_config
 from orchestrator.actor_env import cuda_available
+from orchestrator.config_base import StudentConfig
 from orchestrator.data import read_records, routes_of
 from orchestrator.recipe import Recipe, RecipeError
 from orchestrator.tokenizer_identity import tokenizer_difference
@@ -68,13 +70,7 @@ def preflight(recipe: Recipe) -> Recipe:
             names = [t.name for t in recipe.teachers]
             routes_of(records, data.path or "", recipe.distill.teacher_key, names)
     student = model_facts("student.model", recipe.student.model)
-    if recipe.student.layers is not None:
-        bad = [i for i in recipe.student.layers if not 0 <= i < student.num_layers]
-        if bad or not recipe.student.layers:
-            raise RecipeError(
-                "student.layers",
-                f"{recipe.student.layers} must be non-empty indices below {student.num_layers}",
-            )
+    _check_cut("student", recipe.student, student)
     if recipe.distill.top_k > student.vocab_size:
         raise RecipeError(
             "distill.top_k",
@@ -95,6 +91,7 @@ def preflight(recipe: Recipe) -> Recipe:
         peer.model = _same_tokenizer(
             f"mutual.peers.{i}.model", "peer", peer, student, student_tok, why
         )
+        _check_cut(f"mutual.peers.{i}", peer, model_facts(f"mutual.peers.{i}.model", peer.model))
     _resolve_features(recipe, student)
     _check_backends(recipe)
     _check_weight_sync(recipe)
@@ -109,11 +106,44 @@ def _resolve_features(recipe: Recipe, student: ModelFacts) -> None:
     if f is None:
         return
     teacher = next(t for t in recipe.teachers if t.name == f.teacher)
-    kept = len(recipe.student.layers) if recipe.student.layers else student.num_layers
+    kept = _kept_count(recipe.student, student.num_layers)
     try:
         feature_config.resolve(f, kept, model_facts("", teacher.model).num_layers)
     except ValueError as exc:
         raise RecipeError("distill.features.pairs", str(exc)) from exc
+
+
+def _kept_count(s: StudentConfig, num_layers: int) -> int:
+    """How many decoder layers the student keeps, before `student.init` picks which."""
+    init = s.init
+    if s.layers or (init and init.layers):
+        return len(s.layers or (init.layers if init else None) or [])
+    if init and init.every_nth:
+        return len(every_nth_layers(num_layers, init.every_nth))
+    if init and init.by_importance:
+        return init.by_importance.layers
+    return num_layers
+
+
+def _check_cut(where: str, s: StudentConfig, facts: ModelFacts) -> None:
+    """The layers a student keeps (`layers` or `init`) exist in its model: only its config
+    knows how many it has."""
+    n, init = facts.num_layers, s.init
+    lists = {f"{where}.layers": s.layers, f"{where}.init.layers": init.layers if init else None}
+    for field, layers in lists.items():
+        if layers is not None and (not layers or any(not 0 <= i < n for i in layers)):
+            raise RecipeError(field, f"{layers} must be non-empty indices below {n}")
+    if init is None:
+        return
+    counts = {"every_nth": init.every_nth, "by_importance.layers": None}
+    if init.by_importance is not None:
+        counts["by_importance.layers"] = init.by_importance.layers
+    for field, count in counts.items():
+        if count is not None and count > n:
+            raise RecipeError(
+                f"{where}.init.{field}",
+                f"{count} is more than the {n} decoder layers of {facts.path}",
+            )
 
 
 def _check_judges(recipe: Recipe) -> None:

@@ -282,6 +282,7 @@ class Recipe(Strict):
             raise ValueError(f"teachers: names must be unique, got {names}")
         self._check_stages(names)
         self._check_mode()
+        self._check_student_init()
         if self.data.heldout < self.student.world_size:
             raise ValueError(
                 f"data.heldout: {self.data.heldout} gives some of the "
@@ -395,6 +396,24 @@ class Recipe(Strict):
                 self.distill.loss = "reverse_kl"  # KD on the student's own samples
         if self.rolls_out:
             rollout_config.check(self.rollout, self.student, self.train.batch_size)
+
+    def _check_student_init(self) -> None:
+        """By-importance calibration rows come from the training split, which must be known
+        in the driver before any actor starts: not with responses the teacher writes."""
+        written = self.data.source == "file" and self.data.responses == "teacher"
+        for where, s in self.students():
+            if written and s.init is not None and s.init.by_importance is not None:
+                raise ValueError(
+                    f"{where}.init.by_importance: its calibration rows are training rows, and "
+                    f"with data.responses 'teacher' those are written only once the teachers "
+                    f"run (give the responses, e.g. a staged recipe's label stage, or use "
+                    f"init.layers / init.every_nth)"
+                )
+
+    def students(self) -> list[tuple[str, StudentConfig]]:
+        """The models the run trains, by field: the student, and in mode mutual its peers."""
+        peers = self.mutual.peers if self.distill.mode == "mutual" else []
+        return [("student", self.student), *((f"mutual.peers.{i}", p) for i, p in enumerate(peers))]
 
     def _check_stages(self, teachers: list[str]) -> None:
         stage_config.check(self.stages, teachers, [j.name for j in self.judges], self.data.source)

@@ -52,7 +52,7 @@ def engine_spec(recipe: Recipe) -> EngineSpec:
     stops, pad = stop_and_pad(recipe)
     return EngineSpec(
         model=s.model,
-        layers=s.layers,
+        layers=s.kept_layers,
         backend=r.backend,
         dtype=r.dtype,
         threads=r.threads,

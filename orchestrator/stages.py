@@ -48,6 +48,12 @@ def stage_recipe(recipe: Recipe, stage: StageConfig, data: str | None, student: 
     return Recipe.model_validate(raw)
 
 
+def carried_student(folder: Path) -> dict[str, Any]:
+    """The `student` fields of the stages after a train stage: the student it exported,
+    whole (it is cut already: neither `layers` nor `init` applies to it again)."""
+    return {"model": str(folder), "layers": None, "init": None}
+
+
 def _has_responses(path: str) -> bool:
     import pyarrow.parquet as pq
 
@@ -102,7 +108,7 @@ def run_stages(
                 if not result.finished:
                     status = "KILLED"
                     return RunResult(run_dir, result.steps_done, False, {"stages": summaries})
-                student = {"model": str(stage_dir / "student"), "layers": None}
+                student = carried_student(stage_dir / "student")
                 summary = {k: result.summary[k] for k in ("eval_before", "eval_after")}
             else:
                 data, summary = _elicit(recipe, stage, data or "", stage_dir, parent.run_id)

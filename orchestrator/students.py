@@ -38,7 +38,7 @@ def worker_spec(
     return WorkerSpec(
         name=name,
         model=s.model,
-        layers=s.layers,
+        layers=s.kept_layers,
         loss=loss,
         top_k=d.top_k,
         teacher_weights=target_weights,

@@ -112,6 +112,26 @@ CASES = {
         ),
         "judges.0.teacher: teacher 'tiny' is served by its cache",
     ),
+    "student layers out of the model": (
+        lambda r: r["student"].update(layers=[0, 3]),
+        "student.layers: [0, 3] must be non-empty indices below 1",
+    ),
+    "student layers and init both": (
+        lambda r: r["student"].update(layers=[0], init={"every_nth": 1}),
+        "student: give layers or init, not both",
+    ),
+    "init layers out of the model": (
+        lambda r: r["student"].update(init={"layers": [1]}),
+        "student.init.layers: [1] must be non-empty indices below 1",
+    ),
+    "init every_nth above the model's layers": (
+        lambda r: r["student"].update(init={"every_nth": 2}),
+        "student.init.every_nth: 2 is more than the 1 decoder layers of",
+    ),
+    "init keeping more layers than the model has": (
+        lambda r: r["student"].update(init={"by_importance": {"layers": 2}}),
+        "student.init.by_importance.layers: 2 is more than the 1 decoder layers of",
+    ),
     "mixture at a teacher's own temperature": (
         lambda r: (r["distill"].update(aggregate="mean"), r["teachers"][0].update(temperature=2)),
         "teachers.0.temperature: 2.0 differs from distill.temperature=1.0",
