@@ -70,6 +70,8 @@ def run_arm(arm: str, seed: int, steps: int, out: Path) -> dict[str, Any]:
 
     name = f"sq-{arm}-s{seed}-n{steps}"
     recipe, levers = STAGED.get(arm, (QUICKSTART, [*LEVERS[arm], f"train.steps={steps}"]))
+    if any("by_importance" in x for x in levers):  # it calibrates on given responses:
+        levers += [f"data.path={responses_file(out)}", "data.responses=given"]  # the cached
     overrides = [*COMMON, *levers, f"run.seed={seed}", f"run.name={name}"]
     start = time.perf_counter()
     assert cli(["run", str(recipe), *overrides, f"run.output_dir={out / 'runs'}"]) == 0
@@ -97,10 +99,14 @@ def run_arm(arm: str, seed: int, steps: int, out: Path) -> dict[str, Any]:
         "top1": after["top1_agreement"],
         "wall_s": wall,
         "bytes_per_token": wire[0].value if wire else float("nan"),
-        "layers": json.loads((run_dir / "student_layers.json").read_text())
-        if (run_dir / "student_layers.json").is_file()
-        else None,
+        "layers": chosen_layers(first),
     }
+
+
+def chosen_layers(run_dir: Path) -> list[int] | None:
+    """The layers `student.init` chose for the run (None: the recipe's `layers`)."""
+    path = run_dir / "student_init.json"
+    return json.loads(path.read_text())["student"]["layers"] if path.is_file() else None
 
 
 def responses_file(out: Path) -> Path:
@@ -139,9 +145,7 @@ def export_init(run_dir: Path, out: Path) -> Path:
     from actors.models import build_student
 
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    layers_file = run_dir / "student_layers.json"
-    layers = json.loads(layers_file.read_text()) if layers_file.is_file() else None
-    layers = layers or recipe["student"].get("layers")
+    layers = chosen_layers(run_dir) or recipe["student"].get("layers")
     folder = out / "init" / "-".join(map(str, layers or ["all"]))
     if not (folder / "config.json").is_file():
         source = local_model(recipe["student"]["model"])
