@@ -16,6 +16,8 @@ before any step. Arms (`--arms`, results cached per arm and seed in `--out`):
   repair      recipes/progressive.yaml: 10 steps of the feature loss alone, then 40 of KD
   chain       recipes/assistant_chain.yaml: a 15-layer assistant (25 steps) teaches the cut (25)
   best        the combination chosen on seed 0 (BEST below)
+  gemma_kd, gemma_hidden   top-64 vs the exact signal at vocab 262144 (Gemma-3-270m -> its
+              6-layer cut)
 
 Usage: python benchmarks/student_quality.py [--arms ce,kd,best] [--seeds 3] [--steps 50]
 Ends with `RESULT kl_ce_over_best` and `RESULT kl_topk_over_best` (mean over seeds of the
@@ -51,6 +53,15 @@ LEVERS: dict[str, list[str]] = {
         'student.init={"by_importance": {"layers": 6, "calibration_rows": 64}}',
     ],
 }
+# the exact signal at vocab 262144: Gemma-3-270m teaching its own 6-layer cut
+SMOLLM, GEMMA = "smollm2-135m-instruct", "gemma3-270m"
+GEMMA_CUT = [
+    f"teachers.0.model={GEMMA}",
+    f"student.model={GEMMA}",
+    "student.layers=[0, 3, 7, 10, 14, 17]",
+]
+LEVERS["gemma_kd"] = GEMMA_CUT
+LEVERS["gemma_hidden"] = [*GEMMA_CUT, "distill.signal=hidden"]
 # staged recipes (their own step split, 50 in all)
 STAGED = {
     "repair": (ROOT / "recipes" / "progressive.yaml", []),
@@ -70,6 +81,7 @@ def run_arm(arm: str, seed: int, steps: int, out: Path) -> dict[str, Any]:
 
     name = f"sq-{arm}-s{seed}-n{steps}"
     recipe, levers = STAGED.get(arm, (QUICKSTART, [*LEVERS[arm], f"train.steps={steps}"]))
+    teacher, out = (GEMMA, out / "gemma") if arm.startswith("gemma") else (SMOLLM, out)
     if any("by_importance" in x for x in levers):  # it calibrates on given responses:
         levers += [f"data.path={responses_file(out)}", "data.responses=given"]  # the cached
     overrides = [*COMMON, *levers, f"run.seed={seed}", f"run.name={name}"]
@@ -85,8 +97,8 @@ def run_arm(arm: str, seed: int, steps: int, out: Path) -> dict[str, Any]:
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'runs' / 'mlflow.db'}")
     run_id = json.loads((run_dir / "state.json").read_text())["run_id"]
     wire = client.get_metric_history(run_id, "signal_bytes_per_token")
-    after = dense_eval(run_dir, out)
-    init = dense_eval(export_init(first, out), out, like=first)
+    after = dense_eval(run_dir, out, teacher)
+    init = dense_eval(export_init(first, out), out, teacher, like=first)
     return {
         "arm": arm,
         "seed": seed,
@@ -115,7 +127,7 @@ def responses_file(out: Path) -> Path:
     return found
 
 
-def dense_eval(student: Path, out: Path, like: Path | None = None) -> dict[str, Any]:
+def dense_eval(student: Path, out: Path, teacher: str, like: Path | None = None) -> dict[str, Any]:
     """`raydistill eval` of a run directory (or a folder, split like run `like`)."""
     from actors.model_store import fetch_model
     from orchestrator.evaluate import EvalRequest, evaluate_command
@@ -124,7 +136,7 @@ def dense_eval(student: Path, out: Path, like: Path | None = None) -> dict[str, 
     target = student / "eval.json"
     req = EvalRequest(
         student=str(student),
-        teacher=str(fetch_model("smollm2-135m-instruct")),
+        teacher=str(fetch_model(teacher)),
         data=str(responses_file(out)),
         out=str(target),
         heldout=recipe["data"]["heldout"],
