@@ -69,7 +69,7 @@ STAGED = {
 }
 LEVERS.update({arm: [] for arm in STAGED})
 # chosen on seed 0 from the levers alone (README, "Students worth distilling")
-BEST = ["distill.signal=hidden", 'distill.features={"loss": "cosine", "weight": 1.0}']
+BEST = [*LEVERS["importance"], *LEVERS["features"]]
 LEVERS["best"] = BEST
 
 
