@@ -188,16 +188,20 @@ def table(results: list[dict[str, Any]]) -> None:
             )
 
 
-def write_best() -> Path:
-    """recipes/best_student.yaml: the quickstart with the best combination applied."""
+def write_best(path: Path = ROOT / "recipes" / "best_student.yaml") -> Path:
+    """The quickstart with the best combination applied, as a staged recipe: `by_importance`
+    calibrates on given responses, so a `label` stage has the teacher write them first."""
     from orchestrator.recipe import apply_overrides
 
     raw = apply_overrides(yaml.safe_load(QUICKSTART.read_text()), BEST)
     raw["run"]["name"] = "best_student"
-    path = ROOT / "recipes" / "best_student.yaml"
+    raw["data"].pop("responses", None)  # prompts: the label stage writes the responses
+    raw["stages"] = [{"name": "label", "kind": "label"}, {"name": "distill", "kind": "train"}]
     note = (
         "# The best student recipe benchmarks/student_quality.py found (README, Students\n"
-        "# worth distilling): the quickstart with " + "; ".join(BEST) + ".\n"
+        "# worth distilling): the quickstart with " + "; ".join(BEST) + ",\n"
+        "# after a label stage (by_importance calibrates on given responses).\n"
+        "#   raydistill run recipes/best_student.yaml\n"
     )
     path.write_text(note + yaml.safe_dump(raw, sort_keys=False))
     return path

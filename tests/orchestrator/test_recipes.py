@@ -130,3 +130,13 @@ def test_the_progressive_recipes_load_as_written():
     trains = [s for s in chain.stages if s.kind == "train"]
     assert len(trains) * chain.train.steps == 50
     assert (trains[-1].starts_from, trains[-1].previous_teaches) == ("recipe", "smollm2")
+
+
+def test_the_best_student_recipe_loads_as_written():
+    """recipes/best_student.yaml, written by benchmarks/student_quality.py: by_importance
+    after a label stage (it calibrates on given responses) and the feature loss."""
+    from orchestrator.recipe import load_recipe
+
+    best = load_recipe(RECIPES / "best_student.yaml")
+    assert best.student.init.by_importance.layers == 6 and best.distill.features is not None
+    assert [s.kind for s in best.stages] == ["label", "train"]
