@@ -36,7 +36,7 @@ import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "recipes" / "data"
-ARMS = {"kd": (0.0, 1.0), "verifier": (1.0, 0.0), "verifier_kd": (1.0, 1.0)}  # (rl, kd)
+ARMS = {"kd": (0.0, 1.0), "verifier_kd": (1.0, 1.0), "verifier": (1.0, 0.0)}  # (rl, kd)
 MAX_NEW = 96
 ARM_LR = 5e-5  # the recipe's 2e-5 is tuned for 30 steps on 2 prompts; arms see 8 per step
 VERIFIER = "actors.verifiers:follows_instructions"
@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--train-rows", type=int, default=336, help="of instructions_train.jsonl")
     ap.add_argument("--check-prompts", type=int, default=32)
     ap.add_argument("--out", default="rlaif_arms")
+    ap.add_argument("--arms", default=",".join(ARMS), help="of " + ", ".join(ARMS))
     args = ap.parse_args()
     from actors.judge import JudgeActor
     from actors.model_store import fetch_model
@@ -189,7 +190,8 @@ def main() -> None:
     cached = root / "answers.json"  # one entry per finished student: a rerun goes on from it
     said = json.loads(cached.read_text()) if cached.exists() else {}
     start = said.get("start_dir") or kd_start(root, args.kd_steps)
-    for name in ["start", *ARMS]:
+    arms = [a for a in args.arms.split(",") if a in ARMS]
+    for name in ["start", *arms]:
         if name not in said:
             student = start
             if name != "start":
@@ -198,19 +200,21 @@ def main() -> None:
             said |= {name: answers(student, prompts), "start_dir": start}
             cached.write_text(json.dumps(said))
     said.pop("start_dir")
+    arms = [a for a in ARMS if a in said]  # this run's and earlier runs' (cached)
     evaluator = JudgeActor("gemma", gemma, threads=2)  # trained none of the students
     results = {name: evaluate(held, a) for name, a in said.items()}
-    for name in ARMS:
+    for name in arms:
         results[name]["win_rate"] = win_rate(evaluator, prompts, said[name], said["start"])
     for name, r in results.items():
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
     _plot(results, root / "rlaif_arms.png")
-    best = max(ARMS, key=lambda a: results[a]["win_rate"])
-    gain = 100 * (results["verifier_kd"]["constraints"] - results["start"]["constraints"])
+    best = max(arms, key=lambda a: results[a]["win_rate"])
+    ref = "verifier_kd" if "verifier_kd" in results else arms[-1]
+    gain = 100 * (results[ref]["constraints"] - results["start"]["constraints"])
     print(f"RESULT judge_agreement_likelihood {checks['smollm2']['likelihood']['agreement']:.3f}")
     print(f"RESULT constraint_gain {gain:.1f}")
     print(f"RESULT win_rate_independent {results[best]['win_rate']:.3f}")
-    for name in ARMS:
+    for name in arms:
         print(f"RESULT win_rate_independent_{name} {results[name]['win_rate']:.3f}")
 
 
