@@ -1,7 +1,8 @@
 """CachedTeacher: a teacher's top-k read back from its offline cache (`actors/signal_cache.py`)
 instead of computed: no model, the same TeacherSignal a live replica sends, through the
 object store the same way. The cache is keyed by dataset row, so each call names the cache
-rows of the shard's rows (`examples`)."""
+rows of the shard's rows (`examples`). With `hidden_layers` it ships the hidden states of
+those layers the cache stores beside the top-k (`cache build` of a feature recipe)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,23 @@ import numpy as np
 
 from actors.batch import TokenBatch
 from actors.process import reusable, yield_cpu
-from actors.signal import TeacherSignal
+from actors.signal import HiddenStates, TeacherSignal
 from actors.signal_cache import CacheReader
 
 
 class CachedTeacher:
-    def __init__(self, name: str, root: str, top_k: int, temperature: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        root: str,
+        top_k: int,
+        temperature: float,
+        hidden_layers: tuple[int, ...] = (),
+    ) -> None:
         self.name = name
         self.reader = CacheReader(Path(root))
         self.top_k = top_k
+        self.hidden_layers = tuple(hidden_layers)
         self.temperature = temperature
         self.served = {"calls": 0, "rows": 0}  # shards read, as a live teacher counts them
 
@@ -62,8 +71,13 @@ class CachedTeacher:
         if cache_rows:
             self.served["calls"] += 1
             self.served["rows"] += len(cache_rows)
+        states = {layer: self.reader.read_hidden(cache_rows, layer) for layer in self.hidden_layers}
         signal = TeacherSignal(
-            teacher=self.name, ids=ids, logprobs=logprobs, temperature=self.temperature
+            teacher=self.name,
+            ids=ids,
+            logprobs=logprobs,
+            temperature=self.temperature,
+            hidden=HiddenStates(states),
         )
         if rows is not None:
             signal.routed_rows = np.asarray(rows, dtype=np.int64)

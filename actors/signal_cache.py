@@ -333,6 +333,11 @@ class CacheWriter:
     def complete(self) -> bool:
         return bool(self._manifest["complete"])
 
+    @property
+    def hidden_layers(self) -> dict[int, int]:
+        """{layer: H} of the hidden states the committed rows hold."""
+        return {int(k): int(v) for k, v in self._manifest["hidden"].items()}
+
     def _clean(self) -> None:
         """Delete what a killed build left: temp files and shards the manifest does not name."""
         named = {e["file"] for e in self._manifest["shards"]}

@@ -28,7 +28,7 @@ from orchestrator.balance import LeastOutstanding
 from orchestrator.faults import gather, restart_unresponsive
 from orchestrator.recipe import Recipe, RecipeError
 from orchestrator.teacher_config import TeacherConfig
-from orchestrator.teachers import teacher_keys
+from orchestrator.teachers import shipped_states, teacher_keys
 
 
 @lru_cache(maxsize=16)
@@ -125,6 +125,14 @@ class CachedTeacherPool:
             self.reader.check(provenance(self.recipe, self.cfg, dataset))
         except CacheMismatch as exc:
             raise RecipeError(self.field, str(exc)) from exc
+        missing = sorted(set(_states(self.recipe, self.cfg)) - set(self.reader.hidden_layers))
+        if missing:
+            raise RecipeError(
+                "distill.features",
+                f"teacher {self.name}'s cache {self.root} holds the hidden states of layers "
+                f"{sorted(self.reader.hidden_layers)}, not {missing}: build it with this recipe "
+                "(raydistill cache build)",
+            )
 
     def start(self) -> None:
         options, args = _reader(self.recipe, self.cfg)
@@ -186,7 +194,13 @@ def _reader(recipe: Recipe, cfg: TeacherConfig) -> tuple[dict[str, Any], tuple[A
     options = service_options(cfg, recipe.cluster.max_restarts)
     options.update(num_cpus=min(cfg.num_cpus, 0.25), num_gpus=0)
     temperature = float(cfg.temperature or d.temperature)
-    return options, (cfg.name, str(cache_path(recipe, cfg)), int(d.top_k), temperature)
+    root = str(cache_path(recipe, cfg))
+    return options, (cfg.name, root, int(d.top_k), temperature, _states(recipe, cfg))
+
+
+def _states(recipe: Recipe, cfg: TeacherConfig) -> tuple[int, ...]:
+    """The layers whose hidden states the run reads from this teacher (the feature loss's)."""
+    return tuple(shipped_states(cfg.name, recipe.distill).get("hidden_layers", ()))
 
 
 def reader_key(recipe: Recipe, cfg: TeacherConfig) -> str:

@@ -13,6 +13,7 @@ from actors.features import FEATURE_LOSSES, FeatureSpec, uniform_pairs
 from orchestrator.config_base import Name, Strict, registered
 
 MODES = ("off_policy", "on_policy")  # a live teacher scores every batch the ranks train on
+FEATURE_MODES = (*MODES, "offline")  # ... or its cache holds the states (`cache build`)
 
 
 class FeatureConfig(Strict):
@@ -40,20 +41,20 @@ class FeatureConfig(Strict):
 def check(f: FeatureConfig, mode: str, teachers: dict[str, tuple[str, bool]]) -> None:
     """`teachers`: name -> (backend or 'its cache', cross_tokenizer). The states come from a
     live transformers replica of a teacher sharing the student's tokenizer (positions must
-    be the student's)."""
-    if mode not in MODES:
-        raise ValueError(f"distill.features: modes {MODES}, not {mode!r}")
+    be the student's), or from its signal cache, built with the same pairs."""
+    if mode not in FEATURE_MODES:
+        raise ValueError(f"distill.features: modes {FEATURE_MODES}, not {mode!r}")
     if not teachers:
         raise ValueError("distill.features: needs a teacher")
     name = f.teacher or next(iter(teachers))
     if name not in teachers:
         raise ValueError(f"distill.features.teacher: {name!r} is not among {list(teachers)}")
     served, cross = teachers[name]
-    if served != "hf" or cross:
+    if served not in ("hf", "its cache") or cross:
         raise ValueError(
             f"distill.features.teacher: {name!r} is served by {served}"
             f"{' across tokenizers' if cross else ''}; hidden states come from live hf "
-            f"replicas of a same-tokenizer teacher"
+            f"replicas of a same-tokenizer teacher or from its cache"
         )
     f.teacher = name
 

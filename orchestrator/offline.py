@@ -36,7 +36,7 @@ from orchestrator.cached_teachers import cache_path, cached_teachers, provenance
 from orchestrator.faults import gather
 from orchestrator.recipe import Recipe, RecipeError
 from orchestrator.teacher_config import LiveSource, TeacherConfig
-from orchestrator.teachers import live_pool
+from orchestrator.teachers import live_pool, shipped_states
 
 
 def build(recipe: Recipe, pools: list[Any], dataset: Any, chunk_rows: int = 32) -> dict:
@@ -67,6 +67,15 @@ def build(recipe: Recipe, pools: list[Any], dataset: Any, chunk_rows: int = 32) 
         except CacheCorrupt as exc:
             i = recipe.teachers.index(cfg)
             raise RecipeError(f"teachers[{i}].source.path", f"{root}: {exc}") from exc
+        want = set(shipped_states(cfg.name, recipe.distill).get("hidden_layers", ()))
+        have = set(writer.hidden_layers)
+        if writer.next_row and have != want:  # a cache of other states: never mixed
+            i = recipe.teachers.index(cfg)
+            why = (
+                f"{root} holds the hidden states of layers {sorted(have)}, this recipe ships "
+                f"{sorted(want)} (distill.features): remove it or build into another path"
+            )
+            raise RecipeError(f"teachers[{i}].source.path", why)
         bound = recipe.cluster.step_timeout_s
         report[cfg.name] = _fill(pool, writer, dataset, chunk_rows, bound)
         report[cfg.name].update(bytes_per_position=bytes_per_position(root), path=str(root))
@@ -108,7 +117,8 @@ def _fill(
         issue()
         ends = np.cumsum(part.loss_mask.sum(axis=1))
         for r, (a, b) in enumerate(zip(np.concatenate([[0], ends[:-1]]), ends, strict=True)):
-            writer.add(first + r, signal.ids[a:b], signal.logprobs[a:b])
+            states = {layer: h[a:b] for layer, h in signal.hidden.layers.items()}
+            writer.add(first + r, signal.ids[a:b], signal.logprobs[a:b], states)
         done = first + len(part)
         rate = (done - begin) / max(time.monotonic() - start, 1e-9)
         print(

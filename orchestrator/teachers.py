@@ -168,13 +168,13 @@ def _replicas(
         "max_model_len": max_model_len,
         "student_tokenizer": student_tokenizer if cfg.cross_tokenizer else None,
         **({"judges": judges} if judges else {}),
-        **_hidden_layers(cfg.name, distill),
+        **shipped_states(cfg.name, distill),
     }
     options = service_options(cfg, cluster.max_restarts)
     return options, [{**common, "replica": i} for i in range(cfg.replicas)]
 
 
-def _hidden_layers(name: str, distill: DistillConfig) -> dict[str, Any]:
+def shipped_states(name: str, distill: DistillConfig) -> dict[str, Any]:
     """The layers whose states this teacher ships: the feature loss's (resolved pairs) and,
     for distill.signal hidden, the final one (then its top-k is one entry: unused)."""
     f = distill.features

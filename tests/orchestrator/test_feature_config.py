@@ -48,8 +48,8 @@ def test_bad_feature_recipes_are_refused_naming_the_field(
     assert message in str(err.value)
 
 
-def test_only_modes_where_a_live_teacher_scores_every_batch(tiny_models, tmp_path):
-    raw = base_recipe(tmp_path, tiny_models, distill={"mode": "offline", "features": {}})
+def test_only_modes_where_a_teacher_or_its_cache_scores_every_batch(tiny_models, tmp_path):
+    raw = base_recipe(tmp_path, tiny_models, distill={"mode": "mutual", "features": {}})
     with pytest.raises(RecipeError, match="distill.features: modes"):
         load_recipe(write_recipe(tmp_path, raw))
 

@@ -282,3 +282,36 @@ def test_a_cached_teacher_serves_the_off_policy_steps_of_an_on_policy_run(built,
     # the cache: the off-policy steps' shards and the held-out shards (scored once)
     assert served["cache_calls"] == (steps - on_policy + 1) * world
     assert served["calls"] - served["cache_calls"] == on_policy * world  # live: the samples
+
+
+def test_a_feature_cache_serves_the_feature_loss_as_the_live_teacher_does(
+    built, tiny_models, tmp_path, capsys
+):
+    """`cache build` of a `distill.features` recipe stores the paired layers' states beside
+    the top-k; the offline run reads them and ends with the weights of the live feature run.
+    A cache without those states is refused by the run and by a build, each in one line."""
+    live = _raw(tmp_path, tiny_models, "flive")
+    live["distill"]["features"] = {"loss": "cosine"}
+    assert main(["run", str(write_recipe(tmp_path, live, "flive.yaml"))]) == 0
+    offline = json.loads(json.dumps(live))
+    offline["run"]["name"] = "foffline"
+    offline["distill"]["mode"] = "offline"
+    path = write_recipe(tmp_path, offline, "foffline.yaml")
+    assert main(["cache", "build", str(path)]) == 0
+    reader = CacheReader(tmp_path / "runs" / "signal_cache" / "tiny")
+    assert reader.hidden_layers == {2: 48}  # the teacher's last of 2 blocks, 48 wide
+    capsys.readouterr()
+    code, titles = titles_during(RUN_TITLES, lambda: main(["run", str(path)]))
+    assert code == 0 and "ray::TeacherActor" not in titles
+    a, b = _weights(_run_dir(tmp_path, "foffline")), _weights(_run_dir(tmp_path, "flive"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+
+    stale = json.loads(json.dumps(offline))  # the cache built without the states
+    stale["teachers"][0]["source"] = {"kind": "cache", "path": str(built["cache"])}
+    line = _refused(tmp_path, stale, capsys)
+    assert line.startswith("raydistill: error: distill.features: teacher tiny's cache ")
+    assert "holds the hidden states of layers [], not [2]" in line
+    capsys.readouterr()
+    assert main(["cache", "build", str(write_recipe(tmp_path, stale, "stale.yaml"))]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "teachers[0].source.path: " in line and "this recipe ships [2]" in line
