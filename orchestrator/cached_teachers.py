@@ -125,12 +125,13 @@ class CachedTeacherPool:
             self.reader.check(provenance(self.recipe, self.cfg, dataset))
         except CacheMismatch as exc:
             raise RecipeError(self.field, str(exc)) from exc
-        missing = sorted(set(_states(self.recipe, self.cfg)) - set(self.reader.hidden_layers))
+        stored = set(self.reader.hidden_layers)
+        missing = sorted(set(feature_states(self.recipe, self.cfg)) - stored)
         if missing:
             raise RecipeError(
                 "distill.features",
                 f"teacher {self.name}'s cache {self.root} holds the hidden states of layers "
-                f"{sorted(self.reader.hidden_layers)}, not {missing}: build it with this recipe "
+                f"{sorted(stored)}, not {missing}: build it with this recipe "
                 "(raydistill cache build)",
             )
 
@@ -195,10 +196,10 @@ def _reader(recipe: Recipe, cfg: TeacherConfig) -> tuple[dict[str, Any], tuple[A
     options.update(num_cpus=min(cfg.num_cpus, 0.25), num_gpus=0)
     temperature = float(cfg.temperature or d.temperature)
     root = str(cache_path(recipe, cfg))
-    return options, (cfg.name, root, int(d.top_k), temperature, _states(recipe, cfg))
+    return options, (cfg.name, root, int(d.top_k), temperature, feature_states(recipe, cfg))
 
 
-def _states(recipe: Recipe, cfg: TeacherConfig) -> tuple[int, ...]:
+def feature_states(recipe: Recipe, cfg: TeacherConfig) -> tuple[int, ...]:
     """The layers whose hidden states the run reads from this teacher (the feature loss's)."""
     return tuple(shipped_states(cfg.name, recipe.distill).get("hidden_layers", ()))
 

@@ -32,11 +32,11 @@ from actors.signal_cache import (
     verify,
 )
 from orchestrator import run_lock
-from orchestrator.cached_teachers import cache_path, cached_teachers, provenance
+from orchestrator.cached_teachers import cache_path, cached_teachers, feature_states, provenance
 from orchestrator.faults import gather
 from orchestrator.recipe import Recipe, RecipeError
 from orchestrator.teacher_config import LiveSource, TeacherConfig
-from orchestrator.teachers import live_pool, shipped_states
+from orchestrator.teachers import live_pool
 
 
 def build(recipe: Recipe, pools: list[Any], dataset: Any, chunk_rows: int = 32) -> dict:
@@ -67,7 +67,7 @@ def build(recipe: Recipe, pools: list[Any], dataset: Any, chunk_rows: int = 32) 
         except CacheCorrupt as exc:
             i = recipe.teachers.index(cfg)
             raise RecipeError(f"teachers[{i}].source.path", f"{root}: {exc}") from exc
-        want = set(shipped_states(cfg.name, recipe.distill).get("hidden_layers", ()))
+        want = set(feature_states(recipe, cfg))
         have = set(writer.hidden_layers)
         if writer.next_row and have != want:  # a cache of other states: never mixed
             i = recipe.teachers.index(cfg)
