@@ -4,7 +4,8 @@ A prompt of the bundled instruction set (`recipes/data/instructions_*.jsonl`) is
 followed by one constraint sentence written from a template below. The template is the one
 source of truth: `constraint_text` writes the sentence and `constraints_in` reads it back out
 of a prompt, so a verifier needs only (sample, prompt), the signature of a function judge
-(`judges[i].function: actors.verifiers:follows_instructions`).
+(`judges[i].function: actors.verifiers:follows_instructions`, or `..._graded` for partial
+credit).
 """
 
 from __future__ import annotations
@@ -108,3 +109,51 @@ def follows_instructions(sample: str, prompt: str) -> float:
     if not found:
         raise ValueError("the prompt states no constraint of actors/verifiers.py's templates")
     return float(all(satisfied(c, sample) for c in found))
+
+
+def _closeness(have: int, want: int) -> float:
+    """1 at the count asked for, falling linearly to 0 at twice as far (or none)."""
+    return max(0.0, 1.0 - abs(have - want) / max(want, 1))
+
+
+def _ending_credit(phrase: str, text: str) -> float:
+    """The share of the phrase's words the answer ends with (its last k words are the
+    phrase's first k); 1 only when it ends with the whole phrase."""
+    if text.rstrip().endswith(phrase):
+        return 1.0
+    want, have = phrase.split(), text.split()
+    best = max((k for k in range(1, len(want)) if have[-k:] == want[:k]), default=0)
+    return 0.5 * best / len(want)  # a started phrase is not yet a kept one
+
+
+def _lowercase_credit(text: str) -> float:
+    letters = [ch for ch in text if ch.isalpha()]
+    return sum(ch.islower() for ch in letters) / len(letters) if letters else 0.0
+
+
+# family -> credit in [0, 1], 1 exactly when `satisfied` holds
+CREDITS: dict[str, Callable[[Constraint, str], float]] = {
+    "at_most_words": lambda c, t: min(1.0, (c.n or 0) / len(words(t))) if words(t) else 0.0,
+    "at_least_words": lambda c, t: min(1.0, len(words(t)) / max(c.n or 0, 1)),
+    "keyword": lambda c, t: float(satisfied(c, t)),
+    "lowercase": lambda c, t: _lowercase_credit(t),
+    "ending": lambda c, t: _ending_credit(c.phrase or "", t),
+    "sentences": lambda c, t: _closeness(sentences(t), c.n or 0),
+    "bullets": lambda c, t: _closeness(bullets(t), c.n or 0),
+}
+
+
+def follows_instructions_graded(sample: str, prompt: str) -> float:
+    """Partial credit: the mean over the prompt's constraints of how close the sample comes
+    to each (a word count's ratio to the limit, the share of lowercase letters, a sentence
+    or bullet count's distance, how much of the ending phrase it ends with). A policy that
+    never keeps a constraint still sees which of its samples come nearer, where the 0/1
+    reward gives a group of failures no signal at all. 1.0 exactly when every constraint
+    holds, as with `follows_instructions`."""
+    found = constraints_in(prompt)
+    if not found:
+        raise ValueError("the prompt states no constraint of actors/verifiers.py's templates")
+    credits = [
+        1.0 if satisfied(c, sample) else min(CREDITS[c.family](c, sample), 0.99) for c in found
+    ]
+    return sum(credits) / len(credits)

@@ -8,14 +8,18 @@
    writes the answers). Not the raw cut: its repair by KD alone would look like a gain.
 3. Arms from that student, `--steps` each, `--prompts` x 4 samples per step, on the
    instruction set's training prompts: `kd` (on-policy KD alone), `verifier` (the
-   verifier's GRPO reward alone), `verifier_kd` (both, one backward).
+   verifier's GRPO reward alone), `verifier_kd` (both, one backward). The training reward
+   is the verifier's partial credit (`--verifier graded`) or its 0/1 (`binary`).
 4. Evaluation of every student outside the runs, on `--heldout` prompts of
    `instructions_heldout.jsonl` (equal family shares), one greedy answer each: the share
    of prompts whose constraint holds (per family), the empty-answer and repeated-bigram
    shares, and the win rate against the starting student by Gemma-3-270m's likelihood
-   judge, a judge that trained none of them (ties 1/2).
+   judge, a judge that trained none of them (ties 1/2). The teacher's own greedy answers
+   are scored too: the constraints KD alone could carry over.
 
 Usage: python benchmarks/rlaif_win_rate.py [--steps 100] [--kd-steps 100] [--heldout 112]
+       [--arms kd,verifier_kd,verifier] [--verifier graded|binary] [--skip-check] [--out DIR]
+(a rerun in the same --out goes on from its cached check and answers: one --out per verifier).
 Ends with `RESULT judge_agreement_likelihood X` (SmolLM2's), `RESULT constraint_gain X`
 (points, verifier_kd), `RESULT win_rate_independent X` (the best arm) and one
 `RESULT win_rate_independent_<arm> X` per arm; writes rlaif_arms.png.
@@ -39,7 +43,10 @@ DATA = ROOT / "recipes" / "data"
 ARMS = {"kd": (0.0, 1.0), "verifier_kd": (1.0, 1.0), "verifier": (1.0, 0.0)}  # (rl, kd)
 MAX_NEW = 96
 ARM_LR = 5e-5  # the recipe's 2e-5 is tuned for 30 steps on 2 prompts; arms see 8 per step
-VERIFIER = "actors.verifiers:follows_instructions"
+VERIFIERS = {  # the training reward of the verifier arms; evaluation is always 0/1
+    "graded": "actors.verifiers:follows_instructions_graded",
+    "binary": "actors.verifiers:follows_instructions",
+}
 
 
 def check_judges(model: str, prompts: list[str]) -> dict[str, dict[str, float]]:
@@ -94,10 +101,12 @@ def kd_start(root: Path, steps: int) -> str:
     return str(_run(root, raw) / "student")
 
 
-def arm(root: Path, start: str, name: str, rl: float, kd: float, steps: int, prompts: int) -> Path:
+def arm(
+    root: Path, start: str, name: str, rl: float, kd: float, steps: int, prompts: int, verifier: str
+) -> Path:
     raw = base_recipe(root, name)
     raw["student"].update(model=start, layers=None)
-    raw["judges"] = [{"name": "follows", "kind": "verifier", "function": VERIFIER}]
+    raw["judges"] = [{"name": "follows", "kind": "verifier", "function": VERIFIERS[verifier]}]
     raw["rollout"].update(max_new_tokens=MAX_NEW, samples_per_prompt=4)
     raw["rlaif"].update(rl_weight=rl, kd_weight=kd, win_rate_every=0, win_rate_by="evaluator")
     raw["train"].update(
@@ -162,6 +171,8 @@ def main() -> None:
     ap.add_argument("--check-prompts", type=int, default=32)
     ap.add_argument("--out", default="rlaif_arms")
     ap.add_argument("--arms", default=",".join(ARMS), help="of " + ", ".join(ARMS))
+    ap.add_argument("--verifier", choices=VERIFIERS, default="graded")
+    ap.add_argument("--skip-check", action="store_true", help="no judge check (taken apart)")
     args = ap.parse_args()
     from actors.judge import JudgeActor
     from actors.model_store import fetch_model
@@ -176,6 +187,8 @@ def main() -> None:
     checked = root / "judge_check.json"  # a rerun in the same --out reads it
     if checked.exists():
         checks = json.loads(checked.read_text())
+    elif args.skip_check:
+        checks = {}
     else:
         checks = {"smollm2": check_judges(smollm, quick), "gemma3": check_judges(gemma, quick)}
         checked.write_text(json.dumps(checks))
@@ -191,11 +204,12 @@ def main() -> None:
     said = json.loads(cached.read_text()) if cached.exists() else {}
     start = said.get("start_dir") or kd_start(root, args.kd_steps)
     arms = [a for a in args.arms.split(",") if a in ARMS]
-    for name in ["start", *arms]:
+    for name in ["teacher", "start", *arms]:  # the teacher: what KD alone could reach
         if name not in said:
-            student = start
-            if name != "start":
-                run_dir = arm(root, start, name, *ARMS[name], args.steps, args.prompts)
+            student = smollm if name == "teacher" else start
+            if name in ARMS:
+                rl, kd = ARMS[name]
+                run_dir = arm(root, start, name, rl, kd, args.steps, args.prompts, args.verifier)
                 student = str(run_dir / "student")
             said |= {name: answers(student, prompts), "start_dir": start}
             cached.write_text(json.dumps(said))
@@ -211,7 +225,9 @@ def main() -> None:
     best = max(arms, key=lambda a: results[a]["win_rate"])
     ref = "verifier_kd" if "verifier_kd" in results else arms[-1]
     gain = 100 * (results[ref]["constraints"] - results["start"]["constraints"])
-    print(f"RESULT judge_agreement_likelihood {checks['smollm2']['likelihood']['agreement']:.3f}")
+    if checks:
+        agreement = checks["smollm2"]["likelihood"]["agreement"]
+        print(f"RESULT judge_agreement_likelihood {agreement:.3f}")
     print(f"RESULT constraint_gain {gain:.1f}")
     print(f"RESULT win_rate_independent {results[best]['win_rate']:.3f}")
     for name in arms:

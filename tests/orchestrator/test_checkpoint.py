@@ -381,6 +381,7 @@ def _loss_steps(tmp_path: Path, run_dir: Path) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "loss"))
 
 
+@pytest.mark.slow
 def test_kill_before_ledger_then_resume(ray_session, tiny_models, tmp_path, capsys):
     """A driver SIGKILLed between step 8's shards and its ledger entry: the ledger still
     says 4, and resuming (twice, the first stopping at 6 below the stray step 8) ends with

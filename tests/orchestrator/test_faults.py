@@ -110,6 +110,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_teacher_killed_three_times_while_scoring_loses_nothing(
     clean, tiny_models, slow_teacher, tmp_path
 ):
@@ -185,6 +186,7 @@ def test_frozen_student_rank_is_detected_within_the_step_bound_and_restored(
     assert not psutil.pid_exists(frozen[0]) or psutil.Process(frozen[0]).status() == "zombie"
 
 
+@pytest.mark.slow
 def test_out_of_memory_in_a_rank_is_one_line_and_resumable(
     ray_session, tiny_models, tmp_path, capsys
 ):
@@ -394,6 +396,7 @@ def _freeze_when(
         time.sleep(0.002)
 
 
+@pytest.mark.slow
 def test_a_teacher_frozen_inside_a_judgment_serves_both_roles_again(
     ray_session, chat_models, tmp_path, capsys
 ):

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import base_recipe, run_multinode
 
 
+@pytest.mark.slow
 def test_actors_land_where_the_recipe_asks(tmp_path: Path, tiny_models: dict[str, str]) -> None:
     raw = base_recipe(
         tmp_path,

@@ -28,6 +28,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors need n
 STEPS = 8
 
 
+@pytest.mark.slow
 def test_a_lost_node_loses_no_step(tmp_path: Path, tiny_models: dict[str, str]) -> None:
     raw = base_recipe(
         tmp_path,
