@@ -26,7 +26,7 @@ quickstart: env
 test: env
 	$(BIN)/python -m pytest -q
 
-test-all: env  # the default run plus the slow tests (real teachers)
+test-all: env  # the default run plus the slow tests (a real teacher, long fault and multi-node scenarios)
 	$(BIN)/python -m pytest -q -m ""
 
 lint: env
