@@ -102,13 +102,19 @@ def satisfied(c: Constraint, response: str) -> bool:
     return CHECKS[c.family](c, response)
 
 
-def follows_instructions(sample: str, prompt: str) -> float:
-    """1.0 when the sample keeps every constraint its prompt states, else 0.0. A prompt
-    that states none raises (the judge then counts the sample as unscored, never as 0)."""
+def _stated(prompt: str) -> list[Constraint]:
+    """The prompt's constraints; none raises (the judge then counts the sample as unscored,
+    never as 0)."""
     found = constraints_in(prompt)
     if not found:
         raise ValueError("the prompt states no constraint of actors/verifiers.py's templates")
-    return float(all(satisfied(c, sample) for c in found))
+    return found
+
+
+def follows_instructions(sample: str, prompt: str) -> float:
+    """1.0 when the sample keeps every constraint its prompt states, else 0.0. A prompt
+    that states none raises (the judge then counts the sample as unscored, never as 0)."""
+    return float(all(satisfied(c, sample) for c in _stated(prompt)))
 
 
 def _closeness(have: int, want: int) -> float:
@@ -150,9 +156,7 @@ def follows_instructions_graded(sample: str, prompt: str) -> float:
     never keeps a constraint still sees which of its samples come nearer, where the 0/1
     reward gives a group of failures no signal at all. 1.0 exactly when every constraint
     holds, as with `follows_instructions`."""
-    found = constraints_in(prompt)
-    if not found:
-        raise ValueError("the prompt states no constraint of actors/verifiers.py's templates")
+    found = _stated(prompt)
     credits = [
         1.0 if satisfied(c, sample) else min(CREDITS[c.family](c, sample), 0.99) for c in found
     ]

@@ -137,15 +137,11 @@ def answers(student: str, prompts: list[str]) -> list[str]:
 
 
 def evaluate(rows: list[dict], said: list[str]) -> dict[str, float]:
-    from actors.verifiers import constraints_in, satisfied
-    from orchestrator.win_rate import repetition
+    from actors.verifiers import constraints_in
+    from orchestrator.win_rate import repetition, satisfaction
 
-    pairs = zip(rows, said, strict=True)
-    kept = [all(satisfied(c, a) for c in constraints_in(r["prompt"])) for r, a in pairs]
-    out = {"constraints": float(np.mean(kept))}
-    for family in sorted({r["family"] for r in rows}):
-        mine = [k for r, k in zip(rows, kept, strict=True) if r["family"] == family]
-        out[f"constraints/{family}"] = float(np.mean(mine))
+    kept = satisfaction([constraints_in(r["prompt"]) for r in rows], said)
+    out = {key.removeprefix("eval/"): value for key, value in kept.items()}
     out["empty"] = float(np.mean([not a.strip() for a in said]))
     out["repetition"] = float(np.mean([repetition(a) for a in said]))
     out["words"] = float(np.mean([len(a.split()) for a in said]))
